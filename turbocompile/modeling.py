@@ -1,0 +1,72 @@
+"""Build diffusers' ``WanTransformer3DModel`` for a zoo entry: empty (meta), or filled with random weights.
+
+The DiT definition is diffusers' own; this module only knows how to construct it for a
+:class:`~turbocompile.zoo.DiTConfig` and how to give it non-trivial random weights (norm weights,
+modulation tables and biases randomized too, so a wrong key mapping shows up in outputs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .zoo import DiTConfig, ModelSpec
+
+
+def dit_class():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel
+
+
+def build_dit(config: DiTConfig, device: str | torch.device = "meta") -> torch.nn.Module:
+    """Construct the DiT with uninitialized weights on ``device`` (``meta`` allocates nothing)."""
+    cls = dit_class()
+    with torch.device(device):
+        model = cls(**config.diffusers_kwargs())
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter with seeded random values of a sensible scale.
+
+    Matrices get ``N(0, 1/fan_in)``; vectors (norm weights, biases) get ``1 + 0.1·N`` or ``0.1·N`` so
+    a swapped norm or a dropped bias changes the output; modulation tables get ``N(0, 1/dim)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError("randomize_ needs a materialized model (use build_dit(..., device='cpu'))")
+        if p.ndim >= 2 and "scale_shift_table" not in name:
+            fan_in = p[0].numel()
+            val = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
+        elif "scale_shift_table" in name:
+            val = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
+        elif "norm" in name and name.endswith("weight"):
+            val = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        else:
+            val = 0.1 * torch.randn(p.shape, generator=gen)
+        p.copy_(val.to(p.dtype))
+    return model
+
+
+def random_dit(spec: ModelSpec | DiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A materialized DiT with seeded random weights (what ``wan-tiny`` and the tests use)."""
+    config = spec.dit if isinstance(spec, ModelSpec) else spec
+    model = build_dit(config, device="cpu")
+    randomize_(model, seed)
+    return model.to(device=device, dtype=dtype)
+
+
+def example_inputs(spec: ModelSpec, width: int, height: int, frames: int, batch: int = 1,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent x, timestep t, text context) shaped as the sampler feeds the DiT."""
+    gen = torch.Generator().manual_seed(seed)
+    _, f, h, w = spec.latent_shape(width, height, frames)
+    x = torch.randn(batch, spec.dit.in_channels, f, h, w, generator=gen)
+    t = torch.full((batch,), 933.0)
+    ctx = torch.randn(batch, spec.text_len, spec.dit.text_dim, generator=gen)
+    return x.to(device, dtype), t.to(device), ctx.to(device, dtype)
