@@ -86,7 +86,7 @@ def models(ctx: click.Context) -> None:
 
     table = Table(title="turbocompile model zoo")
     for col in ("id", "task", "experts", "dim", "layers", "params", "default size", "frames", "sigma_max"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold", no_wrap=col == "id")
     for s in MODELS.values():
         w, h = s.pixel_size()
         table.add_row(s.id, s.task, "+".join(s.experts), str(s.dit.dim), str(s.dit.num_layers),
@@ -211,7 +211,7 @@ def _print_stage_table(root: Path, expert: str | None = None) -> None:
     for d in _expert_dirs(root, expert):
         t = Table(title=f"passes ({d.name})")
         for col in ("#", "pass", "nodes", "matched", "rewritten", "weights changed", "rel L2", "cosine", "time"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold", no_wrap=col == "pass")
         for s in read_stages(d):
             num = s.get("numerics") or {}
             t.add_row(str(s["index"]), s["pass"], str(s["nodes"]), str(s["matched"]), str(s["rewritten"]),
