@@ -1,0 +1,291 @@
+"""SageSLA: SLA with SageAttention's INT8 QKᵀ / FP8 P·V sparse branch, as ``torch.ops.turbocompile.sage_sla``.
+
+``o = o_sparse + (o_l @ proj_weight.T + proj_bias)`` exactly as :mod:`.sla`, except that the block-sparse branch
+uses the Sage quantization of :mod:`.sage_attention` (INT8 Q/K per block with K smoothing, FP8 P and per-channel
+FP8 V, two-level fp32 accumulation). TurboDiffusion's SageSLA uses 64x128 (query x key) blocks on sm90 and 128x64
+elsewhere; the block sizes are op arguments and the graph pass picks them per GPU family. The block map's blocks
+and the quantization blocks are the same blocks, so the GPU path takes the pooled means for the block map straight
+from the fused quantization kernel (one pass over Q and K serves both).
+
+GPU pipeline per call: (1) token mean of K and channel amax of V; (2) Triton quantization of Q, K (with pooling)
+and V (FP8, transposed); (3) top-k LUT from the pooled means; (4) Triton ``φ(K)ᵀV`` / ``Σφ(K)`` pass and the
+[D, D] fold with ``proj_weight``; (5) the sparse Sage attention kernel with the linear branch fused into its
+epilogue. The CPU implementation is :func:`sage_sla_reference` (same quantization emulated in PyTorch).
+
+``python -m turbocompile.kernels.sage_sla --bench`` runs the GPU benchmark of all three attention ops.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+
+from .block_map import lut_from_pooled, sla_block_map
+from .sage_attention import (
+    attention_fp32_reference,
+    block_attention_reference,
+    block_attention_triton,
+    check_qkv,
+    sage_quantize_triton,
+    structured_qkv,
+    triton_supported,
+)
+from .sla import check_proj, linear_branch_reference, linear_branch_stats, sla_triton
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sage_sla", "sage_sla_reference", "sage_sla_triton", "bench_main"]
+
+
+def sage_sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                       proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
+                       lut: torch.Tensor | None = None) -> torch.Tensor:
+    """SageSLA in PyTorch: Sage-emulated block-sparse branch over the SLA block map plus the linear branch."""
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    if lut is None:
+        lut = sla_block_map(q, k, topk, blk_q, blk_k)
+    o_s = block_attention_reference(q, k, v, lut, blk_q, blk_k, sage=True)
+    return (o_s + linear_branch_reference(q, k, v, proj_weight, proj_bias)).to(q.dtype)
+
+
+def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                    proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
+                    lut: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """SageSLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k)
+    if lut is None:
+        lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+    lin = linear_branch_stats(k, v, proj_weight, proj_bias)
+    return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
+                                  out=out)
+
+
+@torch.library.custom_op("turbocompile::sage_sla", mutates_args=())
+def _sage_sla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                 proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    return sage_sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+@_sage_sla_op.register_kernel("cuda")
+def _sage_sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                   proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    why = triton_supported(q, blk_q, blk_k)
+    if why is not None:
+        log.warning("sage_sla: %s; running the PyTorch reference (slow)", why)
+        return sage_sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+    return sage_sla_triton(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+@_sage_sla_op.register_fake
+def _sage_sla_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                   proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    return q.new_empty(q.shape)
+
+
+def sage_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+             topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    """SageSLA of (B, H, L, D) tensors. Same as ``torch.ops.turbocompile.sage_sla``."""
+    return torch.ops.turbocompile.sage_sla(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU benchmark (not a test): python -m turbocompile.kernels.sage_sla --bench
+# ----------------------------------------------------------------------------------------------------------------
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    x, ref = x.float().flatten(), ref.float().flatten()
+    return {
+        "cos": float(torch.nn.functional.cosine_similarity(x, ref, dim=0)),
+        "rel_l1": float((x - ref).abs().sum() / ref.abs().sum()),
+        "rel_l2": float((x - ref).norm() / ref.norm()),
+        "nan": bool(torch.isnan(x).any()),
+    }
+
+
+def _sparse_rows_reference(q, k, v, lut, rows, blk_q, blk_k):
+    """Exact fp32 block-sparse attention for some query rows (mask built from each row's LUT entry)."""
+    lk = k.shape[2]
+    nk = -(-lk // blk_k)
+    sel = lut[:, :, rows // blk_q].long()  # [B, H, R, T]
+    blk_mask = torch.zeros(sel.shape[:3] + (nk,), dtype=torch.bool, device=q.device).scatter_(-1, sel, True)
+    key_mask = blk_mask.repeat_interleave(blk_k, dim=-1)[..., :lk]
+    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~key_mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v.float())
+
+
+def bench_main(only: str | None = None, argv: list[str] | None = None) -> None:  # pragma: no cover - needs a GPU
+    """Check the kernels at the Wan shapes and time them against cuDNN/FLASH SDPA and FlexAttention."""
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="also time several kernel configs")
+    ap.add_argument("--quick", action="store_true", help="skip the odd-length checks")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    cc = torch.cuda.get_device_capability(dev)
+    blk_sla = (64, 128) if cc[0] == 9 else (128, 64)
+    meta = {"gpu": props.name, "cc": list(cc), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sla_blocks": list(blk_sla)}
+    log.info("%s", meta)
+    results: list[dict] = []
+    rows_out: list[tuple] = []
+
+    def bench(fn) -> float:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def record(shape, name, ms, flops, err=None, extra=None):
+        tf = flops / (ms * 1e-3) / 1e12
+        r = {"shape": shape, "name": name, "ms": ms, "tflops_eff": tf, **(err or {}), **(extra or {})}
+        results.append(r)
+        rows_out.append((shape, name, f"{ms:.3f}", f"{tf:.0f}", f"{r.get('cos', float('nan')):.5f}",
+                         f"{r.get('rel_l1', float('nan')):.4f}"))
+        log.info("%s", r)
+
+    # 1. correctness at odd lengths, one head, all three kernels, poisoned outputs (NaN = unwritten)
+    if not args.quick:
+        for n in (1, 7, 65, 129, 1000, 4097, 32760, 80000):
+            q, k, v = structured_qkv(1, 1, n, 128, torch.bfloat16, dev, seed=n)
+            w = torch.randn(128, 128, device=dev) * 0.05
+            bias = torch.randn(128, device=dev) * 0.05
+            o_sa = block_attention_triton(q, k, v, None, 128, 64, sage=True, out=torch.full_like(q, float("nan")))
+            o_ss = sage_sla_triton(q, k, v, w, bias, 0.1, *blk_sla, out=torch.full_like(q, float("nan")))
+            o_sl = sla_triton(q, k, v, w, bias, 0.1, *blk_sla, out=torch.full_like(q, float("nan")))
+            rows = torch.randperm(n, device=dev)[:256]
+            ref = attention_fp32_reference(q, k, v, rows)
+            lut = sla_block_map(q, k, 0.1, *blk_sla)
+            ref_s = _sparse_rows_reference(q, k, v, lut, rows, *blk_sla) + linear_branch_reference(
+                q[:, :, rows], k, v, w, bias)
+            chk = {"L": n, "sage_attention": _rel(o_sa[:, :, rows], ref), "sage_sla_vs_sparse_fp32": _rel(
+                o_ss[:, :, rows], ref_s), "sla_vs_sparse_fp32": _rel(o_sl[:, :, rows], ref_s),
+                "any_nan": bool(torch.isnan(o_sa).any() or torch.isnan(o_ss).any() or torch.isnan(o_sl).any())}
+            if n <= 4097:  # the Sage-emulating reference of the same block map, whole tensor
+                chk["sage_sla_vs_own_ref"] = _rel(o_ss, sage_sla_reference(q, k, v, w, bias, 0.1, *blk_sla,
+                                                                           lut=lut_from_pooled(*_pools(q, k, blk_sla),
+                                                                                               0.1)))
+            log.info("check %s", chk)
+            results.append({"check": chk})
+            del q, k, v
+
+    # 2. speed at the Wan shapes
+    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
+    for shape in args.shapes.split(","):
+        b, h, n, d = shapes[shape]
+        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
+        w = torch.randn(d, d, device=dev) * 0.05
+        bias = torch.randn(d, device=dev) * 0.05
+        dense_flops = 4.0 * b * h * n * n * d
+        rows = torch.randperm(n, device=dev)[:192].sort().values
+        ref = attention_fp32_reference(q, k, v, rows)
+
+        def err(o):
+            return _rel(o[:, :, rows], ref)
+
+        for backend, label in ((SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn"), (SDPBackend.FLASH_ATTENTION, "sdpa_flash")):
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                o = fn()
+                record(shape, label, bench(fn), dense_flops, err(o))
+        if only in (None, "sage_attention"):
+            fn = lambda: torch.ops.turbocompile.sage_attention(q, k, v, 128, 64)  # noqa: E731
+            o = fn()
+            record(shape, "sage_attention 128x64", bench(fn), dense_flops, err(o))
+            if args.sweep:
+                for blks, cfg in (((128, 64), (128, 64, 8, 4)), ((128, 64), (128, 64, 4, 3)),
+                                  ((128, 128), (128, 128, 8, 3)), ((64, 128), (64, 128, 4, 3)),
+                                  ((128, 128), (128, 64, 8, 3))):
+                    try:
+                        fn = lambda: block_attention_triton(q, k, v, None, *blks, sage=True, config=cfg)  # noqa: E731
+                        o = fn()
+                        record(shape, f"sage_attention {blks[0]}x{blks[1]} cfg{cfg}", bench(fn), dense_flops, err(o))
+                    except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+                        log.info("config %s %s failed: %s", blks, cfg, exc)
+        if only in (None, "sage_sla", "sla"):
+            for topk in (0.05, 0.1, 0.15):
+                t_kept = max(1, int(topk * -(-n // blk_sla[1])))
+                lut = sla_block_map(q, k, topk, *blk_sla)
+                sub = rows[:96]
+                ref_s = _sparse_rows_reference(q, k, v, lut, sub, *blk_sla) + linear_branch_reference(
+                    q[:, :, sub], k, v, w, bias)
+                extra = {"topk": topk, "T": t_kept, "density": t_kept / -(-n // blk_sla[1])}
+                if only in (None, "sage_sla"):
+                    fn = lambda: torch.ops.turbocompile.sage_sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
+                    o = fn()
+                    e = {**err(o), **{f"own_{kk}": vv for kk, vv in _rel(o[:, :, sub], ref_s).items()}}
+                    record(shape, f"sage_sla top{topk} (all stages)", bench(fn), dense_flops, e, extra)
+                if only in (None, "sla"):
+                    fn = lambda: torch.ops.turbocompile.sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
+                    o = fn()
+                    e = {**err(o), **{f"own_{kk}": vv for kk, vv in _rel(o[:, :, sub], ref_s).items()}}
+                    record(shape, f"sla bf16 top{topk} (all stages)", bench(fn), dense_flops, e, extra)
+            # stage breakdown of sage_sla at topk 0.1 and FlexAttention block-sparse baseline
+            topk = 0.1
+            quant = sage_quantize_triton(q, k, v, *blk_sla)
+            lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+            lin = linear_branch_stats(k, v, w, bias)
+            record(shape, "  stage: quantize+pool", bench(lambda: sage_quantize_triton(q, k, v, *blk_sla)), dense_flops)
+            record(shape, "  stage: top-k LUT", bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)),
+                   dense_flops)
+            record(shape, "  stage: linear stats", bench(lambda: linear_branch_stats(k, v, w, bias)), dense_flops)
+            fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
+            record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
+            if args.sweep:
+                for cfg in ((64, 128, 4, 4), (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3)):
+                    try:
+                        fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin,  # noqa
+                                                            quant=quant, config=cfg)
+                        o = fn()
+                        record(shape, f"  sparse kernel cfg{cfg}", bench(fn), dense_flops, err(o))
+                    except Exception as exc:  # noqa: BLE001
+                        log.info("config %s failed: %s", cfg, exc)
+            try:
+                from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+                flex = torch.compile(flex_attention, dynamic=False)
+                lut_f = sla_block_map(q, k, topk, 128, 128)
+                nkb = -(-n // 128)
+                kv_idx = torch.zeros((b, h, lut_f.shape[2], nkb), dtype=torch.int32, device=dev)
+                kv_idx[..., : lut_f.shape[-1]] = lut_f
+                kv_num = torch.full((b, h, lut_f.shape[2]), lut_f.shape[-1], dtype=torch.int32, device=dev)
+                bm = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=128, seq_lengths=(n, n))
+                fn = lambda: flex(q, k, v, block_mask=bm)  # noqa: E731
+                o = fn()
+                record(shape, "flex bf16 top0.1 128x128 (kernel only)", bench(fn), dense_flops, err(o),
+                       {"T": lut_f.shape[-1]})
+            except Exception as exc:  # noqa: BLE001 - the baseline is optional
+                log.info("flex attention baseline failed: %s", exc)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention_bench.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(f"\n{meta}")
+    print(f"{'shape':10} {'name':44} {'ms':>9} {'TF/s eff':>9} {'cos':>8} {'relL1':>7}")
+    for r in rows_out:
+        print(f"{r[0]:10} {r[1]:44} {r[2]:>9} {r[3]:>9} {r[4]:>8} {r[5]:>7}")
+
+
+def _pools(q, k, blk):  # pragma: no cover - bench helper
+    from .block_map import block_mean
+
+    return block_mean(q, blk[0]), block_mean(k, blk[1]) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    bench_main()

@@ -1,0 +1,169 @@
+"""SLA (sparse-linear attention) in the input precision, as ``torch.ops.turbocompile.sla``; also the linear branch
+that ``sage_sla`` shares.
+
+``o = o_sparse + (o_l @ proj_weight.T + proj_bias)`` (TurboDiffusion's released form, linear branch over ALL tokens):
+
+* ``o_sparse``: exact softmax attention of each ``blk_q`` query block over only the key blocks the SLA block map
+  keeps (:mod:`.block_map`), padded tail keys masked;
+* ``o_l = φ(q) (φ(k)ᵀ v) / (φ(q) · Σ_j φ(k_j) + 1e-5)`` with φ = softmax over head_dim, over all tokens.
+
+With zero ``proj_weight`` / ``proj_bias`` (SLA's zero-initialised ``proj_l``) it is plain block-sparse attention.
+
+On the GPU: the block map in PyTorch, one Triton pass over K and V for ``φ(K)ᵀV`` and ``Σφ(K)`` (split over token
+chunks, summed in PyTorch), ``M = (φ(K)ᵀV)·Wᵀ`` folded in a [D, D] product, and the sparse attention kernel of
+:mod:`.sage_attention` in bf16/fp16 with ``φ(q)·M / den + b`` fused into its epilogue. The CPU implementation is
+the fp32 reference :func:`sla_reference`.
+
+``python -m turbocompile.kernels.sla --bench`` benchmarks it (see :mod:`.sage_sla`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+
+from .block_map import sla_block_map
+from .sage_attention import (
+    HAS_TRITON,
+    _interpreting,
+    block_attention_reference,
+    block_attention_triton,
+    check_qkv,
+    triton_supported,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sla", "sla_reference", "linear_branch_reference", "linear_branch_stats", "check_proj"]
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .sage_attention import _dot16
+
+    @triton.jit
+    def _linear_stats_kernel(K, V, KV, Z, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                             H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, EMULATE: tl.constexpr):
+        """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        cols = tl.arange(0, HEAD_DIM)
+        kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
+        z = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        lo = pid * CHUNK
+        hi = tl.minimum(lo + CHUNK, L)
+        for start in range(lo, hi, BLOCK_L):
+            rows = start + tl.arange(0, BLOCK_L)
+            ok = rows < hi
+            k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + cols[None, :],
+                        mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+                        mask=ok[:, None], other=0.0)
+            e = tl.math.exp2((k - tl.max(k, 1)[:, None]) * 1.4426950408889634)
+            phi = tl.where(ok[:, None], e / tl.sum(e, 1)[:, None], 0.0)
+            z += tl.sum(phi, 0)
+            kv += _dot16(tl.trans(phi.to(v.dtype)), v, EMULATE)
+        tl.store(KV + (pid * tl.num_programs(1) + bh) * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
+                 kv)
+        tl.store(Z + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, z)
+
+
+def check_proj(q: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> None:
+    """proj_l is a [D, D] weight and a [D] bias applied per head on the last dim."""
+    d = q.shape[-1]
+    if tuple(proj_weight.shape) != (d, d) or tuple(proj_bias.shape) != (d,):
+        raise UnsupportedShapeError(
+            f"proj_weight {tuple(proj_weight.shape)} / proj_bias {tuple(proj_bias.shape)} must be ({d}, {d}) / ({d},) "
+            f"for head_dim {d}: pass SLA's proj_l weight and bias")
+
+
+def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                            proj_bias: torch.Tensor) -> torch.Tensor:
+    """SLA's linear branch after ``proj_l``, in fp32: ``(φ(q)(φ(k)ᵀv) / (φ(q)·Σφ(k) + 1e-5)) Wᵀ + b``."""
+    phi_k = torch.softmax(k.float(), dim=-1)
+    kv = torch.matmul(phi_k.transpose(-1, -2), v.float())  # [B, H, D, D]
+    z = phi_k.sum(dim=2)  # [B, H, D]
+    phi_q = torch.softmax(q.float(), dim=-1)
+    o_l = torch.matmul(phi_q, kv) / (torch.matmul(phi_q, z[..., None]) + 1e-5)
+    return torch.matmul(o_l, proj_weight.float().t()) + proj_bias.float()
+
+
+def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                        proj_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the fused epilogue needs: ``M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32."""
+    b, h, lk, d = k.shape
+    sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
+    n_chunks = max(1, min(-(-lk // 256), -(-2 * sms // (b * h))))
+    chunk = -(-lk // n_chunks)
+    kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
+    z = torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device)
+    _linear_stats_kernel[(n_chunks, b * h)](
+        k, v, kv, z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk, chunk,
+        HEAD_DIM=d, BLOCK_L=64, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
+    m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
+    return m, z.sum(0).contiguous(), proj_bias.float().contiguous()
+
+
+def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                  proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
+                  lut: torch.Tensor | None = None) -> torch.Tensor:
+    """SLA in PyTorch (fp32 math): exact block-sparse softmax over the block map plus the projected linear branch."""
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    if lut is None:
+        lut = sla_block_map(q, k, topk, blk_q, blk_k)
+    o_s = block_attention_reference(q, k, v, lut, blk_q, blk_k, sage=False)
+    return (o_s + linear_branch_reference(q, k, v, proj_weight, proj_bias)).to(q.dtype)
+
+
+def sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+               topk: float = 0.1, blk_q: int = 64, blk_k: int = 128, lut: torch.Tensor | None = None,
+               config: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if lut is None:
+        lut = sla_block_map(q, k, topk, blk_q, blk_k)
+    lin = linear_branch_stats(k, v, proj_weight, proj_bias)
+    return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=False, linear=lin, config=config, out=out)
+
+
+@torch.library.custom_op("turbocompile::sla", mutates_args=())
+def _sla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+            topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    return sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+@_sla_op.register_kernel("cuda")
+def _sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+              topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    why = triton_supported(q, blk_q, blk_k)
+    if why is not None:
+        log.warning("sla: %s; running the PyTorch reference (slow)", why)
+        return sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+    return sla_triton(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+@_sla_op.register_fake
+def _sla_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+              topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    return q.new_empty(q.shape)
+
+
+def sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+        topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    """SLA of (B, H, L, D) tensors in the input precision. Same as ``torch.ops.turbocompile.sla``."""
+    return torch.ops.turbocompile.sla(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+
+
+if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
+    from turbocompile.kernels.sage_sla import bench_main
+
+    bench_main(only="sla")
