@@ -70,3 +70,32 @@ def example_inputs(spec: ModelSpec, width: int, height: int, frames: int, batch:
     t = torch.full((batch,), 933.0)
     ctx = torch.randn(batch, spec.text_len, spec.dit.text_dim, generator=gen)
     return x.to(device, dtype), t.to(device), ctx.to(device, dtype)
+
+
+@torch.no_grad()
+def random_dit_on_device(spec: ModelSpec | DiTConfig, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+                         seed: int = 0) -> torch.nn.Module:
+    """Random weights generated directly on ``device`` in ``dtype`` (what benchmarks use for 14B models:
+    no fp32 copy on the host). diffusers' fp32 modules (norms, time embedder, modulation tables) stay fp32."""
+    config = spec.dit if isinstance(spec, ModelSpec) else spec
+    model = build_dit(config, device="meta")
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for mod_name, module in model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            dt = torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
+            if p.ndim >= 2 and "scale_shift_table" not in full:
+                val = torch.randn(p.shape, device=device, generator=gen, dtype=dt) / math.sqrt(p[0].numel())
+            elif "scale_shift_table" in full:
+                val = torch.randn(p.shape, device=device, generator=gen, dtype=dt) / math.sqrt(p.shape[-1])
+            elif "norm" in full and pname == "weight":
+                val = 1.0 + 0.1 * torch.randn(p.shape, device=device, generator=gen, dtype=dt)
+            else:
+                val = 0.1 * torch.randn(p.shape, device=device, generator=gen, dtype=dt)
+            setattr(module, pname, torch.nn.Parameter(val, requires_grad=False))
+    # Buffers (the RoPE tables) were created on meta: rebuild that module on the device.
+    rope = model.rope
+    model.rope = type(rope)(model.config.attention_head_dim, model.config.patch_size,
+                            model.config.rope_max_seq_len).to(device)
+    return model.eval()

@@ -1,0 +1,179 @@
+"""One DiT forward at real size as an incremental ladder, and whole-video DiT time (original vs rCM).
+
+Ladder rungs, each timed on the same input and compared (cosine) with the diffusers eager bf16 output:
+diffusers eager bf16 -> captured graph (clean-up passes) -> + fused norms -> + W8A8 -> + SageSLA
+-> + torch.compile (the ``torch`` backend). Passes are applied incrementally to one program, so each rung
+adds exactly one optimization.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..zoo import ModelSpec
+from . import Report, cuda_time, environment, rel_err
+
+log = logging.getLogger(__name__)
+
+RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms", "+ W8A8 (auto scheme)",
+         "+ SageSLA (topk 0.1)", "+ torch.compile"]
+
+
+def forward_flops(spec: ModelSpec, L: int) -> float:
+    """Matmul FLOPs of one forward (attention core + linears), text length ``spec.text_len``."""
+    d, f, n = spec.dit.dim, spec.dit.ffn_dim, spec.dit.num_layers
+    lin = 2 * L * (6 * d * d + 2 * d * f) * n + 2 * spec.text_len * 2 * d * d * n
+    attn = (4 * L * L * d + 4 * L * spec.text_len * d) * n
+    return float(lin + attn)
+
+
+def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str
+            ) -> dict[str, Any]:
+    from ..modeling import example_inputs, random_dit_on_device
+    from ..passmanager import PassContext, PassManager
+    from ..passes import BY_NAME
+    from ..program import capture
+    from ..targets import local_target
+
+    w, h = spec.pixel_size(resolution)
+    L = spec.num_tokens(w, h, spec.default_frames)
+    flops = forward_flops(spec, L)
+    torch.cuda.reset_peak_memory_stats()
+    model = random_dit_on_device(spec, "cuda", torch.bfloat16)
+    x, t, c = example_inputs(spec, w, h, spec.default_frames, dtype=torch.bfloat16, device="cuda")
+    times: dict[str, float] = {}
+
+    def rung(name: str, fn) -> torch.Tensor:
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            out = fn()
+            sec = cuda_time(fn, repeats, warmup=1)
+        times[name] = sec
+        row = {"rung": name, "s/forward": sec, "TFLOP/s (dense-equiv.)": flops / sec / 1e12,
+               "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
+               "speedup": times[RUNGS[0]] / sec if RUNGS[0] in times else 1.0}
+        if name != RUNGS[0]:
+            row.update(rel_err(out, base))
+        report.add(section, row)
+        return out
+
+    base = rung(RUNGS[0], lambda: model(x, t, c, return_dict=False)[0])
+    t0 = time.perf_counter()
+    prog = capture(model, (x, t, c))
+    capture_s = time.perf_counter() - t0
+    ctx = PassContext(spec=spec, target=local_target())
+
+    def apply(*names: str) -> None:
+        PassManager([BY_NAME[n] for n in names], ctx, (x, t, c)).run(prog)
+
+    apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
+    rung(RUNGS[1], lambda: prog(x, t, c))
+    apply("fuse_norms")
+    rung(RUNGS[2], lambda: prog(x, t, c))
+    apply("linear_to_w8a8")
+    del model  # the bf16 block weights are no longer referenced by the program
+    torch.cuda.empty_cache()
+    rung(RUNGS[3], lambda: prog(x, t, c))
+    apply("attention_to_sagesla")
+    final = rung(RUNGS[4], lambda: prog(x, t, c))
+    compiled_s = None
+    try:
+        weights = prog.ordered_weights()
+        t0 = time.perf_counter()
+        compiled = torch.compile(prog.gm, fullgraph=True)
+        with torch.no_grad():
+            compiled(*weights, x, t, c)
+        torch.cuda.synchronize()
+        compiled_s = time.perf_counter() - t0
+        rung(RUNGS[5], lambda: compiled(*weights, x, t, c)[0])
+    except Exception as exc:  # noqa: BLE001 - record why the rung is missing, keep the rest
+        report.add(section, {"rung": RUNGS[5], "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+    report.header[f"{section}: capture s"] = round(capture_s, 1)
+    if compiled_s is not None:
+        report.header[f"{section}: first compiled call s"] = round(compiled_s, 1)
+    del final, base
+    return {"times": times, "tokens": L, "flops": flops}
+
+
+def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -> Report:
+    w, h = spec.pixel_size(resolution)
+    L = spec.num_tokens(w, h, spec.default_frames)
+    report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
+    report.header["command"] = (f"turbocompile bench model --model {spec.id} --resolution {resolution} "
+                                f"--repeats {repeats}")
+    section = f"ladder {spec.id}@{resolution}"
+    if dry_run:
+        for r in RUNGS:
+            report.add(section, {"rung": r, "tokens": L, "dense TFLOP/forward": forward_flops(spec, L) / 1e12})
+        return report
+    _ladder(spec, resolution, repeats, report, section)
+    return report
+
+
+def _text_encoder_time(spec: ModelSpec, repeats: int) -> float:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu")
+    with torch.device("cuda"):
+        enc = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 256384, (1, spec.text_len), device="cuda")
+    with torch.no_grad():
+        t = cuda_time(lambda: enc(input_ids=ids).last_hidden_state, repeats, warmup=1)
+    del enc
+    torch.cuda.empty_cache()
+    return t
+
+
+def _vae_decode_time(spec: ModelSpec, resolution: str) -> float:
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("cuda"):
+        vae = AutoencoderKLWan().to(torch.bfloat16).eval()
+    w, h = spec.pixel_size(resolution)
+    _, f, lh, lw = spec.latent_shape(w, h, spec.default_frames)
+    z = torch.randn(1, 16, f, lh, lw, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        t = cuda_time(lambda: vae.decode(z).sample, 1, warmup=0)
+    del vae
+    torch.cuda.empty_cache()
+    return t
+
+
+def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -> Report:
+    w, h = spec.pixel_size(resolution)
+    L = spec.num_tokens(w, h, spec.default_frames)
+    report = Report(f"whole-video DiT time, {spec.id}@{resolution} ({L} tokens, {spec.default_frames} frames)",
+                    environment(dry_run))
+    report.header["command"] = (f"turbocompile bench e2e --model {spec.id} --resolution {resolution} "
+                                f"--repeats {repeats}")
+    report.header["method"] = ("per-forward DiT times measured (CUDA events, median) in this run, times the "
+                               "number of network calls of each sampler; sampler arithmetic is negligible")
+    nfe_orig = spec.original_steps * 2
+    if dry_run:
+        report.add("plan", {"sampler": f"original UniPC {spec.original_steps} steps x CFG", "NFE": nfe_orig})
+        for s in (4, 3, 2):
+            report.add("plan", {"sampler": f"rCM {s} steps", "NFE": s})
+        return report
+    ladder = _ladder(spec, resolution, repeats, report, f"ladder {spec.id}@{resolution}")
+    times = ladder["times"]
+    base = times[RUNGS[0]]
+    best_name = min((r for r in RUNGS[4:] if r in times), key=lambda r: times[r])
+    best = times[best_name]
+    te = _text_encoder_time(spec, repeats)
+    vae = _vae_decode_time(spec, resolution)
+    orig_dit = nfe_orig * base
+    report.add("video", {"sampler": f"original: UniPC {spec.original_steps} steps x CFG, eager bf16",
+                         "NFE": nfe_orig, "DiT s": orig_dit, "speedup (DiT only)": 1.0,
+                         "with text enc + VAE s": orig_dit + 2 * te + vae, "speedup (incl.)": 1.0})
+    for steps in (4, 3, 2):
+        dit = steps * best
+        report.add("video", {"sampler": f"rCM {steps} steps, engine ({best_name})", "NFE": steps, "DiT s": dit,
+                             "speedup (DiT only)": orig_dit / dit, "with text enc + VAE s": dit + te + vae,
+                             "speedup (incl.)": (orig_dit + 2 * te + vae) / (dit + te + vae)})
+    report.add("components", {"stage": "umT5-XXL text encoder (512 tokens, bf16)", "s": te})
+    report.add("components", {"stage": "Wan2.1 VAE decode (bf16)", "s": vae})
+    return report
