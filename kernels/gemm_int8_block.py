@@ -1,0 +1,194 @@
+"""The paper's block-scaled 8-bit GEMM: ``out = sum_kb (A_kb @ B_kb^T) * sa[., kb] * sb[n/128, kb] (+ bias)``.
+
+A is the quantized activation [M, K] (int8 in 128x128 blocks for ``int8-block``, or e4m3 in 1x128 groups for the
+Triton ``fp8-block`` path), B the quantized weight [N, K] in 128x128 blocks. The scales change every 128 channels
+of K, so the integer accumulator cannot run over all of K as in a per-row scheme: each program accumulates one
+128-deep K block on the tensor cores (``tl.dot`` -> wgmma on Hopper, int32 for int8, fp32 for fp8), then folds it
+into an fp32 accumulator with one multiply-add by the product of the two block scales. That rescale is CUDA-core
+work on every accumulator element per K block; on Hopper an int32 -> fp32 convert is a quarter-rate (16/clk/SM)
+instruction, so ``I2F_MAGIC`` replaces it with an integer add and a float subtract (exact while |acc| < 2**22;
+128 products of int8 are at most 2**21). Bias and the output cast are fused in the epilogue.
+
+Tiles are 128 x 128 (x 128 deep) so a 128x128 scale block maps onto a tile and the scales are scalars per K step;
+``BLOCK_N = 256`` loads a pair of weight scales. Programs are rasterized in groups of ``GROUP_M`` row-tiles so
+a wave of programs reuses the same weight tiles from L2.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+
+log = logging.getLogger(__name__)
+
+from turbocompile.kernels.quantize_activations import interp_round_bits
+
+try:
+    import triton
+    import triton.language as tl
+
+    from turbocompile.kernels.quantize_activations import round_bits
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and pipelining of one launch (the benchmark sweeps these)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+    i2f_magic: bool = True
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    I2F_MAGIC=self.i2f_magic, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+#: Named configurations tried by the benchmark; ``DEFAULT_CONFIG`` is the measured winner (docs/kernels-linear.md).
+CONFIGS: dict[str, GemmConfig] = {
+    "128x128_w8_s4": GemmConfig(),
+    "128x128_w8_s3": GemmConfig(num_stages=3),
+    "128x128_w8_s4_cvt": GemmConfig(i2f_magic=False),
+    "128x256_w8_s3": GemmConfig(block_n=256, num_stages=3),
+    "128x128_w4_s4": GemmConfig(num_warps=4),
+}
+DEFAULT_CONFIG = "128x128_w8_s4"
+
+
+if triton is not None:
+
+    @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Map a linear program id to (tile_m, tile_n), walking GROUP_M row-tiles per column sweep (L2 reuse)."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_pid_n
+        group = pid // in_group
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_n = (pid % in_group) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _gemm_block_scaled_kernel(
+        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+        M, N, K,
+        stride_am, stride_bn, stride_cm,
+        stride_sam, stride_sak, stride_sbn, stride_sbk,
+        HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        I2F_MAGIC: tl.constexpr, OUT_ROUND: tl.constexpr,
+    ):
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Out-of-range rows/columns read a valid row instead (their results are never stored): no load masks on M/N.
+        rows_a = (offs_m % M).to(tl.int64)
+        rows_b = (offs_n % N).to(tl.int64)
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+        if A_PER_ROW:  # 1 x 128 groups: one scale per row and K block
+            sa_ptrs = sa_ptr + rows_a * stride_sam
+        else:  # 128 x 128 blocks: one scale per tile and K block
+            sa_ptrs = sa_ptr + pid_m * stride_sam
+        if BLOCK_N == 128:
+            sb_ptrs = sb_ptr + pid_n * stride_sbn
+        else:
+            sb_ptrs = sb_ptr + (rows_b // 128) * stride_sbn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            sa = tl.load(sa_ptrs + kt * stride_sak)
+            sb = tl.load(sb_ptrs + kt * stride_sbk)
+            if a.dtype == tl.int8:
+                d = tl.dot(a, b, out_dtype=tl.int32)
+                if I2F_MAGIC:  # exact int32 -> fp32 for |d| < 2**22 without the quarter-rate convert
+                    df = (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+                else:
+                    df = d.to(tl.float32)
+            else:
+                df = tl.dot(a, b)
+            if A_PER_ROW:
+                if BLOCK_N == 128:
+                    acc += df * (sa * sb)[:, None]
+                else:
+                    acc += df * (sa[:, None] * sb[None, :])
+            else:
+                if BLOCK_N == 128:
+                    acc += df * (sa * sb)
+                else:
+                    acc += df * (sa * sb)[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, round_bits(acc, OUT_ROUND).to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _config(config: GemmConfig | str | None) -> GemmConfig:
+    if config is None:
+        return CONFIGS[DEFAULT_CONFIG]
+    return CONFIGS[config] if isinstance(config, str) else config
+
+
+def gemm_block_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype, a_per_row: bool = False,
+                      config: GemmConfig | str | None = None) -> torch.Tensor:
+    """Block-scaled GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype``.
+
+    ``a_scale`` is ``[ceil(M/128), ceil(K/128)]`` (128x128 blocks) or, with ``a_per_row``, K-major
+    ``[ceil(K/128), M]`` (1x128 groups, as :func:`quant_fp8_group` writes it). ``w_scale`` is
+    ``[ceil(N/128), ceil(K/128)]``. A and B must both be int8 or both float8_e4m3fn.
+    """
+    if triton is None:
+        from turbocompile.errors import BackendUnavailableError
+        raise BackendUnavailableError("Triton is not installed: the block-scaled GEMM needs it")
+    cfg = _config(config)
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    if w_q.shape[1] != k or a_q.dtype != w_q.dtype:
+        raise UnsupportedShapeError(f"GEMM operands disagree: A {tuple(a_q.shape)} {a_q.dtype}, "
+                                    f"B {tuple(w_q.shape)} {w_q.dtype}; quantize both with the same scheme")
+    if cfg.block_k != BLOCK or cfg.block_m != BLOCK or cfg.block_n % BLOCK:
+        raise UnsupportedShapeError(f"block-scaled GEMM tiles must be 128 x 128k x 128, got {cfg}")
+    kb = math.ceil(k / BLOCK)
+    if tuple(w_scale.shape) != (math.ceil(n / BLOCK), kb):
+        raise UnsupportedShapeError(f"weight scale shape {tuple(w_scale.shape)} != {(math.ceil(n / BLOCK), kb)}")
+    if a_per_row:
+        stride_sam, stride_sak = a_scale.stride(1), a_scale.stride(0)
+    else:
+        stride_sam, stride_sak = a_scale.stride(0), a_scale.stride(1)
+    a_q = a_q if a_q.stride(1) == 1 else a_q.contiguous()
+    w_q = w_q if w_q.stride(1) == 1 else w_q.contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _gemm_block_scaled_kernel[grid](
+        a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
+        m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
+        stride_sam, stride_sak, w_scale.stride(0), w_scale.stride(1),
+        HAS_BIAS=bias is not None, A_PER_ROW=a_per_row, EVEN_K=k % cfg.block_k == 0,
+        OUT_ROUND=interp_round_bits(out_dtype), **cfg.launch_kwargs())
+    return out

@@ -1,0 +1,152 @@
+"""Fused norm ops: references against PyTorch modules, op registration/export, errors, and the Triton kernel under
+TRITON_INTERPRET=1 (in a subprocess that runs this file as a script)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+from turbocompile.kernels import norms as N
+
+EPS = 1e-6
+
+
+def _x(b: int, l: int, d: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, l, d, generator=g) * 2 + 0.5).to(dtype)
+
+
+def _ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference in units of b's bf16 spacing (1 = one rounding step)."""
+    spacing = torch.finfo(torch.bfloat16).eps * b.float().abs().clamp_min(1e-3)
+    return ((a.float() - b.float()).abs() / spacing).max().item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# References are what the Wan block computes
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_token", [False, True])
+def test_layernorm_modulate_is_wan_norm1(per_token):
+    b, l, d = 2, 33, 256
+    x = _x(b, l, d, seed=1)
+    g = torch.Generator().manual_seed(2)
+    shp = (b, l, d) if per_token else (b, 1, d)
+    shift, scale = torch.randn(shp, generator=g), torch.randn(shp, generator=g) * 0.3
+    ln = torch.nn.LayerNorm(d, eps=EPS, elementwise_affine=False)
+    want = (ln(x.float()) * (1 + scale) + shift).to(x.dtype)  # diffusers' WanTransformerBlock, norm1
+    got = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, EPS)
+    assert got.dtype == x.dtype and _ulps_bf16(got, want) <= 1
+
+
+def test_layer_norm_affine_and_rms_norm_match_torch_modules():
+    x = _x(2, 17, 384, seed=3)
+    ln = torch.nn.LayerNorm(384, eps=EPS)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(384))
+        ln.bias.copy_(torch.randn(384))
+        got = torch.ops.turbocompile.layer_norm_affine(x, ln.weight, ln.bias, EPS)
+        assert _ulps_bf16(got, ln(x.float()).to(x.dtype)) <= 1
+        rms = torch.nn.RMSNorm(384, eps=EPS)
+        rms.weight.copy_(torch.randn(384))
+        got = torch.ops.turbocompile.rms_norm(x, rms.weight, EPS)
+        assert _ulps_bf16(got, rms(x.float()).to(x.dtype)) <= 1
+
+
+def test_norm_errors_say_what_is_wrong():
+    x = _x(1, 4, 64, seed=4)
+    with pytest.raises(UnsupportedShapeError, match=r"weight must have shape \(64,\)"):
+        torch.ops.turbocompile.rms_norm(x, torch.ones(32), EPS)
+    with pytest.raises(UnsupportedShapeError, match=r"x must be \[B, L, D\]"):
+        torch.ops.turbocompile.layernorm_modulate(x[0], torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), EPS)
+    with pytest.raises(UnsupportedShapeError, match="does not broadcast"):
+        N._bl_strides(torch.zeros(3, 1, 64), 1, 4, 64, "shift")
+
+
+def test_norm_ops_export_and_opcheck():
+    class M(torch.nn.Module):
+        def forward(self, x, shift, scale, w):
+            h = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, EPS)
+            return torch.ops.turbocompile.rms_norm(h, w, EPS)
+
+    x, shift, scale, w = _x(1, 8, 128, seed=5), torch.randn(1, 1, 128), torch.randn(1, 1, 128), torch.randn(128)
+    ep = torch.export.export(M(), (x, shift, scale, w))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.turbocompile.layernorm_modulate.default, torch.ops.turbocompile.rms_norm.default} <= targets
+    torch.library.opcheck(torch.ops.turbocompile.layernorm_modulate.default, (x, shift, scale, EPS))
+    torch.library.opcheck(torch.ops.turbocompile.layer_norm_affine.default, (x, w, torch.randn(128), EPS))
+    torch.library.opcheck(torch.ops.turbocompile.rms_norm.default, (x, w, EPS))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernel under the interpreter (subprocess)
+# --------------------------------------------------------------------------------------------------------------
+def _interpret_checks() -> dict:
+    real_empty = torch.empty
+    torch.empty = lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))  # poison every output
+    rep: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for b, l, d in [(2, 37, 384), (1, 5, 1536), (3, 4, 200)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = _x(b, l, d, seed=b * l + d, dtype=dtype)
+            for shp in [(b, 1, d), (b, l, d)]:
+                shift, scale = torch.randn(shp, generator=g), torch.randn(shp, generator=g) * 0.3
+                got = N.launch_triton("layernorm_modulate", x, shift, scale, EPS)
+                want = N.layernorm_modulate_ref(x, shift, scale, EPS)
+                rep[f"mod/{b}x{l}x{d}/{str(dtype)[6:]}/{shp[1]}"] = _cmp(got, want)
+            w, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+            rep[f"affine/{b}x{l}x{d}/{str(dtype)[6:]}"] = _cmp(N.launch_triton("layer_norm_affine", x, w, bias, EPS),
+                                                               N.layer_norm_affine_ref(x, w, bias, EPS))
+            rep[f"rms/{b}x{l}x{d}/{str(dtype)[6:]}"] = _cmp(N.launch_triton("rms_norm", x, w, EPS),
+                                                           N.rms_norm_ref(x, w, EPS))
+            rep[f"rms2d/{l}x{d}/{str(dtype)[6:]}"] = _cmp(N.launch_triton("rms_norm", x[0], w, EPS),
+                                                         N.rms_norm_ref(x[0], w, EPS))
+    torch.empty = real_empty
+    return rep
+
+
+def _cmp(got: torch.Tensor, want: torch.Tensor) -> dict:
+    return {"finite": bool(torch.isfinite(got).all()), "shape": got.shape == want.shape,
+            "dtype": got.dtype == want.dtype, "ulps": _ulps_bf16(got, want),
+            "rel": ((got.double() - want.double()).norm() / want.double().norm()).item()}
+
+
+@pytest.fixture(scope="module")
+def interp_report(tmp_path_factory) -> dict:
+    pytest.importorskip("triton", reason="Triton is not installed")
+    out = tmp_path_factory.mktemp("interp") / "norms.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_interp_norm_kernel_matches_references(interp_report):
+    assert len(interp_report) == 3 * 2 * 5
+    for key, r in interp_report.items():
+        assert r["finite"] and r["shape"] and r["dtype"], key
+        if key.split("/")[-1] == "float32" or "/float32/" in key:
+            assert r["rel"] < 1e-5, (key, r)
+        else:  # within bf16 rounding of PyTorch's fp32 result
+            assert r["ulps"] <= 1, (key, r)
+
+
+@pytest.mark.gpu
+def test_cuda_norms_match_references():
+    x = _x(2, 3000, 1536, seed=9).cuda()
+    shift, scale = torch.randn(2, 1, 1536, device="cuda"), torch.randn(2, 3000, 1536, device="cuda") * 0.3
+    got = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, EPS)
+    assert _ulps_bf16(got, N.layernorm_modulate_ref(x, shift, scale, EPS)) <= 1
+    w = torch.randn(1536, device="cuda")
+    assert _ulps_bf16(torch.ops.turbocompile.rms_norm(x, w, EPS), N.rms_norm_ref(x, w, EPS)) <= 1
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    rep = _interpret_checks()
+    with open(sys.argv[1], "w") as f:
+        json.dump(rep, f, indent=1)
