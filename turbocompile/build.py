@@ -37,7 +37,7 @@ class BuildOptions:
     skip_passes: list[str] = field(default_factory=list)
     pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     verify: bool = False
-    max_drift: float = 0.05
+    max_drift: float = 0.1
     dynamic_frames: bool = False
     backend: str = "torch"
     force: bool = False

@@ -158,7 +158,7 @@ def models_info(model_id: str) -> None:
 @click.option("--linear", type=click.Choice(["auto", "int8-block", "int8-row", "fp8-row", "fp8-block", "bf16"]),
               default=None, help="W8A8 scheme (short for w8a8.scheme).")
 @click.option("--verify", is_flag=True, help="Measure each pass's numeric drift on a probe input.")
-@click.option("--max-drift", type=float, default=0.05, show_default=True,
+@click.option("--max-drift", type=float, default=0.1, show_default=True,
               help="Fail the build when a pass changes the output by more than this relative L2.")
 @click.option("--dynamic-frames", is_flag=True, help="Export with a symbolic latent-frame dimension.")
 @click.option("--backend", type=click.Choice(["torch", "eager", "aoti", "onnx", "tensorrt"]), default="torch",

@@ -104,7 +104,7 @@ class PassManager:
     """Runs an ordered list of passes over one expert's program."""
 
     def __init__(self, passes: list[PassInfo], ctx: PassContext, example_inputs: tuple[torch.Tensor, ...],
-                 dump_dir: Path | None = None, verify: bool = False, max_rel_l2: float = 0.05,
+                 dump_dir: Path | None = None, verify: bool = False, max_rel_l2: float = 0.1,
                  progress: Callable[[str], None] | None = None):
         self.passes, self.ctx, self.example_inputs = passes, ctx, example_inputs
         self.dump_dir, self.verify, self.max_rel_l2 = dump_dir, verify, max_rel_l2

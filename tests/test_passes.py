@@ -1,0 +1,113 @@
+"""The acceleration passes on a wan-tiny build: what they rewrite, what they keep, and how close the
+built engine stays to the eager model."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import turbocompile
+from turbocompile.build import BuildOptions, build
+from turbocompile.modeling import example_inputs, random_dit
+from turbocompile.zoo import get_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ckpt_factory import turbodiffusion_state_dict, write_turbodiffusion  # noqa: E402
+
+
+def _stage(art: Path, name: str, expert: str = "main") -> dict:
+    d = next(p for p in (art / "dumps" / expert).iterdir() if p.name.endswith(name))
+    return json.loads((d / "summary.json").read_text()) | {"graph": (d / "graph.txt").read_text()}
+
+
+@pytest.fixture(scope="module")
+def full_build(tmp_path_factory) -> Path:
+    return build(BuildOptions(model="wan-tiny", out=tmp_path_factory.mktemp("b") / "full", verify=True))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def test_every_self_attention_becomes_sage_sla(full_build: Path):
+    s = _stage(full_build, "attention_to_sagesla")
+    layers = get_model("wan-tiny").dit.num_layers
+    assert s["extra"]["sage_sla"] == layers and s["extra"]["sage_attention"] == layers
+    assert s["ops"].get("turbocompile.sage_sla") == layers
+    assert "aten.scaled_dot_product_attention" not in s["ops"]
+    for i in range(layers):
+        assert f"@ blocks.{i}.attn1" in s["graph"]
+    lines = [ln for ln in s["graph"].splitlines() if "turbocompile.sage_sla(" in ln]
+    assert all("@ blocks." in ln and ".attn1" in ln for ln in lines)
+    # no checkpoint -> zero proj_l and the build says SLA is plain sparse attention
+    assert any("plain block-sparse attention" in n for n in s["notes"])
+
+
+def test_linears_quantized_except_outside_blocks(full_build: Path):
+    s = _stage(full_build, "linear_to_w8a8")
+    assert s["rewritten"] == 2 * 10  # per block: q k v o of both attentions + 2 FFN
+    assert s["ops"].get("turbocompile.int8_block_linear") == 20
+    assert s["ops"]["aten.linear"] >= 5  # time/text embedders and the head stay
+    assert s["weight_bytes_changed"] > 0
+    assert s["weight_bytes_by_dtype"].get("int8", 0) > 0
+
+
+def test_norms_fused(full_build: Path):
+    s = _stage(full_build, "fuse_norms")
+    assert s["extra"] == {"layernorm_modulate": 4, "layer_norm_affine": 2, "rms_norm": 8}
+    assert "aten.rms_norm" not in s["ops"]
+    assert s["ops"].get("aten.layer_norm") == 1  # the head's norm_out stays (outside the blocks)
+
+
+def test_full_build_runs_close_to_eager(full_build: Path):
+    spec = get_model("wan-tiny")
+    engine = turbocompile.load(full_build)
+    x, t, c = example_inputs(spec, engine.width, engine.height, engine.frames, seed=11)
+    out = engine.expert("main")(x, t, c)
+    with torch.no_grad():
+        ref = random_dit(spec, seed=0)(x, t, c, return_dict=False)[0]
+    assert torch.isfinite(out).all()
+    assert _cos(out, ref) > 0.99
+    manifest = json.loads((full_build / "manifest.json").read_text())
+    drifts = [p["numerics"]["rel_l2"] for p in manifest["expert_info"]["main"]["passes"] if p["numerics"]]
+    assert drifts and max(drifts) < 0.1
+
+
+def test_pass_options(tmp_path):
+    art = build(BuildOptions(model="wan-tiny", out=tmp_path / "a", pass_options={
+        "attention_to_sagesla": {"method": "sla", "dense_first": 1, "cross": "sdpa", "topk": 0.5},
+        "linear_to_w8a8": {"scheme": "bf16"}}))
+    s = _stage(art, "attention_to_sagesla")
+    assert s["extra"]["sla"] == 1 and s["extra"]["sdpa"] == 3  # layer 0 dense, both cross-attentions SDPA
+    assert s["extra"]["topk"] == 0.5
+    assert any("turbocompile.sla(" in ln and ln.endswith("@ blocks.1.attn1") for ln in s["graph"].splitlines())
+    assert not any("turbocompile.sla(" in ln and ln.endswith("@ blocks.0.attn1") for ln in s["graph"].splitlines())
+    lin = _stage(art, "linear_to_w8a8")
+    assert lin["rewritten"] == 0 and "aten.linear" in lin["ops"]
+
+
+def test_turbodiffusion_quant_checkpoint_int8_used_unchanged(tmp_path):
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=3)
+    ckpt = write_turbodiffusion(model, tmp_path / "ckpt", quant=True)
+    sd = turbodiffusion_state_dict(model, quant=True)
+    art = build(BuildOptions(model="wan-tiny", out=tmp_path / "art", checkpoint=ckpt,
+                             pass_options={"linear_to_w8a8": {"scheme": "int8-block"}}))
+    lin = _stage(art, "linear_to_w8a8")
+    assert lin["extra"]["checkpoint_int8_reused"] == 20
+    att = _stage(art, "attention_to_sagesla")
+    assert not any("plain block-sparse" in n for n in att["notes"])
+    manifest = json.loads((art / "manifest.json").read_text())
+    keys = manifest["expert_info"]["main"]["weight_keys"]
+    by_key = {v: k for k, v in keys.items()}
+    with safe_open(str(art / "experts" / "main" / "weights.safetensors"), "pt") as f:
+        q = f.get_tensor(by_key["blocks.1.ffn.net.2.w_q"])
+        s = f.get_tensor(by_key["blocks.1.ffn.net.2.w_scale"])
+        pw = f.get_tensor(by_key["blocks.0.attn1.proj_l.weight"])
+    assert torch.equal(q, sd["blocks.1.ffn.2.int8_weight"])
+    assert torch.equal(s, sd["blocks.1.ffn.2.scale"].float())
+    assert torch.equal(pw, sd["blocks.0.self_attn.attn_op.local_attn.proj_l.weight"].float())
