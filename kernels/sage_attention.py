@@ -314,14 +314,22 @@ if HAS_TRITON:
         else:
             k = tl.load(K_base + offs_n[None, :] * stride_kl + offs_d[:, None])
         if SAGE:
-            s = tl.dot(q, k).to(tl.float32) * (qs[:, None] * tl.load(KS_base + start // BLKK))
+            # int32 -> fp32 without the quarter-rate I2F: |s| < 2^22, so bits(1.5·2^23) + s is the float 1.5·2^23 + s
+            # and subtracting 1.5·2^23 again is exact (an integer below 2^22)
+            sf = (tl.dot(q, k) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            if start + BLOCK_N > Lk:
+                sf = tl.where((offs_n < Lk)[None, :], sf, float("-inf"))
+            c = qs * tl.load(KS_base + start // BLKK)  # per-row dequant scale (log2 e / sqrt(D) folded into qs)
+            m_new = tl.maximum(m_i, tl.max(sf, 1) * c)
+            # one FMA per score: p·448 = exp2(s·c - m + log2 448); l and acc both carry the 448
+            p = tl.math.exp2(sf * c[:, None] - (m_new - 8.807354922057604)[:, None])
         else:
             s = _dot16(q, k, EMULATE) * sm_scale_log2
-        if start + BLOCK_N > Lk:
-            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            if start + BLOCK_N > Lk:
+                s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_LOADS:
             v = tl.load(V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
@@ -330,7 +338,7 @@ if HAS_TRITON:
             v = tl.load(V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
         if SAGE:
             # fresh fp32 accumulator per key tile (two-level accumulation; Hopper's FP8 MMA alone is ~fp22)
-            pv = tl.dot(_fp8_e4m3(p * 448.0, EMULATE), v, max_num_imprecise_acc=BLOCK_N)
+            pv = tl.dot(_fp8_e4m3(p, EMULATE), v, max_num_imprecise_acc=BLOCK_N)
         else:
             pv = _dot16(p.to(v.dtype), v, EMULATE)
         acc = acc * alpha[:, None] + pv
@@ -387,7 +395,7 @@ if HAS_TRITON:
                                            stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
                                            BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
         if SAGE:
-            o = acc * (tl.load(VS + bh * HEAD_DIM + offs_d)[None, :] / 448.0) / l_i[:, None]
+            o = acc * tl.load(VS + bh * HEAD_DIM + offs_d)[None, :] / l_i[:, None]
         else:
             o = acc / l_i[:, None]
         if LINEAR:
@@ -461,8 +469,8 @@ def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple[i
     cfg = KERNEL_CONFIGS.get((sage, sparse, blk_q, blk_k))
     if cfg is not None:
         return cfg
-    block_m = blk_q if sparse else 128
     block_n = blk_k if sage else min(blk_k, 64)
+    block_m = blk_q if sparse else (64 if block_n == 128 else 128)
     warps = 8 if block_m == 128 else 4
     return block_m, block_n, warps, 3
 

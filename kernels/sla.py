@@ -98,7 +98,7 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     """What the fused epilogue needs: ``M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    n_chunks = max(1, min(-(-lk // 256), -(-2 * sms // (b * h))))
+    n_chunks = max(1, min(-(-lk // 256), -(-8 * sms // (b * h))))
     chunk = -(-lk // n_chunks)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
     z = torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device)
