@@ -345,11 +345,13 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
 @click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None, help="Write a markdown table.")
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Check the plan on the CPU without timing anything.")
-def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run) -> None:
+@click.option("--no-compile", is_flag=True, help="Leave out the torch.compile rung (it compiles for minutes).")
+def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile) -> None:
     """Measure kernels, one DiT forward (incremental ladder), or whole-video DiT time against the baseline."""
     from .bench import run_bench
 
-    report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run)
+    report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
+                       compile=not no_compile)
     console.print(report.markdown())
     if json_out:
         json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))

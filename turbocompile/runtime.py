@@ -53,7 +53,8 @@ class ExpertProgram:
         fn = self.module
         if self.compile_mode is not None:
             if self._compiled is None:
-                self._compiled = torch.compile(self.module, mode=self.compile_mode, fullgraph=True)
+                self._compiled = torch.compile(self.module, fullgraph=True,
+                                               mode=None if self.compile_mode == "default" else self.compile_mode)
             fn = self._compiled
         out = fn(*self.weights, x, t, context)
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -120,7 +121,11 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
     dev = torch.device(device) if device is not None else check_runnable(manifest["target"])
     if device is not None and dev.type == "cuda":
         check_runnable(manifest["target"])
+    backend = manifest.get("backend", "torch")
+    if backend in ("onnx", "aoti", "tensorrt"):
+        from .backends import open_engine
+
+        return open_engine(root, manifest, dev)
     if compile is None:
-        compile = manifest.get("backend") == "torch" and dev.type == "cuda"
-    mode = "max-autotune-no-cudagraphs" if compile else None
-    return ProgramEngine(root, manifest, dev, gpu_memory_budget, mode)
+        compile = backend == "torch" and dev.type == "cuda"
+    return ProgramEngine(root, manifest, dev, gpu_memory_budget, "default" if compile else None)

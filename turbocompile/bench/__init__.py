@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import subprocess
 import time
@@ -65,8 +64,8 @@ def environment(dry_run: bool) -> dict[str, Any]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
-    if dry_run:
-        info["gpu"] = "none (dry run: plan only, nothing timed)"
+    if dry_run or not torch.cuda.is_available():
+        info["gpu"] = "none (dry run: plan only, nothing timed)" if dry_run else "none (CPU smoke run)"
         return info
     info["gpu"] = torch.cuda.get_device_name(0)
     cap = torch.cuda.get_device_capability(0)
@@ -81,9 +80,17 @@ def environment(dry_run: bool) -> dict[str, Any]:
 
 
 def cuda_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` by CUDA events, after ``warmup`` calls."""
+    """Median seconds of ``fn`` by CUDA events, after ``warmup`` calls (host clock when there is no GPU,
+    which only the CPU smoke tests use)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -103,7 +110,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
-              dry_run: bool = False) -> Report:
+              dry_run: bool = False, compile: bool = True) -> Report:
     spec = get_model(model_id)
     if not dry_run and not torch.cuda.is_available():
         raise GPUError("turbocompile bench needs a CUDA GPU (none visible); use --dry-run to check the plan on CPU")
@@ -115,11 +122,11 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
     if what == "model":
         from .model import bench_model
 
-        return bench_model(spec, res, repeats, dry_run)
+        return bench_model(spec, res, repeats, dry_run, compile=compile)
     if what == "e2e":
         from .model import bench_e2e
 
-        return bench_e2e(spec, res, repeats, dry_run)
+        return bench_e2e(spec, res, repeats, dry_run, compile=compile)
     raise ValueError(f"unknown bench {what!r}")
 
 
@@ -131,4 +138,4 @@ def dump_json(report: Report) -> str:
     return json.dumps(report.as_dict(), indent=2, default=str)
 
 
-__all__ = ["Report", "run_bench", "cuda_time", "rel_err", "attention_flops", "environment", "math"]
+__all__ = ["Report", "run_bench", "cuda_time", "rel_err", "attention_flops", "environment"]

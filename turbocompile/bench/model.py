@@ -30,8 +30,8 @@ def forward_flops(spec: ModelSpec, L: int) -> float:
     return float(lin + attn)
 
 
-def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str
-            ) -> dict[str, Any]:
+def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str,
+            device: str = "cuda", compile: bool = True) -> dict[str, Any]:
     from ..modeling import example_inputs, random_dit_on_device
     from ..passmanager import PassContext, PassManager
     from ..passes import BY_NAME
@@ -41,19 +41,20 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     flops = forward_flops(spec, L)
-    torch.cuda.reset_peak_memory_stats()
-    model = random_dit_on_device(spec, "cuda", torch.bfloat16)
-    x, t, c = example_inputs(spec, w, h, spec.default_frames, dtype=torch.bfloat16, device="cuda")
+    on_gpu = device == "cuda"
+    model = random_dit_on_device(spec, device, torch.bfloat16)
+    x, t, c = example_inputs(spec, w, h, spec.default_frames, dtype=torch.bfloat16, device=device)
     times: dict[str, float] = {}
 
     def rung(name: str, fn) -> torch.Tensor:
-        torch.cuda.reset_peak_memory_stats()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             out = fn()
             sec = cuda_time(fn, repeats, warmup=1)
         times[name] = sec
         row = {"rung": name, "s/forward": sec, "TFLOP/s (dense-equiv.)": flops / sec / 1e12,
-               "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
+               "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan"),
                "speedup": times[RUNGS[0]] / sec if RUNGS[0] in times else 1.0}
         if name != RUNGS[0]:
             row.update(rel_err(out, base))
@@ -75,22 +76,16 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     rung(RUNGS[2], lambda: prog(x, t, c))
     apply("linear_to_w8a8")
     del model  # the bf16 block weights are no longer referenced by the program
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
     rung(RUNGS[3], lambda: prog(x, t, c))
     apply("attention_to_sagesla")
     final = rung(RUNGS[4], lambda: prog(x, t, c))
     compiled_s = None
-    try:
-        weights = prog.ordered_weights()
-        t0 = time.perf_counter()
-        compiled = torch.compile(prog.gm, fullgraph=True)
-        with torch.no_grad():
-            compiled(*weights, x, t, c)
-        torch.cuda.synchronize()
-        compiled_s = time.perf_counter() - t0
-        rung(RUNGS[5], lambda: compiled(*weights, x, t, c)[0])
-    except Exception as exc:  # noqa: BLE001 - record why the rung is missing, keep the rest
-        report.add(section, {"rung": RUNGS[5], "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+    if compile:
+        compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section)
+    else:
+        report.add(section, {"rung": RUNGS[5], "note": "skipped (--no-compile)"})
     report.header[f"{section}: capture s"] = round(capture_s, 1)
     if compiled_s is not None:
         report.header[f"{section}: first compiled call s"] = round(compiled_s, 1)
@@ -98,7 +93,26 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     return {"times": times, "tokens": L, "flops": flops}
 
 
-def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -> Report:
+def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: str) -> float | None:
+    """torch.compile the rewritten graph (custom ops stay opaque kernels); returns the first-call seconds."""
+    try:
+        weights = prog.ordered_weights()
+        t0 = time.perf_counter()
+        compiled = torch.compile(prog.gm, fullgraph=True)
+        with torch.no_grad():
+            compiled(*weights, *inputs)
+        if on_gpu:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        rung(RUNGS[5], lambda: compiled(*weights, *inputs)[0])
+        return first
+    except Exception as exc:  # noqa: BLE001 - record why the rung is missing, keep the rest
+        report.add(section, {"rung": RUNGS[5], "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+        return None
+
+
+def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, device: str = "cuda",
+                compile: bool = True) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
@@ -109,7 +123,7 @@ def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -
         for r in RUNGS:
             report.add(section, {"rung": r, "tokens": L, "dense TFLOP/forward": forward_flops(spec, L) / 1e12})
         return report
-    _ladder(spec, resolution, repeats, report, section)
+    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile)
     return report
 
 
@@ -143,7 +157,7 @@ def _vae_decode_time(spec: ModelSpec, resolution: str) -> float:
     return t
 
 
-def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -> Report:
+def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, compile: bool = True) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"whole-video DiT time, {spec.id}@{resolution} ({L} tokens, {spec.default_frames} frames)",
@@ -158,7 +172,7 @@ def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool) -> 
         for s in (4, 3, 2):
             report.add("plan", {"sampler": f"rCM {s} steps", "NFE": s})
         return report
-    ladder = _ladder(spec, resolution, repeats, report, f"ladder {spec.id}@{resolution}")
+    ladder = _ladder(spec, resolution, repeats, report, f"ladder {spec.id}@{resolution}", compile=compile)
     times = ladder["times"]
     base = times[RUNGS[0]]
     best_name = min((r for r in RUNGS[4:] if r in times), key=lambda r: times[r])

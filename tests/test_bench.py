@@ -1,0 +1,52 @@
+"""`turbocompile bench`: the plan on CPU (--dry-run), the refusal without a GPU, and the ladder's logic."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from turbocompile.bench.model import RUNGS, bench_model, forward_flops
+from turbocompile.cli import main
+from turbocompile.zoo import get_model
+
+
+def test_flop_model_matches_reference_numbers():
+    # Wan reference (docs): 14B@720p 6.523 PFLOP, 1.3B@480p 283 TFLOP per forward
+    assert forward_flops(get_model("wan2.1-t2v-14b"), 75600) / 1e15 == pytest.approx(6.523, rel=2e-3)
+    assert forward_flops(get_model("wan2.1-t2v-1.3b"), 32760) / 1e12 == pytest.approx(283.0, rel=2e-3)
+
+
+@pytest.mark.parametrize("what", ["kernels", "model", "e2e"])
+def test_dry_run_plan(what, tmp_path):
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["bench", what, "--dry-run", "--model", "wan2.1-t2v-14b", "--resolution", "720p",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["header"]["gpu"].startswith("none (dry run")
+    rows = [row for sec in data["sections"].values() for row in sec]
+    assert rows
+    if what == "model":
+        assert [row["rung"] for row in rows] == RUNGS
+    if what == "kernels":
+        assert any("sage_sla topk 0.1" == row.get("kernel") for row in rows)
+        assert {row.get("K") for row in rows if "K" in row} == {5120, 13824}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_gpu():
+    r = CliRunner().invoke(main, ["bench", "model"])
+    assert r.exit_code == 2 and "needs a CUDA GPU" in r.output and "--dry-run" in r.output
+
+
+def test_ladder_logic_on_cpu():
+    """The ladder end to end on wan-tiny with the CPU reference kernels (timings meaningless, logic real)."""
+    report = bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False)
+    rows = report.sections["ladder wan-tiny@tiny"]
+    assert [r["rung"] for r in rows] == RUNGS
+    for r in rows[1:5]:
+        assert r["cosine"] > 0.98, r
+    assert rows[1]["rel_l2"] < 1e-2  # the clean-up passes do not change the numbers
+    assert "skipped" in rows[5]["note"]
