@@ -352,7 +352,7 @@ def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_com
 
     report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
                        compile=not no_compile)
-    console.print(report.markdown())
+    click.echo(report.markdown())
     if json_out:
         json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))
     if md_out:
