@@ -152,6 +152,15 @@ def test_i2v_without_image_is_input_error(i2v, tmp_path):
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_wan21_i2v_with_clip_image_features_is_refused(tmp_path):
+    spec = get_model("wan2.1-i2v-14b-480p")
+    engine = EagerEngine(spec, {"main": torch.nn.Identity()}, 832, 480, 81)
+    with pytest.raises(InputError) as err:
+        generate(engine, "x", image=random_image(832, 480), out=tmp_path / "x.mp4", components=object(),
+                 progress=False)
+    assert "CLIP" in one_line(err) and "wan2.2-i2v-a14b" in one_line(err)
+
+
 def test_image_for_t2v_model_is_input_error(t2v, tmp_path):
     engine, comps = t2v
     with pytest.raises(InputError) as err:
@@ -463,3 +472,18 @@ def test_generate_on_gpu_reports_peak_memory_and_tiles_under_a_small_budget(tmp_
     assert small.timings["vae_tiled"]
     assert next(comps.vae.parameters()).device.type == "cpu"  # components go back to the host
     assert read_mp4(small.path).shape == (17, 96, 160, 3)
+
+
+def test_diffusers_component_folders_load(tmp_path):
+    spec = get_model("wan-tiny")
+    enc = tiny_text_encoder(spec, seed=3)
+    enc.model.save_pretrained(tmp_path / "text_encoder")
+    vae = tiny_vae(seed=3)
+    vae.save_pretrained(tmp_path / "vae")
+    te = load_umt5(tmp_path, dtype=torch.float32)  # the repo root: finds text_encoder/
+    assert all(torch.equal(a, b) for a, b in zip(te.state_dict().values(), enc.model.state_dict().values()))
+    loaded = load_vae(tmp_path / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    with pytest.raises(CheckpointError) as err:
+        load_umt5(tmp_path / "vae" / "nothing")
+    assert "--text-encoder" in one_line(err)

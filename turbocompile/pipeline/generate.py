@@ -133,6 +133,9 @@ def _validate(engine: Engine, image: Any, sampler: str, steps: int | None, frame
         raise UnsupportedShapeError(f"this engine was built for {engine.frames} frames, not {frames}; "
                                     f"build one with --frames {frames}")
     spec.latent_shape(engine.width, engine.height, engine.frames)  # raises for a bad engine shape
+    if spec.dit.image_dim:
+        raise InputError(f"{spec.id} conditions on CLIP image features, which this pipeline does not compute; "
+                         "use wan2.2-i2v-a14b for image-to-video")
     if spec.task == "i2v" and image is None:
         raise InputError(f"{spec.id} is an image-to-video model: pass --image")
     if spec.task == "t2v" and image is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InputError
+from .files import component_folder, load_into, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,6 @@ def umt5_config_from_official(state_dict: dict[str, torch.Tensor]):
                       is_encoder_decoder=False, use_cache=False)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` with ``weights_only=True``, memory-mapped when the file format allows (11 GB for XXL)."""
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CheckpointError(f"cannot read the text encoder {path}: {exc}".splitlines()[0]) from None
-
-
 def load_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     """``UMT5EncoderModel`` from the official ``.pth``, a ``.safetensors`` of either layout, or a diffusers/HF folder."""
     from transformers import UMT5EncoderModel
@@ -110,31 +98,19 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     if not path.exists():
         raise CheckpointError(f"text encoder not found: {path}; pass the umT5 file or folder to --text-encoder")
     if path.is_dir():
-        folder = path / "text_encoder" if (path / "text_encoder" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
+        folder = component_folder(path, "text_encoder")
+        if folder is None:
             raise CheckpointError(f"{path} has no config.json; pass a diffusers text_encoder/ folder or "
                                   "models_t5_umt5-xxl-enc-bf16.pth to --text-encoder")
         return UMT5EncoderModel.from_pretrained(folder, torch_dtype=dtype).eval().requires_grad_(False)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = _torch_load(path)
+    sd = read_state_dict(path, "text encoder")
     if "shared.weight" in sd or "encoder.embed_tokens.weight" in sd:
         raise CheckpointError(f"{path} is in transformers layout; pass its folder (with config.json) to --text-encoder")
     config = umt5_config_from_official(sd)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    try:
-        missing, unexpected = model.load_state_dict(
-            {k: v.to(dtype) for k, v in convert_umt5_official_keys(sd).items()}, strict=False, assign=True)
-    except RuntimeError as exc:  # shape mismatches
-        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise CheckpointError(f"umT5 checkpoint {path} does not match the encoder ({first})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"umT5 checkpoint {path} does not match the encoder: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    load_into(model, {k: v.to(dtype) for k, v in convert_umt5_official_keys(sd).items()}, path, "umT5 encoder",
+              assign=True)
     model.encoder.embed_tokens = model.shared
     return model.eval().requires_grad_(False)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .files import component_folder, load_into, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -97,32 +98,16 @@ def load_vae(path: str | Path, kind: str = "wan2.1", dtype: torch.dtype = torch.
     if not path.exists():
         raise CheckpointError(f"VAE not found: {path}; pass Wan2.1_VAE.pth or a diffusers vae/ folder to --vae")
     if path.is_dir():
-        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
+        folder = component_folder(path, "vae")
+        if folder is None:
             raise CheckpointError(f"{path} has no config.json; pass a diffusers vae/ folder or Wan2.1_VAE.pth to --vae")
         return AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype).eval().requires_grad_(False)
     if kind != "wan2.1":
         raise CheckpointError(f"loading the official {kind} VAE file is not supported; pass a diffusers vae/ folder "
                               "(from the model's -Diffusers repo) to --vae")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read the VAE {path}: {exc}".splitlines()[0]) from None
-    sd = convert_wan_vae_keys(sd)
+    sd = convert_wan_vae_keys(read_state_dict(path, "VAE"))
     vae = AutoencoderKLWan()  # the Wan2.1 VAE config is diffusers' default
-    try:
-        missing, unexpected = vae.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise CheckpointError(f"VAE checkpoint {path} is not the Wan2.1 VAE ({first})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"VAE checkpoint {path} does not match the Wan2.1 VAE: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    load_into(vae, sd, path, "Wan2.1 VAE")
     return vae.to(dtype).eval().requires_grad_(False)
 
 
