@@ -244,9 +244,11 @@ _PAD = 128  # quantized Q/K/Vᵀ are padded to a multiple of this, so the hot lo
 if HAS_TRITON:
 
     @triton.jit
-    def _fp8_e4m3(x, EMULATE: tl.constexpr):
-        """Saturating fp32 -> e4m3. EMULATE rounds in fp32 first (Triton's CPU interpreter mis-rounds carries)."""
-        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    def _fp8_e4m3(x, EMULATE: tl.constexpr, CLAMP: tl.constexpr):
+        """Saturating fp32 -> e4m3 (CLAMP=False where |x| <= 448 already holds, saving two ops per element).
+        EMULATE rounds in fp32 first (Triton's CPU interpreter mis-rounds mantissa carries)."""
+        if CLAMP or EMULATE:
+            x = tl.minimum(tl.maximum(x, -448.0), 448.0)
         if EMULATE:
             xi = x.to(tl.int32, bitcast=True)
             xi = (xi + 0x7FFFF + ((xi >> 20) & 1)) & -1048576  # round-to-nearest-even to 3 mantissa bits
@@ -301,7 +303,7 @@ if HAS_TRITON:
         x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
                     mask=(rows < L)[:, None], other=0.0).to(tl.float32)
         x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
-        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE))
+        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE, True))
 
     @triton.jit
     def _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk, stride_kl, stride_vl, stride_vd,
@@ -338,7 +340,7 @@ if HAS_TRITON:
             v = tl.load(V_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
         if SAGE:
             # fresh fp32 accumulator per key tile (two-level accumulation; Hopper's FP8 MMA alone is ~fp22)
-            pv = tl.dot(_fp8_e4m3(p, EMULATE), v, max_num_imprecise_acc=BLOCK_N)
+            pv = tl.dot(_fp8_e4m3(p, EMULATE, False), v, max_num_imprecise_acc=BLOCK_N)
         else:
             pv = _dot16(p.to(v.dtype), v, EMULATE)
         acc = acc * alpha[:, None] + pv
@@ -353,7 +355,7 @@ if HAS_TRITON:
         H, Lq, Lk, NQS, NKS, T, MQ_LUT, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLKQ: tl.constexpr,
         BLKK: tl.constexpr, SAGE: tl.constexpr, SPARSE: tl.constexpr, LINEAR: tl.constexpr,
-        MASK_LOADS: tl.constexpr, EMULATE: tl.constexpr,
+        MASK_LOADS: tl.constexpr, EMULATE: tl.constexpr, WARP_SPEC: tl.constexpr,
     ):
         """Flash-attention forward over all key tiles (dense) or the LUT's key blocks (sparse), with an optional
         fused SLA linear branch in the epilogue: ``o += (φ(q) · M) / (φ(q) · z + 1e-5) + bias``, M = (φ(K)ᵀV)·Wᵀ."""
@@ -382,18 +384,33 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if SPARSE:
             lut_base = LUT + (bh * MQ_LUT + (pid_m * BLOCK_M) // BLKQ) * T
-            for t in range(0, T):
-                kb = tl.load(lut_base + t)
-                for sub in tl.static_range(BLKK // BLOCK_N):
-                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
-                                               kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
-                                               sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
-                                               EMULATE)
+            if WARP_SPEC:
+                for t in tl.range(0, T, warp_specialize=True):
+                    kb = tl.load(lut_base + t)
+                    for sub in tl.static_range(BLKK // BLOCK_N):
+                        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
+                                                   kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
+                                                   sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
+                                                   EMULATE)
+            else:
+                for t in range(0, T):
+                    kb = tl.load(lut_base + t)
+                    for sub in tl.static_range(BLKK // BLOCK_N):
+                        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
+                                                   kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
+                                                   sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
+                                                   EMULATE)
         else:
-            for start in range(0, Lk, BLOCK_N):
-                acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
-                                           stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
-                                           BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
+            if WARP_SPEC:
+                for start in tl.range(0, Lk, BLOCK_N, warp_specialize=True):
+                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
+                                               stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
+                                               BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
+            else:
+                for start in range(0, Lk, BLOCK_N):
+                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
+                                               stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
+                                               BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
         if SAGE:
             o = acc * tl.load(VS + bh * HEAD_DIM + offs_d)[None, :] / l_i[:, None]
         else:
@@ -461,11 +478,11 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     return out
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (sage, sparse, blk_q, blk_k); overridable for tuning.
-KERNEL_CONFIGS: dict[tuple[bool, bool, int, int], tuple[int, int, int, int]] = {}
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per (sage, sparse, blk_q, blk_k); for tuning.
+KERNEL_CONFIGS: dict[tuple[bool, bool, int, int], tuple] = {}
 
 
-def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple[int, int, int, int]:
+def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple:
     cfg = KERNEL_CONFIGS.get((sage, sparse, blk_q, blk_k))
     if cfg is not None:
         return cfg
@@ -477,7 +494,7 @@ def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple[i
 
 def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor | None,
                            blk_q: int, blk_k: int, sage: bool, linear: tuple | None = None,
-                           quant: dict | None = None, config: tuple[int, int, int, int] | None = None,
+                           quant: dict | None = None, config: tuple | None = None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the attention kernel: dense (lut None) or block-sparse, Sage (INT8/FP8) or plain (input dtype).
 
@@ -487,7 +504,9 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
     """
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    block_m, block_n, warps, stages = config or _default_config(sage, lut is not None, blk_q, blk_k)
+    cfg = config or _default_config(sage, lut is not None, blk_q, blk_k)
+    block_m, block_n, warps, stages = cfg[:4]
+    warp_spec = bool(cfg[4]) if len(cfg) > 4 else False
     if lut is not None and (blk_q % block_m or blk_k % block_n):
         raise UnsupportedShapeError(f"tile {block_m}x{block_n} does not divide the sparse blocks {blk_q}x{blk_k}")
     if sage and blk_k % block_n:
@@ -512,7 +531,8 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
         *v_strides, o.stride(0), o.stride(1), o.stride(2), q.stride(0), q.stride(1), q.stride(2),
         h, lq, lk, -(-lq // blk_q), -(-lk // blk_k), t, mq_lut, d ** -0.5 * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLKQ=blk_q, BLKK=blk_k, SAGE=sage, SPARSE=lut is not None,
-        LINEAR=linear is not None, MASK_LOADS=not sage, EMULATE=_interpreting(), num_warps=warps, num_stages=stages)
+        LINEAR=linear is not None, MASK_LOADS=not sage, EMULATE=_interpreting(), WARP_SPEC=warp_spec,
+        num_warps=warps, num_stages=stages)
     return o
 
 

@@ -230,7 +230,8 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             record(shape, "sage_attention 64x128", bench(fn), dense_flops, err(o))
             if args.sweep:
                 for blks, cfg in (((64, 128), (64, 128, 4, 4)), ((64, 128), (64, 128, 4, 2)),
-                                  ((64, 128), (128, 128, 8, 3)), ((128, 64), (128, 64, 8, 2))):
+                                  ((64, 128), (128, 128, 8, 3)), ((64, 128), (64, 128, 4, 3, True)),
+                                  ((64, 128), (128, 128, 8, 3, True))):
                     try:
                         fn = lambda: block_attention_triton(q, k, v, None, *blks, sage=True, config=cfg)  # noqa: E731
                         o = fn()
@@ -274,7 +275,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
             if args.sweep:
-                for cfg in ((64, 64, 4, 2), (64, 64, 4, 3)):
+                for cfg in ((64, 64, 4, 2), (64, 128, 4, 3, True)):
                     try:
                         fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin,  # noqa
                                                             quant=quant, config=cfg)
