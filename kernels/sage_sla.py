@@ -262,6 +262,8 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
             lin = linear_branch_stats(k, v, w, bias)
             record(shape, "  stage: quantize+pool", bench(lambda: sage_quantize_triton(q, k, v, *blk_sla)), dense_flops)
+            record(shape, "  (of which K mean + V amax, torch)",
+                   bench(lambda: (k.mean(dim=2, dtype=torch.float32), torch.aminmax(v, dim=2))), dense_flops)
             record(shape, "  stage: top-k LUT", bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)),
                    dense_flops)
 
