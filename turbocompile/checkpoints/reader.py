@@ -33,11 +33,11 @@ class SafetensorsFile:
     """One ``.safetensors`` file, read tensor by tensor through ``safe_open``.
 
     ``safe_open`` maps the whole file; pages it has touched count in the process RSS until the handle is
-    dropped, so the handle is reopened after every ``reopen_bytes`` read. That keeps the host peak near
+    dropped, so the handle is reopened after every ``reopen_bytes`` (256 MiB) read. That keeps the host peak near
     one copy of the weights instead of file + copy.
     """
 
-    reopen_bytes = 1 << 30
+    reopen_bytes = 256 << 20
 
     def __init__(self, path: Path):
         self.path = Path(path)
