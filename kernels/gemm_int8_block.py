@@ -6,7 +6,7 @@ of K, so the integer accumulator cannot run over all of K as in a per-row scheme
 128-deep K block on the tensor cores (``tl.dot`` -> wgmma on Hopper, int32 for int8, fp32 for fp8), then folds it
 into an fp32 accumulator with one multiply-add by the product of the two block scales. That rescale is CUDA-core
 work on every accumulator element per K block; on Hopper an int32 -> fp32 convert is a quarter-rate (16/clk/SM)
-instruction, so ``I2F_MAGIC`` replaces it with an integer add and a float subtract (exact while |acc| < 2**22;
+instruction, so ``GemmConfig.rescale`` 1-3 replace it with an integer add and a float subtract (exact while |acc| < 2**22;
 128 products of int8 are at most 2**21). Bias and the output cast are fused in the epilogue.
 
 Tiles are 128 x 128 (x 128 deep) so a 128x128 scale block maps onto a tile and the scales are scalars per K step;
@@ -49,22 +49,35 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
-    i2f_magic: bool = True
+    #: int32 -> fp32 rescale of each K block's accumulator (int8 only):
+    #: 0 = convert instruction; 1 = exact magic-number convert (integer add + float subtract);
+    #: 2 = same, the integer add done by the tensor core (accumulator starts at the magic bits);
+    #: 3 = like 2 but the magic offset is subtracted once at the end (one FFMA per element; not bit-faithful:
+    #:     relative error ~1e-3 of the output from the cancellation, far under the 8-bit quantization error).
+    rescale: int = 1
 
     def launch_kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
-                    I2F_MAGIC=self.i2f_magic, num_warps=self.num_warps, num_stages=self.num_stages)
+                    RESCALE=self.rescale, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 #: Named configurations tried by the benchmark; ``DEFAULT_CONFIG`` is the measured winner (docs/kernels-linear.md).
 CONFIGS: dict[str, GemmConfig] = {
     "128x128_w8_s4": GemmConfig(),
     "128x128_w8_s3": GemmConfig(num_stages=3),
-    "128x128_w8_s4_cvt": GemmConfig(i2f_magic=False),
+    "128x128_w8_s4_cvt": GemmConfig(rescale=0),
+    "128x128_w8_s4_r2": GemmConfig(rescale=2),
+    "128x128_w8_s4_r3": GemmConfig(rescale=3),
+    "64x128_w4_s4_r2": GemmConfig(block_m=64, num_warps=4, rescale=2),
     "128x256_w8_s3": GemmConfig(block_n=256, num_stages=3),
     "128x128_w4_s4": GemmConfig(num_warps=4),
+    "64x128_w4_s4": GemmConfig(block_m=64, num_warps=4),
+    "128x64_w4_s4": GemmConfig(block_n=64, num_warps=4),
+    "256x128_w8_s3": GemmConfig(block_m=256, num_stages=3),
 }
 DEFAULT_CONFIG = "128x128_w8_s4"
+#: The last compiled kernel launched (the benchmark reads its PTX/SASS facts from it).
+LAST_COMPILED = None
 
 
 if triton is not None:
@@ -83,6 +96,21 @@ if triton is not None:
         return pid_m, pid_n
 
     @triton.jit
+    def int_block_to_f32(a, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESCALE: tl.constexpr):
+        """One 128-deep int8 block product on the tensor cores, returned as fp32 (see GemmConfig.rescale)."""
+        if RESCALE == 0:
+            return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+        elif RESCALE == 1:  # exact for |d| < 2**22; 128 products of int8 are at most 2**21
+            d = tl.dot(a, b, out_dtype=tl.int32)
+            return (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            d = tl.dot(a, b, tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32), out_dtype=tl.int32)
+            if RESCALE == 2:
+                return d.to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                return d.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _gemm_block_scaled_kernel(
         a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
         M, N, K,
@@ -90,7 +118,7 @@ if triton is not None:
         stride_sam, stride_sak, stride_sbn, stride_sbk,
         HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        I2F_MAGIC: tl.constexpr, OUT_ROUND: tl.constexpr,
+        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr,
     ):
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,15 +129,19 @@ if triton is not None:
         rows_b = (offs_n % N).to(tl.int64)
         a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+        # Scales: a scalar per K step where the tile lies inside one 128-block, else a vector over rows/columns.
         if A_PER_ROW:  # 1 x 128 groups: one scale per row and K block
             sa_ptrs = sa_ptr + rows_a * stride_sam
-        else:  # 128 x 128 blocks: one scale per tile and K block
-            sa_ptrs = sa_ptr + pid_m * stride_sam
-        if BLOCK_N == 128:
-            sb_ptrs = sb_ptr + pid_n * stride_sbn
+        elif BLOCK_M <= 128:
+            sa_ptrs = sa_ptr + (pid_m * BLOCK_M // 128) * stride_sam
+        else:
+            sa_ptrs = sa_ptr + (rows_a // 128) * stride_sam
+        if BLOCK_N <= 128:
+            sb_ptrs = sb_ptr + (pid_n * BLOCK_N // 128) * stride_sbn
         else:
             sb_ptrs = sb_ptr + (rows_b // 128) * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        corr = 0.0
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -121,25 +153,25 @@ if triton is not None:
             sa = tl.load(sa_ptrs + kt * stride_sak)
             sb = tl.load(sb_ptrs + kt * stride_sbk)
             if a.dtype == tl.int8:
-                d = tl.dot(a, b, out_dtype=tl.int32)
-                if I2F_MAGIC:  # exact int32 -> fp32 for |d| < 2**22 without the quarter-rate convert
-                    df = (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-                else:
-                    df = d.to(tl.float32)
+                df = int_block_to_f32(a, b, BLOCK_M, BLOCK_N, RESCALE)
             else:
                 df = tl.dot(a, b)
-            if A_PER_ROW:
-                if BLOCK_N == 128:
+            if A_PER_ROW or BLOCK_M > 128:
+                if BLOCK_N <= 128:
                     acc += df * (sa * sb)[:, None]
                 else:
                     acc += df * (sa[:, None] * sb[None, :])
             else:
-                if BLOCK_N == 128:
+                if BLOCK_N <= 128:
                     acc += df * (sa * sb)
                 else:
                     acc += df * (sa * sb)[None, :]
+            if RESCALE == 3:
+                corr += sa * sb
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        if RESCALE == 3:
+            acc -= 12582912.0 * corr
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -170,8 +202,10 @@ def gemm_block_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tenso
     if w_q.shape[1] != k or a_q.dtype != w_q.dtype:
         raise UnsupportedShapeError(f"GEMM operands disagree: A {tuple(a_q.shape)} {a_q.dtype}, "
                                     f"B {tuple(w_q.shape)} {w_q.dtype}; quantize both with the same scheme")
-    if cfg.block_k != BLOCK or cfg.block_m != BLOCK or cfg.block_n % BLOCK:
-        raise UnsupportedShapeError(f"block-scaled GEMM tiles must be 128 x 128k x 128, got {cfg}")
+    if cfg.rescale == 3 and (a_per_row or cfg.block_m > BLOCK or cfg.block_n > BLOCK):
+        raise UnsupportedShapeError("rescale mode 3 needs one scale per tile: 128x128 tiles or smaller, 128x128 A")
+    if cfg.block_k != BLOCK or BLOCK % min(cfg.block_m, BLOCK) or BLOCK % min(cfg.block_n, BLOCK):
+        raise UnsupportedShapeError(f"block-scaled GEMM tiles must be 128 deep and nest with 128 blocks, got {cfg}")
     kb = math.ceil(k / BLOCK)
     if tuple(w_scale.shape) != (math.ceil(n / BLOCK), kb):
         raise UnsupportedShapeError(f"weight scale shape {tuple(w_scale.shape)} != {(math.ceil(n / BLOCK), kb)}")
@@ -185,7 +219,8 @@ def gemm_block_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tenso
     if m == 0:
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _gemm_block_scaled_kernel[grid](
+    global LAST_COMPILED
+    LAST_COMPILED = _gemm_block_scaled_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
         stride_sam, stride_sak, w_scale.stride(0), w_scale.stride(1),

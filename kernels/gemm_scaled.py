@@ -42,6 +42,7 @@ ROW_CONFIGS: dict[str, GemmConfig] = {
     "128x256_k64_w8_s4": GemmConfig(block_n=256, block_k=64, num_stages=4),
 }
 DEFAULT_ROW_CONFIG = "128x256_w8_s3"
+LAST_COMPILED = None
 
 
 if triton is not None:
@@ -52,7 +53,7 @@ if triton is not None:
         M, N, K, stride_am, stride_bn, stride_cm,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        I2F_MAGIC: tl.constexpr, OUT_ROUND: tl.constexpr,
+        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr,
     ):
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +75,7 @@ if triton is not None:
                 k_left = K - kt * BLOCK_K
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         sa = tl.load(sa_ptr + rows_a)
@@ -108,7 +109,8 @@ def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w
     if m == 0:
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _gemm_rowscale_kernel[grid](
+    global LAST_COMPILED
+    LAST_COMPILED = _gemm_rowscale_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,

@@ -259,3 +259,218 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     return SCHEMES[scheme](x, w_q, w_scale, bias)
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU benchmark: python -m turbocompile.kernels.linear_w8a8 --bench [--out DIR]
+# ----------------------------------------------------------------------------------------------------------------
+WAN_SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]
+BENCH_M = (32760, 75600)
+#: (scheme, backend) pairs the benchmark times end to end (activation quantization included).
+BENCH_VARIANTS = [("int8-block", "triton"), ("int8-row", "triton"), ("int8-row", "cublas"),
+                  ("fp8-row", "cublas"), ("fp8-row", "triton"), ("fp8-block", "cublas"), ("fp8-block", "triton")]
+
+
+def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cover - needs a GPU
+    import datetime
+    import json
+    import os
+    import platform
+
+    import triton
+    from triton.testing import do_bench
+
+    from turbocompile.kernels import gemm_int8_block as gib
+    from turbocompile.kernels import gemm_scaled as gs
+
+    dev = torch.device("cuda")
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "host": platform.node()}
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        print(msg, flush=True)  # noqa: T201 - benchmark entry point
+
+    def dump() -> None:
+        if out_dir:
+            with open(os.path.join(out_dir, "bench_linear.json"), "w") as f:
+                json.dump(res, f, indent=1)
+            with open(os.path.join(out_dir, "bench_linear.log"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    def t(fn) -> float:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def rel(a, b) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    say(f"# {res['device']}  torch {res['torch']}  triton {res['triton']}  {res['date']}")
+    # ---- ceilings -------------------------------------------------------------------------------------------
+    src = torch.randn(2**28, device=dev)
+    dst = torch.empty_like(src)
+    ms = t(lambda: dst.copy_(src))
+    res["copy_TBps"] = 2 * src.numel() * 4 / ms / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    bm = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    res["bf16_tflops"] = 2 * 8192**3 / t(lambda: a @ bm.t()) / 1e9
+    a8, b8 = a.to(torch.int8), bm.to(torch.int8)
+    res["int_mm_tops"] = 2 * 8192**3 / t(lambda: torch._int_mm(a8, b8.t())) / 1e9
+    af, bf = a.to(torch.float8_e4m3fn), bm.to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    res["fp8_scaled_mm_tflops"] = 2 * 8192**3 / t(
+        lambda: torch._scaled_mm(af, bf.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)) / 1e9
+    del a, bm, a8, b8, af, bf
+    say(f"ceilings: copy {res['copy_TBps']:.2f} TB/s (read+write), bf16 {res['bf16_tflops']:.0f} TFLOP/s, "
+        f"_int_mm {res['int_mm_tops']:.0f} TOP/s, _scaled_mm fp8 {res['fp8_scaled_mm_tflops']:.0f} TFLOP/s")
+    dump()
+
+    # ---- correctness at real K/N, ragged M ------------------------------------------------------------------
+    res["check"] = {}
+    torch.manual_seed(0)
+    for k, n in [(1536, 8960), (5120, 5120), (8960, 1536)]:
+        m = 4173
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        x[:, :3] *= 30  # outlier channels
+        w = torch.randn(n, k, device=dev) / k**0.5
+        b = torch.randn(n, device=dev) * 0.1
+        ref_bf16 = torch.nn.functional.linear(x, w.bfloat16(), b.bfloat16())
+        for scheme, (quant, quant_ref) in qa.QUANTIZERS.items():
+            q1, s1 = quant(x)
+            q2, s2 = quant_ref(x)
+            same = torch.equal(q1.view(torch.int8), q2.view(torch.int8)) and torch.equal(s1, s2)
+            res["check"][f"quant_bitexact/{scheme}/{k}"] = same
+        for scheme, backend in BENCH_VARIANTS:
+            d = quantize_weight(w, scheme)
+            ref = reference_linear(x, d["w_q"], d["w_scale"], b, scheme)
+            out = cuda_linear(x, d["w_q"], d["w_scale"], b, scheme, backend=backend)
+            ref32 = reference_linear(x.float(), d["w_q"], d["w_scale"], b, scheme)
+            out32 = cuda_linear(x.float(), d["w_q"], d["w_scale"], b, scheme, backend=backend)
+            res["check"][f"{scheme}/{backend}/{k}x{n}"] = {
+                "vs_ref_bf16out": rel(out, ref), "vs_ref_fp32out": rel(out32, ref32),
+                "vs_bf16_linear": rel(out, ref_bf16), "finite": bool(torch.isfinite(out).all())}
+    # plain Gaussian (no outliers): the accuracy bar of the issue
+    x = torch.randn(8192, 5120, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(5120, 5120, device=dev) / 5120**0.5
+    ref_bf16 = torch.nn.functional.linear(x, w.bfloat16())
+    for scheme in OP_NAMES:
+        d = quantize_weight(w, scheme)
+        res["check"][f"gaussian_vs_bf16/{scheme}"] = rel(cuda_linear(x, d["w_q"], d["w_scale"], None, scheme), ref_bf16)
+    # int64 addressing: more than 2**31 activation elements
+    if not quick:
+        m, k, n = 160_000, 13824, 256
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev) / k**0.5
+        for scheme in ("int8-block", "int8-row", "fp8-row"):
+            d = quantize_weight(w, scheme)
+            out = cuda_linear(x, d["w_q"], d["w_scale"], None, scheme, backend="triton")
+            tail = x[-1024:]  # 1024 rows: whole 128-row blocks, since 160000 = 1250 * 128
+            ref = reference_linear(tail, d["w_q"], d["w_scale"], None, scheme)
+            res["check"][f"bigM_tail/{scheme}"] = rel(out[-1024:], ref)
+        del x, out
+    bad = {kk: v for kk, v in res["check"].items() if (v is False) or (isinstance(v, dict) and (
+        not v["finite"] or v["vs_ref_fp32out"] > (1e-5 if "int8" in kk else 2e-3)))}
+    res["check_failures"] = list(bad)
+    say(f"correctness: {len(res['check'])} checks, failures: {list(bad) or 'none'}")
+    for kk, v in res["check"].items():
+        if kk.startswith(("gaussian", "bigM")):
+            say(f"  {kk}: rel L2 {v:.4f}")
+    dump()
+
+    # ---- compiled-kernel facts ------------------------------------------------------------------------------
+    res["asm"] = {}
+    x = torch.randn(4096, 5120, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(5120, 5120, device=dev) / 5120**0.5
+    qx, sx = qa.quant_int8_block(x)
+    d = quantize_weight(w, "int8-block")
+    for name in gib.CONFIGS:
+        gemm_block_scaled(qx, sx, d["w_q"], d["w_scale"], None, torch.bfloat16, config=name)
+        ck = gib.LAST_COMPILED
+        ptx = ck.asm.get("ptx", "")
+        wg = sorted({ln.split()[0] for ln in ptx.splitlines() if "wgmma.mma_async" in ln})
+        res["asm"][f"int8-block/{name}"] = {"wgmma": wg, "regs": getattr(ck, "n_regs", None),
+                                            "spills": getattr(ck, "n_spills", None),
+                                            "shared": ck.metadata.shared}
+    qx, sx = qa.quant_int8_row(x)
+    d = quantize_weight(w, "int8-row")
+    for name in gs.ROW_CONFIGS:
+        gemm_rowscale(qx, sx, d["w_q"], d["w_scale"], None, torch.bfloat16, config=name)
+        ck = gs.LAST_COMPILED
+        wg = sorted({ln.split()[0] for ln in ck.asm.get("ptx", "").splitlines() if "wgmma.mma_async" in ln})
+        res["asm"][f"int8-row/{name}"] = {"wgmma": wg, "regs": getattr(ck, "n_regs", None),
+                                          "spills": getattr(ck, "n_spills", None), "shared": ck.metadata.shared}
+    for kk, v in res["asm"].items():
+        say(f"asm {kk}: {v}")
+    dump()
+
+    # ---- timing ---------------------------------------------------------------------------------------------
+    res["time"] = []
+    ms_list = BENCH_M[:1] if quick else BENCH_M
+    for m in ms_list:
+        for k, n in WAN_SHAPES:
+            torch.manual_seed(1)
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            w = (torch.randn(n, k, device=dev) / k**0.5)
+            wb, b = w.bfloat16(), torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.1
+            row = {"M": m, "K": k, "N": n}
+            row["bf16"] = t(lambda: torch.nn.functional.linear(x, wb, b))
+            for scheme, (quant, _) in qa.QUANTIZERS.items():
+                row[f"quant/{scheme}"] = t(lambda: quant(x))
+            bias32 = b.float()
+            for scheme, backend in BENCH_VARIANTS:
+                d = quantize_weight(w, scheme)
+                row[f"{scheme}/{backend}"] = t(lambda: cuda_linear(x, d["w_q"], d["w_scale"], b, scheme,
+                                                                   backend=backend))
+            if m == BENCH_M[0]:  # GEMM-only sweep of the block kernel's configurations
+                qx, sx = qa.quant_int8_block(x)
+                d = quantize_weight(w, "int8-block")
+                for name in gib.CONFIGS:
+                    try:
+                        row[f"gemm/int8-block/{name}"] = t(lambda: gemm_block_scaled(
+                            qx, sx, d["w_q"], d["w_scale"], b, torch.bfloat16, config=name))
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                        row[f"gemm/int8-block/{name}"] = float("nan")
+                        say(f"config {name} failed: {type(e).__name__}: {str(e)[:200]}")
+                qx, sx = qa.quant_fp8_row(x)
+                d = quantize_weight(w, "fp8-row")
+                row["gemm/fp8-row/cublas"] = t(lambda: fp8_row_scaled_mm(qx, sx, d["w_q"], d["w_scale"], b,
+                                                                         torch.bfloat16))
+                qx, sx = qa.quant_int8_row(x)
+                d = quantize_weight(w, "int8-row")
+                for name in gs.ROW_CONFIGS:
+                    row[f"gemm/int8-row/{name}"] = t(lambda: gemm_rowscale(qx, sx, d["w_q"], d["w_scale"], b,
+                                                                           torch.bfloat16, config=name))
+            res["time"].append(row)
+            flops = 2 * m * n * k
+            say(f"M={m} K={k} N={n}: bf16 {row['bf16']:.3f} ms ({flops / row['bf16'] / 1e9:.0f} TFLOP/s) | " +
+                " ".join(f"{s}/{be} {row['bf16'] / row[f'{s}/{be}']:.2f}x" for s, be in BENCH_VARIANTS))
+            dump()
+            del x, w, wb
+    # ---- summary --------------------------------------------------------------------------------------------
+    summary = {}
+    for s, be in BENCH_VARIANTS:
+        sp = [r["bf16"] / r[f"{s}/{be}"] for r in res["time"]]
+        summary[f"{s}/{be}"] = math.exp(sum(math.log(v) for v in sp) / len(sp))
+    res["geomean_speedup"] = summary
+    say("")
+    say("## per shape: speedup vs cuBLAS bf16 (activation quantization included); quant time share")
+    say(f"{'M':>6} {'K':>6} {'N':>6} {'bf16 ms':>8} " + " ".join(f"{s + '/' + be:>17}" for s, be in BENCH_VARIANTS))
+    for r in res["time"]:
+        say(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} {r['bf16']:>8.3f} " +
+            " ".join(f"{r['bf16'] / r[f'{s}/{be}']:>16.2f}x" for s, be in BENCH_VARIANTS))
+    say("geomean: " + "  ".join(f"{kk} {v:.3f}x" for kk, v in summary.items()))
+    dump()
+    return res
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    p = argparse.ArgumentParser(description="check and time the W8A8 linear ops on a GPU")
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--out", default=None, help="folder for bench_linear.json / .log")
+    p.add_argument("--quick", action="store_true", help="first M only, no 2**31-element check")
+    args = p.parse_args()
+    _bench(args.out, quick=args.quick)

@@ -33,6 +33,9 @@ except ImportError:  # pragma: no cover
     tl = None
 
 MAX_D = 16384  # one row is held in registers
+#: Launch shape (measured, docs/kernels-linear.md): rows per program (0 = 16384 // next_pow2(D)) and warps.
+ROWS_PER_PROGRAM = 0
+NUM_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,8 +125,8 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     else:
         add, add_sb, add_sl = mul, 0, 0
     block_d = triton.next_power_of_2(d)
-    rows = max(1, min(8, 4096 // block_d))
-    warps = 8 if block_d >= 4096 else 4
+    rows = ROWS_PER_PROGRAM or max(1, min(16, 16384 // block_d))
+    warps = NUM_WARPS
     _norm_kernel[(triton.cdiv(x2.shape[0], rows),)](
         x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
         mul_sb, mul_sl, add_sb, add_sl, float(eps),
@@ -221,3 +224,91 @@ def launch_triton(op: str, *args) -> torch.Tensor:
     fns = {"layernorm_modulate": _layernorm_modulate_cuda, "layer_norm_affine": _layer_norm_affine_cuda,
            "rms_norm": _rms_norm_cuda}
     return fns[op](*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU benchmark: python -m turbocompile.kernels.norms --bench [--out DIR]
+# ----------------------------------------------------------------------------------------------------------------
+def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    import json
+    import os
+
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    res: dict = {"device": torch.cuda.get_device_name(0), "rows": []}
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        print(msg, flush=True)  # noqa: T201 - benchmark entry point
+
+    def t(fn) -> float:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    src = torch.randn(2**28, device=dev)
+    dst = torch.empty_like(src)
+    res["copy_TBps"] = 2 * src.numel() * 4 / t(lambda: dst.copy_(src)) / 1e9
+    del src, dst
+    say(f"# norms on {res['device']}: copy {res['copy_TBps']:.2f} TB/s (read+write)")
+    eps = 1e-6
+    for l, d in [(32760, 1536), (32760, 5120), (75600, 5120)]:
+        x = torch.randn(1, l, d, device=dev, dtype=torch.bfloat16) * 2 + 0.5
+        w, bias = torch.randn(d, device=dev), torch.randn(d, device=dev)
+        cases = {
+            "layernorm_modulate[B,1,D]": (torch.randn(1, 1, d, device=dev), torch.randn(1, 1, d, device=dev) * 0.3),
+            "layernorm_modulate[B,L,D]": (torch.randn(1, l, d, device=dev), torch.randn(1, l, d, device=dev) * 0.3),
+        }
+        for name, (shift, scale) in cases.items():
+            got = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps)
+            want = layernorm_modulate_ref(x, shift, scale, eps)
+            nbytes = 2 * x.numel() * 2 + (shift.numel() + scale.numel()) * 4
+            _row(res, say, t, name, l, d, got, want, nbytes,
+                 lambda: torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps),
+                 lambda: layernorm_modulate_ref(x, shift, scale, eps))
+        _row(res, say, t, "layer_norm_affine", l, d, torch.ops.turbocompile.layer_norm_affine(x, w, bias, eps),
+             layer_norm_affine_ref(x, w, bias, eps), 2 * x.numel() * 2,
+             lambda: torch.ops.turbocompile.layer_norm_affine(x, w, bias, eps),
+             lambda: layer_norm_affine_ref(x, w, bias, eps))
+        _row(res, say, t, "rms_norm", l, d, torch.ops.turbocompile.rms_norm(x, w, eps), rms_norm_ref(x, w, eps),
+             2 * x.numel() * 2, lambda: torch.ops.turbocompile.rms_norm(x, w, eps), lambda: rms_norm_ref(x, w, eps))
+        if out_dir:
+            with open(os.path.join(out_dir, "bench_norms.json"), "w") as f:
+                json.dump(res, f, indent=1)
+    global ROWS_PER_PROGRAM, NUM_WARPS
+    res["sweep"] = []
+    for l, d in [(32760, 1536), (32760, 5120)]:
+        x = torch.randn(1, l, d, device=dev, dtype=torch.bfloat16)
+        shift, scale = torch.randn(1, 1, d, device=dev), torch.randn(1, 1, d, device=dev)
+        for rows, warps in [(1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (2, 16), (4, 16), (16, 16)]:
+            ROWS_PER_PROGRAM, NUM_WARPS = rows, warps
+            ms = t(lambda: torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps))
+            bw = 2 * x.numel() * 2 / ms / 1e9
+            res["sweep"].append({"L": l, "D": d, "rows": rows, "warps": warps, "ms": ms, "TBps": bw})
+            say(f"sweep layernorm_modulate[B,1,D] D={d} rows={rows} warps={warps}: {bw:.2f} TB/s")
+    ROWS_PER_PROGRAM, NUM_WARPS = 0, 8
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_norms.log"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return res
+
+
+def _row(res, say, t, name, l, d, got, want, nbytes, fused, eager) -> None:  # pragma: no cover - GPU only
+    spacing = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-3)
+    ulps = ((got.float() - want.float()).abs() / spacing).max().item()
+    ms_f, ms_e = t(fused), t(eager)
+    bw = nbytes / ms_f / 1e9
+    row = {"op": name, "L": l, "D": d, "ms": ms_f, "eager_ms": ms_e, "TBps": bw,
+           "frac_copy": bw / res["copy_TBps"], "max_ulps": ulps, "finite": bool(torch.isfinite(got).all())}
+    res["rows"].append(row)
+    say(f"{name:<27} L={l:>6} D={d:>5}: {ms_f * 1e3:8.1f} us  {bw:5.2f} TB/s = {row['frac_copy']:.0%} of copy  "
+        f"(eager {ms_e * 1e3:8.1f} us, {ms_e / ms_f:.1f}x)  max err {ulps:.2f} bf16 ulp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    p = argparse.ArgumentParser(description="check and time the fused norm ops on a GPU")
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--out", default=None)
+    _bench(p.parse_args().out)
