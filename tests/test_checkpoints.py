@@ -332,31 +332,32 @@ def test_pickle_with_code_is_refused(tiny, tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
 
 
-def test_missing_keys_are_named(tiny, tmp_path):
-    sd = official_state_dict(tiny)
+def _drop_four(sd):
     for k in ["blocks.1.norm3.weight", "blocks.0.cross_attn.q.bias", "head.modulation", "blocks.1.ffn.0.bias"]:
         del sd[k]
-    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"lacks 4 tensor\(s\) wan-tiny needs: "
-                                              r"head.modulation, blocks.0.cross_attn.q.bias, blocks.1.norm3.weight \.\.\."):
-        load_checkpoint(tmp_path, progress=False)
 
 
-def test_unexpected_keys_are_named(tiny, tmp_path):
-    sd = official_state_dict(tiny)
+def _add_two(sd):
     sd["blocks.0.cross_attn.k_img.weight"] = torch.randn(256, 256)
     sd["blocks.0.mystery.weight"] = torch.randn(3)
-    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"2 unexpected tensor\(s\) for wan-tiny: "
-                                              r"blocks.0.cross_attn.k_img.weight, blocks.0.mystery.weight"):
-        load_checkpoint(tmp_path, progress=False)
 
 
-def test_wrong_shape_is_reported(tiny, tmp_path):
-    sd = official_state_dict(tiny)
+def _narrow_q(sd):
     sd["blocks.1.self_attn.q.weight"] = torch.randn(256, 128)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (_drop_four, r"checkpoint lacks 4 tensor\(s\) wan-tiny needs: "
+                 r"head.modulation, blocks.0.cross_attn.q.bias, blocks.1.norm3.weight \.\.\."),
+    (_add_two, r"checkpoint has 2 unexpected tensor\(s\) for wan-tiny: "
+               r"blocks.0.cross_attn.k_img.weight, blocks.0.mystery.weight"),
+    (_narrow_q, r"tensor blocks.1.self_attn.q.weight has shape \[256, 128\], wan-tiny needs \[256, 256\]"),
+], ids=["missing", "unexpected", "shape"])
+def test_wrong_keys_are_named(mutate, message, tiny, tmp_path):
+    sd = official_state_dict(tiny)
+    mutate(sd)
     save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"attn1.to_q.weight has shape \[256, 128\], wan-tiny needs \[256, 256\]"):
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path, progress=False)
 
 

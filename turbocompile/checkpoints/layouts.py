@@ -73,7 +73,7 @@ def _expert_from_dir(d: Path) -> ExpertFiles:
         return ExpertFiles(pth, config, extras)
     if pth:
         raise CheckpointError(f"{d} holds several .pth files ({', '.join(p.name for p in pth[:4])}); "
-                              "point at one of them")
+                              "point at one of them, or pass a high/low pair as a list of two paths")
     raise CheckpointError(f"no checkpoint files in {d} (expected diffusion_pytorch_model*.safetensors, "
                           "an .index.json, a .pth, or transformer/ / high_noise_model/ folders)")
 
