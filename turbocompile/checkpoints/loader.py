@@ -165,7 +165,10 @@ def _load_expert(src: ExpertSource, spec: ModelSpec, expert: str, device, dtype,
             else:
                 t = src.get(k)
                 advance(src.nbytes(k))
-            target = torch.float32 if keep_fp32(model, k) and t.is_floating_point() else (dtype or t.dtype)
+            if dtype is None:
+                target = t.dtype
+            else:
+                target = torch.float32 if keep_fp32(model, k) and t.is_floating_point() else dtype
             _assign(model, k, _aligned(t.to(device=device, dtype=target)))
         for k in plan.proj_l:
             extras[k] = _aligned(src.get(k).to(device))
