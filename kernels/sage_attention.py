@@ -30,7 +30,6 @@ shapes and times them against cuDNN / FLASH SDPA and FlexAttention (needs a CUDA
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch

@@ -27,14 +27,19 @@ import torch
 from .block_map import lut_from_pooled, sla_block_map
 from .sage_attention import (
     attention_fp32_reference,
-    block_attention_reference,
     block_attention_triton,
     check_qkv,
     sage_quantize_triton,
     structured_qkv,
-    triton_supported,
 )
-from .sla import check_proj, linear_branch_reference, linear_branch_stats, sla_triton
+from .sla import (
+    check_proj,
+    dispatch_cuda,
+    linear_branch_reference,
+    linear_branch_stats,
+    sla_triton,
+    sparse_linear_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,7 @@ def sage_sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_w
                        proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
                        lut: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA in PyTorch: Sage-emulated block-sparse branch over the SLA block map plus the linear branch."""
-    check_qkv(q, k, v, blk_q, blk_k)
-    check_proj(q, proj_weight, proj_bias)
-    if lut is None:
-        lut = sla_block_map(q, k, topk, blk_q, blk_k)
-    o_s = block_attention_reference(q, k, v, lut, blk_q, blk_k, sage=True)
-    return (o_s + linear_branch_reference(q, k, v, proj_weight, proj_bias)).to(q.dtype)
+    return sparse_linear_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k, lut, sage=True)
 
 
 def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
@@ -75,13 +75,8 @@ def _sage_sla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight:
 @_sage_sla_op.register_kernel("cuda")
 def _sage_sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                    proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
-    check_qkv(q, k, v, blk_q, blk_k)
-    check_proj(q, proj_weight, proj_bias)
-    why = triton_supported(q, blk_q, blk_k)
-    if why is not None:
-        log.warning("sage_sla: %s; running the PyTorch reference (slow)", why)
-        return sage_sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
-    return sage_sla_triton(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+    return dispatch_cuda("sage_sla", sage_sla_triton, sage_sla_reference, q, k, v, proj_weight, proj_bias, topk,
+                         blk_q, blk_k)
 
 
 @_sage_sla_op.register_fake

@@ -109,16 +109,35 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     return m, z.sum(0).contiguous(), proj_bias.float().contiguous()
 
 
-def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
-                  proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
-                  lut: torch.Tensor | None = None) -> torch.Tensor:
-    """SLA in PyTorch (fp32 math): exact block-sparse softmax over the block map plus the projected linear branch."""
+def sparse_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                            proj_bias: torch.Tensor, topk: float, blk_q: int, blk_k: int, lut: torch.Tensor | None,
+                            sage: bool) -> torch.Tensor:
+    """The SLA family in PyTorch: block-sparse branch (exact fp32, or Sage-emulated) plus the projected linear branch."""
     check_qkv(q, k, v, blk_q, blk_k)
     check_proj(q, proj_weight, proj_bias)
     if lut is None:
         lut = sla_block_map(q, k, topk, blk_q, blk_k)
-    o_s = block_attention_reference(q, k, v, lut, blk_q, blk_k, sage=False)
+    o_s = block_attention_reference(q, k, v, lut, blk_q, blk_k, sage=sage)
     return (o_s + linear_branch_reference(q, k, v, proj_weight, proj_bias)).to(q.dtype)
+
+
+def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                  proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
+                  lut: torch.Tensor | None = None) -> torch.Tensor:
+    """SLA in PyTorch (fp32 math): exact block-sparse softmax over the block map plus the projected linear branch."""
+    return sparse_linear_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k, lut, sage=False)
+
+
+def dispatch_cuda(name: str, fast, reference, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  proj_weight: torch.Tensor, proj_bias: torch.Tensor, topk: float, blk_q: int, blk_k: int):
+    """CUDA impl of an SLA-family op: the Triton path, or the reference with a warning where Triton can't run."""
+    check_qkv(q, k, v, blk_q, blk_k)
+    check_proj(q, proj_weight, proj_bias)
+    why = triton_supported(q, blk_q, blk_k)
+    if why is not None:
+        log.warning("%s: %s; running the PyTorch reference (slow)", name, why)
+        return reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+    return fast(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
 
 
 def sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
@@ -140,13 +159,7 @@ def _sla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torc
 @_sla_op.register_kernel("cuda")
 def _sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
               topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
-    check_qkv(q, k, v, blk_q, blk_k)
-    check_proj(q, proj_weight, proj_bias)
-    why = triton_supported(q, blk_q, blk_k)
-    if why is not None:
-        log.warning("sla: %s; running the PyTorch reference (slow)", why)
-        return sla_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
-    return sla_triton(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
+    return dispatch_cuda("sla", sla_triton, sla_reference, q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
 
 
 @_sla_op.register_fake
