@@ -68,9 +68,11 @@ def tiny_vae(seed: int = 0) -> torch.nn.Module:
 def load_components(spec: ModelSpec, text_encoder_path: str | Path | None = None,
                     tokenizer_path: str | Path | None = None, vae_path: str | Path | None = None,
                     device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                    seed: int = 0) -> PipelineComponents:
+                    seed: int = 0, vae_dtype: torch.dtype = torch.float32) -> PipelineComponents:
     """Build (tiny models) or load (real models) the text encoder and VAE; they rest on ``device``.
 
+    ``cache_dir`` enables the on-disk prompt-embedding cache. ``vae_dtype`` is float32 by default (Wan's
+    own VAE precision); bfloat16 halves the decode memory (TurboDiffusion decodes in bf16).
     Missing paths for a real model raise a one-line :class:`InputError` naming the flag to pass.
     """
     if spec.text_encoder == "tiny":
@@ -101,7 +103,7 @@ def load_components(spec: ModelSpec, text_encoder_path: str | Path | None = None
             raise InputError(f"{spec.id} needs its VAE: pass --vae {hint}")
         from .vae import load_vae
 
-        vae = load_vae(vae_path, spec.vae)
+        vae = load_vae(vae_path, spec.vae, dtype=vae_dtype)
     encoder.to(device)
     vae.to(device)
     return PipelineComponents(encoder, vae)
