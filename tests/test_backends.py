@@ -1,0 +1,443 @@
+"""Lowering backends: ONNX (export + onnxruntime with our Python ops), AOTInductor, TensorRT (refusal here).
+
+The ONNX round trips build ``wan-tiny`` for the CPU with ``--backend onnx`` and compare the onnxruntime output with
+the eager diffusers model of the same seed on fresh random inputs: bit-for-bit up to float rounding without the
+acceleration passes, within the quantization drift of the artifact's own torch program with them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from turbocompile.backends import check_backend, lower, open_engine
+from turbocompile.errors import ArtifactError, BackendUnavailableError, GPUError
+from turbocompile.modeling import example_inputs, random_dit
+from turbocompile.plugins.onnx_schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
+from turbocompile.zoo import get_model
+
+ACCEL = ("attention_to_sagesla", "linear_to_w8a8", "fuse_norms")
+SPEC = get_model("wan-tiny")
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+HAS_TRT = _has_tensorrt()
+NO_TRT = "TensorRT is not installed (it cannot be on the project's machines; see docs/tensorrt.md)"
+
+
+def _build(tmp: Path, name: str, backend: str, accel: bool) -> Path:
+    from turbocompile.build import BuildOptions, build
+
+    return build(BuildOptions(model="wan-tiny", out=tmp / name, backend=backend,
+                              skip_passes=[] if accel else list(ACCEL)))
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("lowered")
+    return {"plain": _build(tmp, "plain", "onnx", accel=False), "accel": _build(tmp, "accel", "onnx", accel=True)}
+
+
+@pytest.fixture(scope="module")
+def probe() -> tuple[torch.Tensor, ...]:
+    """Fresh random inputs (not the build's example inputs) and the eager model's output for them."""
+    x, t, ctx = example_inputs(SPEC, 160, 96, 17, seed=1234)
+    t = torch.tensor([517.0])
+    with torch.no_grad():
+        ref = random_dit(SPEC, seed=0)(x, t, ctx, return_dict=False)[0]
+    return x, t, ctx, ref
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ONNX
+# ------------------------------------------------------------------------------------------------------------------
+def test_onnx_plain_round_trip_matches_eager(builds, probe):
+    x, t, ctx, ref = probe
+    root = builds["plain"]
+    manifest = _manifest(root)
+    assert manifest["backend"] == "onnx" and manifest["backend_files"] == {"main": "experts/main/model.onnx"}
+    assert "experts/main/model.onnx" in manifest["files"]  # hashed like every artifact file
+    engine = open_engine(root, manifest, "cpu")
+    out = engine.expert("main")(x, t, ctx)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), float((out - ref).abs().max())
+    assert _rel(out, ref) < 1e-5
+
+
+def test_onnx_accelerated_round_trip_matches_pytorch(builds, probe):
+    from turbocompile.backends.bound import load_bound
+
+    x, t, ctx, ref = probe
+    root = builds["accel"]
+    manifest = _manifest(root)
+    out = open_engine(root, manifest, "cpu").expert("main")(x, t, ctx)
+    with torch.no_grad():
+        program = load_bound(root / "experts" / "main", manifest["expert_info"]["main"])(x, t, ctx)
+    assert torch.isfinite(out).all()
+    # Same graph in PyTorch and onnxruntime: only float summation order differs (which can flip an int8 rounding)
+    assert _rel(out, program) < 0.01
+    # Against eager: the drift the quantized passes introduce, no more (the pipeline's max drift is 0.05 per pass)
+    drift = _rel(program, ref)
+    assert drift < 0.1
+    assert _rel(out, ref) < drift + 0.01
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_onnx_graph_is_valid_and_has_turbocompile_nodes(builds):
+    import onnx
+
+    from turbocompile.backends.onnx_export import custom_nodes
+
+    register_schemas()
+    accel = onnx.load(str(builds["accel"] / "experts/main/model.onnx"))
+    onnx.checker.check_model(accel, full_check=True)  # full_check runs our schemas' shape inference too
+    nodes = custom_nodes(accel)
+    layers = SPEC.dit.num_layers
+    assert nodes.get("sage_sla") == layers and nodes.get("sage_attention") == layers
+    assert nodes.get("int8_block_linear") == 10 * layers  # q, k, v, o of both attentions and both FFN layers
+    assert nodes.get("rms_norm") == 4 * layers and nodes.get("layernorm_modulate") == 2 * layers
+    assert {(o.domain, o.version) for o in accel.opset_import} >= {(DOMAIN, OPSET_VERSION)}
+    # the runtime feeds only x, timestep, context: the weights are initializers
+    assert [i.name for i in accel.graph.input] == ["x", "timestep", "context"]
+    assert len(accel.graph.initializer) > 50
+    int8 = [t for t in accel.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 10 * layers
+    plain = onnx.load(str(builds["plain"] / "experts/main/model.onnx"))
+    onnx.checker.check_model(plain, full_check=True)
+    assert custom_nodes(plain) == {}
+
+
+def test_schemas_match_the_torch_ops():
+    import turbocompile.kernels as kernels
+
+    kernels.load_ops()
+    for spec in OP_SPECS.values():
+        schema = getattr(torch.ops.turbocompile, spec.name).default._schema
+        tensors = [a.name for a in schema.arguments if "Tensor" in str(a.type)]
+        scalars = [(a.name, "float" if str(a.type) == "float" else "int")
+                   for a in schema.arguments if "Tensor" not in str(a.type)]
+        assert tuple(tensors) == spec.input_names, spec.name
+        assert tuple(scalars) == spec.attrs, spec.name
+
+
+def test_every_custom_op_has_a_translation():
+    from turbocompile.backends.onnx_export import _translations
+
+    import turbocompile.kernels as kernels
+
+    kernels.load_ops()
+    table = _translations()
+    assert {op.name().split("::")[1] for op in table} == set(OP_SPECS)
+
+
+def _single_node_model(op: str, inputs: dict[str, torch.Tensor], attrs: dict, out_shape: list[int]):
+    import onnx
+    from onnx import TensorProto, helper
+
+    types = {torch.float32: TensorProto.FLOAT, torch.int8: TensorProto.INT8}
+    node = helper.make_node(op, list(inputs), ["y"], domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(n, types[v.dtype], list(v.shape))
+                                           for n, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, OPSET_VERSION)])
+    register_schemas()
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _op_case(op: str, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    from turbocompile.kernels import linear_w8a8
+
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    if op == "sage_attention":
+        return {"q": r(1, 2, 80, 64), "k": r(1, 2, 72, 64), "v": r(1, 2, 72, 64)}, {"blk_q": 32, "blk_k": 16}
+    if op in ("sage_sla", "sla"):
+        return ({"q": r(1, 2, 96, 64), "k": r(1, 2, 96, 64), "v": r(1, 2, 96, 64), "proj_weight": 0.1 * r(64, 64),
+                 "proj_bias": r(64)}, {"topk": 0.5, "blk_q": 32, "blk_k": 32})
+    if op == "int8_block_linear":
+        q = linear_w8a8.quantize_weight(r(200, 160), "int8-block")
+        return {"x": r(2, 70, 160), "w_q": q["w_q"], "w_scale": q["w_scale"], "bias": r(200)}, {}
+    if op == "layernorm_modulate":
+        return {"x": r(2, 30, 96), "shift": r(2, 1, 96), "scale": r(2, 1, 96)}, {"eps": 1e-6}
+    if op == "layer_norm_affine":
+        return {"x": r(2, 30, 96), "weight": r(96), "bias": r(96)}, {"eps": 1e-6}
+    return {"x": r(2, 30, 96), "weight": r(96)}, {"eps": 1e-6}
+
+
+@pytest.mark.parametrize("op", ["sage_attention", "sage_sla", "sla", "int8_block_linear", "layernorm_modulate",
+                                "layer_norm_affine", "rms_norm"])
+def test_python_op_in_onnxruntime_matches_torch_op(op):
+    import onnxruntime as ort
+
+    from turbocompile.backends.onnx_runtime import register_python_ops
+
+    inputs, attrs = _op_case(op, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = getattr(torch.ops.turbocompile, op)(*inputs.values(), *attrs.values())
+    model = _single_node_model(op, inputs, attrs, list(ref.shape))
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(register_python_ops())
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {n: v.numpy() for n, v in inputs.items()})
+    out = torch.from_numpy(out)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert torch.equal(out, ref)
+
+
+def test_onnx_external_data_round_trip(builds, probe, tmp_path, monkeypatch):
+    """Models over 2 GB keep their weights in one external file; forced here with a zero threshold."""
+    import onnx
+
+    from turbocompile.backends import onnx_export
+    from turbocompile.backends.onnx_runtime import OnnxExpert
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    root = builds["plain"]
+    manifest = _manifest(root)
+    files = onnx_export.export_expert(root / "experts/main", manifest["expert_info"]["main"], torch.float32,
+                                      out=tmp_path / "model.onnx")
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"]
+    assert files[0].stat().st_size < files[1].stat().st_size // 10  # the weights are in the data file
+    model = onnx.load(str(files[0]), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer if t.dims
+               and max(t.dims) > 64)
+    x, t, ctx, ref = probe
+    assert _rel(OnnxExpert(files[0])(x, t, ctx), ref) < 1e-5
+
+
+def test_onnx_engine_protocol_and_refusals(builds):
+    from turbocompile.backends.onnx_runtime import _check_runnable
+
+    root = builds["plain"]
+    manifest = _manifest(root)
+    engine = open_engine(root, manifest, "cpu")
+    assert engine.expert_names == ("main",)
+    assert (engine.width, engine.height, engine.frames) == (160, 96, 17)
+    assert engine.dtype == torch.float32 and engine.device == torch.device("cpu") and engine.spec.id == "wan-tiny"
+    engine.prefetch("main")
+    engine.release("main")
+    with pytest.raises(BackendUnavailableError, match="onnxruntime on the CPU"):
+        open_engine(root, manifest, "cuda")
+    with pytest.raises(BackendUnavailableError, match="not a lowered backend"):
+        open_engine(root, {**manifest, "backend": "torch"})
+    bf16 = _single_node_model("rms_norm", {"x": torch.zeros(1, 2, 8), "weight": torch.zeros(8)}, {"eps": 1e-6},
+                              [1, 2, 8])
+    bf16.graph.input[0].type.tensor_type.elem_type = 16  # BFLOAT16
+    path = root.parent / "bf16.onnx"
+    import onnx
+
+    onnx.save(bf16, str(path))
+    with pytest.raises(BackendUnavailableError, match="bfloat16") as info:
+        _check_runnable(path)
+    assert "\n" not in str(info.value)
+
+
+def test_onnx_missing_model_file_is_an_artifact_error(builds, tmp_path):
+    manifest = _manifest(builds["plain"])
+    with pytest.raises(ArtifactError, match="rebuild the artifact with --backend onnx"):
+        open_engine(tmp_path, manifest, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# AOTInductor
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_aoti_round_trip_matches_pytorch(tmp_path, probe):
+    """Compiles wan-tiny with all passes into an AOTInductor package (about 45-60 s on 2 CPU cores)."""
+    from turbocompile.backends.bound import load_bound
+
+    try:
+        check_backend("aoti", "cpu")
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    root = _build(tmp_path, "aoti", "aoti", accel=True)
+    manifest = _manifest(root)
+    assert manifest["backend_files"] == {"main": "experts/main/aoti.pt2"}
+    x, t, ctx, ref = probe
+    engine = open_engine(root, manifest)
+    out = engine.expert("main")(x, t, ctx)
+    with torch.no_grad():
+        program = load_bound(root / "experts" / "main", manifest["expert_info"]["main"])(x, t, ctx)
+    assert torch.isfinite(out).all()
+    assert _rel(out, program) < 0.01
+    assert _rel(out, ref) < _rel(program, ref) + 0.01
+
+
+def test_aoti_refuses_torch_211_on_cuda(monkeypatch):
+    from turbocompile.backends import aoti
+
+    monkeypatch.setattr(aoti, "_torch_version", lambda: "2.11.0+cu130")
+    with pytest.raises(BackendUnavailableError, match=r"torch 2\.11\.0\+cu130 on cuda") as info:
+        aoti.check_aoti("cuda")
+    assert "\n" not in str(info.value) and "--backend torch" in str(info.value)
+    with pytest.raises(BackendUnavailableError, match="torch 2.11.0"):
+        check_backend("aoti", "sm_90")
+    aoti.check_aoti("cpu")  # the CPU path works on 2.11
+
+
+def test_aoti_refuses_package_of_another_torch_or_device(builds):
+    manifest = {**_manifest(builds["plain"]), "backend": "aoti"}
+    with pytest.raises(ArtifactError, match="compiled with torch 2.0.0"):
+        open_engine(builds["plain"], {**manifest, "versions": {"torch": "2.0.0"}})
+    with pytest.raises(BackendUnavailableError, match="runs only there"):
+        open_engine(builds["plain"], manifest, "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(GPUError, match="sm_90"):
+            open_engine(builds["plain"], {**manifest, "target": "sm_90"})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TensorRT
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: the refusal path does not apply")
+def test_tensorrt_backend_refuses_in_one_line(tmp_path):
+    with pytest.raises(BackendUnavailableError) as info:
+        check_backend("tensorrt")
+    msg = str(info.value)
+    assert "\n" not in msg and "TensorRT >= 10.9" in msg and "import tensorrt" in msg and "--backend torch" in msg
+    from turbocompile.build import BuildOptions, build
+
+    with pytest.raises(BackendUnavailableError, match="TensorRT >= 10.9"):
+        build(BuildOptions(model="wan-tiny", out=tmp_path / "trt", backend="tensorrt"))
+    assert not (tmp_path / "trt").exists()  # refused before building anything
+    with pytest.raises(BackendUnavailableError, match="TensorRT >= 10.9"):
+        open_engine(tmp_path, {"backend": "tensorrt", "target": "sm_90"})
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
+        check_backend("tvm")
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        lower("tvm", tmp_path, {})
+
+
+def test_prepare_for_tensorrt_marks_plugins(builds):
+    import onnx
+
+    from turbocompile.backends.tensorrt_build import prepare_for_tensorrt
+    from turbocompile.plugins.tensorrt_plugins import AOT_OPS, JIT_OPS
+
+    assert AOT_OPS | JIT_OPS == set(OP_SPECS) and not AOT_OPS & JIT_OPS
+    model = prepare_for_tensorrt(onnx.load(str(builds["accel"] / "experts/main/model.onnx")), AOT_OPS)
+    register_schemas()
+    onnx.checker.check_model(model, full_check=True)  # the attributes are declared in the schemas
+    ours = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert ours
+    for node in ours:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == DOMAIN.encode()
+        assert attrs["aot"] == (1 if node.op_type in AOT_OPS else 0)
+
+
+def test_plugin_type_combinations():
+    from turbocompile.plugins.tensorrt_plugins import type_combinations
+
+    lin = type_combinations(OP_SPECS["int8_block_linear"])
+    assert "BF16, INT8, FP32, BF16, BF16" in lin and "BF16, INT8, FP32, FP32, BF16" in lin
+    assert all(len(c.split(", ")) == 5 for c in lin)
+    assert type_combinations(OP_SPECS["fp8_row_linear"])[0] == "FP32, FP8, FP32, FP32, FP32"
+    assert "BF16, FP32, FP32, BF16" in type_combinations(OP_SPECS["layernorm_modulate"])
+    assert len(set(lin)) == len(lin)
+
+
+_INTERPRET_CHILD = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from turbocompile.kernels.norms import layer_norm_affine_ref, layernorm_modulate_ref, rms_norm_ref
+    from turbocompile.plugins.tensorrt_plugins import norm_adapter, norm_launch
+    g = torch.Generator().manual_seed(3)
+    B, L, D = 2, 37, 96
+    x = torch.randn(B, L, D, generator=g)
+    shift, scale = torch.randn(B, 1, D, generator=g), torch.randn(B, 1, D, generator=g)
+    w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    rows, block_d, _ = norm_launch(D)
+    grid = ((B * L + rows - 1) // rows,)
+    cases = [("layernorm_modulate", (x, shift, scale), (B * L, L, D, D, 0, D, 0),
+              layernorm_modulate_ref(x, shift, scale, 1e-6)),
+             ("layer_norm_affine", (x, w, b), (B * L, L, D, 0, 0, 0, 0), layer_norm_affine_ref(x, w, b, 1e-6)),
+             ("rms_norm", (x, w), (B * L, L, D, 0, 0), rms_norm_ref(x, w, 1e-6))]
+    for op, tensors, ints, ref in cases:
+        kernel, flags = norm_adapter(op)
+        out = torch.full_like(x, float("nan"))
+        kernel[grid](*tensors, *ints, out, EPS=1e-6, ROWS=rows, BLOCK_D=block_d, **flags)
+        err = (out - ref).abs().max().item()
+        assert torch.isfinite(out).all(), op
+        assert err < 1e-5, (op, err)
+        print(op, err)
+""")
+
+
+def test_aot_norm_kernels_compute_the_reference():
+    """The AOT kernels' argument order (inputs, int scalars, output) and strides, run by Triton's interpreter."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_CHILD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n") == 3
+
+
+@pytest.mark.parametrize("op,params,n_ints", [("layernorm_modulate", ("FP32", "FP32"), 7),
+                                              ("rms_norm", ("BF16",), 5)])
+def test_aot_norm_kernels_compile_to_sm90a_ptx(op, params, n_ints):
+    """What ``@trtp.aot_impl`` hands TensorRT, compiled here without a GPU."""
+    import re
+
+    pytest.importorskip("triton")
+    from turbocompile.plugins.tensorrt_plugins import compile_norm
+
+    kernel = compile_norm(op, "BF16", params, 5120, 1e-6, (9, 0))
+    ptx = kernel.asm["ptx"]
+    assert re.search(r"\.target sm_90a", ptx)
+    start = ptx.index(f".entry {kernel.metadata.name}(")
+    n_params = ptx.count(".param", start, ptx.index(")", start))
+    # x + params, the int32 scalars, the output, then Triton's two hidden scratch pointers (see docs/tensorrt.md)
+    assert n_params == 1 + len(params) + n_ints + 1 + 2
+    assert kernel.metadata.num_warps * 32 <= 1024
+
+
+@pytest.mark.skipif(not HAS_TRT, reason=NO_TRT)
+def test_tensorrt_plugins_register():
+    from turbocompile.backends.tensorrt_build import check_tensorrt
+    from turbocompile.plugins.tensorrt_plugins import register_plugins
+
+    check_tensorrt()
+    ids = register_plugins()
+    assert ids == register_plugins() and len(ids) == len(OP_SPECS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason=NO_TRT)
+def test_tensorrt_round_trip_matches_pytorch(tmp_path):
+    from turbocompile.build import BuildOptions, build
+    from turbocompile.targets import local_target
+
+    root = build(BuildOptions(model="wan-tiny", out=tmp_path / "trt", backend="tensorrt", gpu=local_target().name))
+    manifest = _manifest(root)
+    x, t, ctx = (v.cuda() for v in example_inputs(SPEC, 160, 96, 17, seed=99, dtype=torch.bfloat16))
+    out = open_engine(root, manifest).expert("main")(x, t, ctx).float()
+    with torch.no_grad():
+        ref = random_dit(SPEC, seed=0, dtype=torch.bfloat16, device="cuda")(x, t, ctx, return_dict=False)[0].float()
+    assert torch.isfinite(out).all() and _rel(out, ref) < 0.1
