@@ -316,6 +316,14 @@ def test_missing_path(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_missing_shard_is_named(tiny, tmp_path):
+    write_official(tiny, tmp_path, fmt="sharded")
+    (tmp_path / "diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"lists 1 shard\(s\) that are not in .*: "
+                                              r"diffusion_pytorch_model-00002-of-00003.safetensors; re-download"):
+        load_checkpoint(tmp_path, progress=False)
+
+
 def test_truncated_safetensors(tiny, tmp_path):
     f = write_official(tiny, tmp_path) / "diffusion_pytorch_model.safetensors"
     data = f.read_bytes()
