@@ -123,12 +123,12 @@ def _write_expert(src: ExpertSource, spec: ModelSpec, expert: str, out: Path, to
     names = {k: rename(k) for k in plan.model_keys}
     write_safetensors_shards(out, names, {k: size(k) for k in plan.model_keys}, fetch, max_shard_bytes, advance)
     if plan.int8:
-        log.warning("%s: %d int8 Linears dequantized (q * scale): a %s checkpoint has no int8 slot", expert,
+        log.warning("%s: %d int8 Linears dequantized (q * scale): the %s layout has no int8 slot", expert,
                     len(plan.int8), to)
     if plan.proj_l:
         save_file({k: _own_storage(src.get(k)) for k in plan.proj_l}, str(out / EXTRAS_FILE),
                   metadata={"format": "pt"})
-        log.info("%s: %d SLA proj_l tensors written to %s", expert, len(plan.proj_l), out / EXTRAS_FILE)
+        log.info("%s: %d SLA proj_l tensors written to %s/%s", expert, len(plan.proj_l), out.name, EXTRAS_FILE)
     if to == "diffusers":
         build_dit(spec.dit, device="meta").save_config(str(out))
     else:
