@@ -441,3 +441,40 @@ def test_tensorrt_round_trip_matches_pytorch(tmp_path):
     with torch.no_grad():
         ref = random_dit(SPEC, seed=0, dtype=torch.bfloat16, device="cuda")(x, t, ctx, return_dict=False)[0].float()
     assert torch.isfinite(out).all() and _rel(out, ref) < 0.1
+
+
+def test_linear_without_bias_exports_with_zero_bias(tmp_path):
+    """The ONNX linear nodes always take a bias; a Linear without one gets zeros of its output width."""
+    import onnx
+    import onnxruntime as ort
+
+    from turbocompile.backends.onnx_export import _translations, custom_nodes
+    from turbocompile.backends.onnx_runtime import register_python_ops
+    from turbocompile.kernels import linear_w8a8
+
+    gen = torch.Generator().manual_seed(5)
+    q = linear_w8a8.quantize_weight(torch.randn(192, 128, generator=gen), "int8-block")
+
+    class NoBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w_q", q["w_q"])
+            self.register_buffer("w_scale", q["w_scale"])
+
+        def forward(self, x):
+            return torch.ops.turbocompile.int8_block_linear(x, self.w_q, self.w_scale, None)
+
+    x = torch.randn(1, 40, 128, generator=gen)
+    register_schemas()
+    prog = torch.onnx.export(NoBias().eval(), (x,), dynamo=True, custom_translation_table=_translations(),
+                             input_names=["x"], verbose=False)
+    prog.save(str(tmp_path / "nobias.onnx"))
+    model = onnx.load(str(tmp_path / "nobias.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert custom_nodes(model) == {"int8_block_linear": 1}
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(register_python_ops())
+    sess = ort.InferenceSession(str(tmp_path / "nobias.onnx"), opts, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {"x": x.numpy()})
+    ref = torch.ops.turbocompile.int8_block_linear(x, q["w_q"], q["w_scale"], None)
+    assert out.shape == (1, 40, 192) and torch.equal(torch.from_numpy(out), ref)
