@@ -77,9 +77,10 @@ def trt_logger(trt: Any) -> Any:
             trt.ILogger.__init__(self)
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+            sev = trt.ILogger.Severity
+            if severity in (sev.INTERNAL_ERROR, sev.ERROR):
                 log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.WARNING:
+            elif severity == sev.WARNING:
                 log.warning("TensorRT: %s", msg)
             else:
                 log.debug("TensorRT: %s", msg)
