@@ -441,20 +441,25 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
     return None
 
 
-def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int) -> dict:
+def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
+                         k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
-    in PyTorch). Q/K/Vᵀ come out padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks.
+    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks.
     """
     b, h, lq, d = q.shape
     lk = k.shape[2]
     dev = q.device
     lq_pad, lk_pad = -(-lq // _PAD) * _PAD, -(-lk // _PAD) * _PAD
     nq, nk = -(-lq // blk_q), -(-lk // blk_k)
-    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # [B, H, D]
-    vmin, vmax = torch.aminmax(v, dim=2)
-    v_scale = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(_SCALE_FLOOR) / FP8_MAX).contiguous()
+    if k_mean is None:
+        k_mean = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
+    k_mean = k_mean.contiguous()
+    if v_amax is None:
+        vmin, vmax = torch.aminmax(v, dim=2)
+        v_amax = torch.maximum(vmax.float(), -vmin.float())
+    v_scale = (v_amax.float().clamp_min(_SCALE_FLOOR) / FP8_MAX).contiguous()
     out = {
         "q": torch.empty((b, h, lq_pad, d), dtype=torch.int8, device=dev),
         "q_scale": torch.empty((b, h, nq), dtype=torch.float32, device=dev),

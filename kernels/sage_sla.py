@@ -58,10 +58,10 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     lut: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
-    quant = sage_quantize_triton(q, k, v, blk_q, blk_k)
+    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments)
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
-    lin = linear_branch_stats(k, v, proj_weight, proj_bias)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
 
@@ -253,11 +253,14 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     record(shape, f"sla bf16 top{topk} (all stages)", bench(fn), dense_flops, e, extra)
             # stage breakdown of sage_sla at topk 0.1 and FlexAttention block-sparse baseline
             topk = 0.1
-            quant = sage_quantize_triton(q, k, v, *blk_sla)
+            lin, moments = linear_branch_stats(k, v, w, bias)
+            quant = sage_quantize_triton(q, k, v, *blk_sla, **moments)
             lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
-            lin = linear_branch_stats(k, v, w, bias)
-            record(shape, "  stage: quantize+pool", bench(lambda: sage_quantize_triton(q, k, v, *blk_sla)), dense_flops)
-            record(shape, "  (of which K mean + V amax, torch)",
+            record(shape, "  stage: linear stats + K mean, V amax", bench(lambda: linear_branch_stats(k, v, w, bias)),
+                   dense_flops)
+            record(shape, "  stage: quantize+pool Q, K, V",
+                   bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments)), dense_flops)
+            record(shape, "  (alt: K mean + V amax in torch)",
                    bench(lambda: (k.mean(dim=2, dtype=torch.float32), torch.aminmax(v, dim=2))), dense_flops)
             record(shape, "  stage: top-k LUT", bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)),
                    dense_flops)
@@ -268,7 +271,6 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                 return torch.sort(torch.argsort(sc, dim=-1, descending=True)[..., :t_kept], dim=-1).values.int()
 
             record(shape, "  stage: top-k LUT via argsort", bench(lut_argsort), dense_flops)
-            record(shape, "  stage: linear stats", bench(lambda: linear_branch_stats(k, v, w, bias)), dense_flops)
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
             if args.sweep:

@@ -45,9 +45,11 @@ if HAS_TRITON:
     from .sage_attention import _dot16
 
     @triton.jit
-    def _linear_stats_kernel(K, V, KV, Z, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                             H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, EMULATE: tl.constexpr):
-        """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D)."""
+    def _linear_stats_kernel(K, V, KV, Z, KSUM, VMAX, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+                             stride_vl, H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
+                             EMULATE: tl.constexpr):
+        """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D), and
+        while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -55,6 +57,8 @@ if HAS_TRITON:
         cols = tl.arange(0, HEAD_DIM)
         kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
         z = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
         lo = pid * CHUNK
         hi = tl.minimum(lo + CHUNK, L)
         for start in range(lo, hi, BLOCK_L):
@@ -67,10 +71,14 @@ if HAS_TRITON:
             e = tl.math.exp2((k - tl.max(k, 1)[:, None]) * 1.4426950408889634)
             phi = tl.where(ok[:, None], e / tl.sum(e, 1)[:, None], 0.0)
             z += tl.sum(phi, 0)
+            ksum += tl.sum(k, 0)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
             kv += _dot16(tl.trans(phi.to(v.dtype)), v, EMULATE)
         tl.store(KV + (pid * tl.num_programs(1) + bh) * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
                  kv)
         tl.store(Z + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, z)
+        tl.store(KSUM + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, ksum)
+        tl.store(VMAX + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, vmax)
 
 
 def check_proj(q: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> None:
@@ -94,19 +102,21 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
-                        proj_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the fused epilogue needs: ``M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32."""
+                        proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
+    """One Triton pass over K and V. Returns what the fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16,
+    ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
     n_chunks = max(1, min(-(-lk // 256), -(-8 * sms // (b * h))))
     chunk = -(-lk // n_chunks)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
-    z = torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device)
+    z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
-        k, v, kv, z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk, chunk,
-        HEAD_DIM=d, BLOCK_L=64, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
+        k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
+        chunk, HEAD_DIM=d, BLOCK_L=64, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
     m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
-    return m, z.sum(0).contiguous(), proj_bias.float().contiguous()
+    moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
+    return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
 
 
 def sparse_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
@@ -146,7 +156,7 @@ def sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: t
     """SLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)."""
     if lut is None:
         lut = sla_block_map(q, k, topk, blk_q, blk_k)
-    lin = linear_branch_stats(k, v, proj_weight, proj_bias)
+    lin, _ = linear_branch_stats(k, v, proj_weight, proj_bias)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=False, linear=lin, config=config, out=out)
 
 
