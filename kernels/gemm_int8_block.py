@@ -54,28 +54,34 @@ class GemmConfig:
     #: 2 = same, the integer add done by the tensor core (accumulator starts at the magic bits);
     #: 3 = like 2 but the magic offset is subtracted once at the end (one FFMA per element; not bit-faithful:
     #:     relative error ~1e-3 of the output from the cancellation, far under the 8-bit quantization error).
-    rescale: int = 1
+    rescale: int = 0
+    #: persistent grid (one program per SM walking the tiles) with TMA tensor-descriptor loads
+    tma: bool = False
+    #: with ``tma``: flatten the tile and K loops so the pipeline prefetches the next tile during the epilogue
+    flatten: bool = True
 
     def launch_kwargs(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
-                    RESCALE=self.rescale, num_warps=self.num_warps, num_stages=self.num_stages)
+        kw = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                  RESCALE=self.rescale, num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.tma:
+            kw["FLATTEN"] = self.flatten
+        return kw
 
 
 #: Named configurations tried by the benchmark; ``DEFAULT_CONFIG`` is the measured winner (docs/kernels-linear.md).
 CONFIGS: dict[str, GemmConfig] = {
-    "128x128_w8_s4": GemmConfig(),
-    "128x128_w8_s3": GemmConfig(num_stages=3),
     "128x128_w8_s4_cvt": GemmConfig(rescale=0),
-    "128x128_w8_s4_r2": GemmConfig(rescale=2),
+    "128x128_w8_s4_magic": GemmConfig(rescale=1),
     "128x128_w8_s4_r3": GemmConfig(rescale=3),
-    "64x128_w4_s4_r2": GemmConfig(block_m=64, num_warps=4, rescale=2),
-    "128x256_w8_s3": GemmConfig(block_n=256, num_stages=3),
-    "128x128_w4_s4": GemmConfig(num_warps=4),
-    "64x128_w4_s4": GemmConfig(block_m=64, num_warps=4),
     "128x64_w4_s4": GemmConfig(block_n=64, num_warps=4),
+    "tma_128x128_w8_s4": GemmConfig(tma=True),
+    "tma_128x128_w8_s3": GemmConfig(tma=True, num_stages=3),
+    "tma_128x128_w8_s4_noflat": GemmConfig(tma=True, flatten=False),
+    "tma_128x128_w8_s4_r3": GemmConfig(tma=True, rescale=3),
+    "128x256_w8_s3": GemmConfig(block_n=256, num_stages=3),
     "256x128_w8_s3": GemmConfig(block_m=256, num_stages=3),
 }
-DEFAULT_CONFIG = "128x128_w8_s4"
+DEFAULT_CONFIG = "128x128_w8_s4_cvt"
 #: The last compiled kernel launched (the benchmark reads its PTX/SASS facts from it).
 LAST_COMPILED = None
 
@@ -178,6 +184,99 @@ if triton is not None:
         tl.store(c_ptrs, round_bits(acc, OUT_ROUND).to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _gemm_scaled_tma_kernel(
+        a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+        M, N, K, stride_cm,
+        stride_sam, stride_sak, stride_sbn, stride_sbk,
+        HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, ROW_SCALED: tl.constexpr, NUM_SMS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr,
+    ):
+        """Persistent TMA variant: ``ROW_SCALED`` = one scale per row of A and of B applied in the epilogue
+        (int8-row / fp8-row), else the block scheme of ``_gemm_block_scaled_kernel``. TMA zero-fills the edges."""
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
+            pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_a = (offs_m % M).to(tl.int64)
+            rows_b = (offs_n % N).to(tl.int64)
+            if ROW_SCALED:
+                if a_desc.dtype == tl.int8:
+                    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                else:
+                    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for kt in range(k_tiles):
+                    a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+                    b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+                    acc_i = tl.dot(a, b.T, acc_i, out_dtype=acc_i.dtype)
+                acc = acc_i.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sb_ptr + rows_b)[None, :]
+            else:
+                if A_PER_ROW:
+                    sa_ptrs = sa_ptr + rows_a * stride_sam
+                else:
+                    sa_ptrs = sa_ptr + (pid_m * BLOCK_M // 128) * stride_sam
+                sb_ptrs = sb_ptr + (pid_n * BLOCK_N // 128) * stride_sbn
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                corr = 0.0
+                for kt in range(k_tiles):
+                    a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+                    b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+                    sa = tl.load(sa_ptrs + kt * stride_sak)
+                    sb = tl.load(sb_ptrs + kt * stride_sbk)
+                    if a.dtype == tl.int8:
+                        df = int_block_to_f32(a, b.T, BLOCK_M, BLOCK_N, RESCALE)
+                    else:
+                        df = tl.dot(a, b.T)
+                    if A_PER_ROW:
+                        acc += df * (sa * sb)[:, None]
+                    else:
+                        acc += df * (sa * sb)
+                    if RESCALE == 3:
+                        corr += sa * sb
+                if RESCALE == 3:
+                    acc -= 12582912.0 * corr
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, round_bits(acc, OUT_ROUND).to(c_ptr.dtype.element_ty),
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
+               w_scale: torch.Tensor, bias: torch.Tensor | None, strides: tuple[int, int, int, int],
+               cfg: GemmConfig, a_per_row: bool, row_scaled: bool):
+    """Launch the persistent TMA kernel (one program per SM); returns the compiled kernel."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dev = a_q.device.index or 0
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    a_desc = TensorDescriptor.from_tensor(a_q, [cfg.block_m, cfg.block_k])
+    b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    grid = (min(_NUM_SMS[dev], tiles),)
+    return _gemm_scaled_tma_kernel[grid](
+        a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else out, m, n, k, out.stride(0),
+        *strides, HAS_BIAS=bias is not None, A_PER_ROW=a_per_row, ROW_SCALED=row_scaled, NUM_SMS=_NUM_SMS[dev],
+        OUT_ROUND=interp_round_bits(out.dtype), **cfg.launch_kwargs())
+
+
+def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides (K % 16 == 0 for 8-bit operands) and a CUDA device."""
+    return (a_q.is_cuda and a_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0
+            and a_q.stride(0) % 16 == 0 and w_q.stride(0) % 16 == 0)
+
+
 def _config(config: GemmConfig | str | None) -> GemmConfig:
     if config is None:
         return CONFIGS[DEFAULT_CONFIG]
@@ -204,6 +303,8 @@ def gemm_block_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tenso
                                     f"B {tuple(w_q.shape)} {w_q.dtype}; quantize both with the same scheme")
     if cfg.rescale == 3 and (a_per_row or cfg.block_m > BLOCK or cfg.block_n > BLOCK):
         raise UnsupportedShapeError("rescale mode 3 needs one scale per tile: 128x128 tiles or smaller, 128x128 A")
+    if cfg.tma and (cfg.block_m > BLOCK or cfg.block_n > BLOCK):
+        raise UnsupportedShapeError(f"the TMA block-scaled kernel takes tiles up to 128 x 128, got {cfg}")
     if cfg.block_k != BLOCK or BLOCK % min(cfg.block_m, BLOCK) or BLOCK % min(cfg.block_n, BLOCK):
         raise UnsupportedShapeError(f"block-scaled GEMM tiles must be 128 deep and nest with 128 blocks, got {cfg}")
     kb = math.ceil(k / BLOCK)
@@ -218,8 +319,15 @@ def gemm_block_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tenso
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     global LAST_COMPILED
+    if cfg.tma and tma_ok(a_q, w_q):
+        LAST_COMPILED = launch_tma(a_q, w_q, out, a_scale, w_scale, bias,
+                                   (stride_sam, stride_sak, w_scale.stride(0), w_scale.stride(1)), cfg,
+                                   a_per_row=a_per_row, row_scaled=False)
+        return out
+    if cfg.tma:
+        cfg = CONFIGS[DEFAULT_CONFIG]
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     LAST_COMPILED = _gemm_block_scaled_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),

@@ -20,7 +20,7 @@ import math
 import torch
 
 from turbocompile.errors import UnsupportedShapeError
-from turbocompile.kernels.gemm_int8_block import BLOCK, GemmConfig
+from turbocompile.kernels.gemm_int8_block import BLOCK, GemmConfig, launch_tma, tma_ok
 from turbocompile.kernels.quantize_activations import interp_round_bits
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ except ImportError:  # pragma: no cover
 #: Named configurations tried by the benchmark; the first is the default (docs/kernels-linear.md).
 ROW_CONFIGS: dict[str, GemmConfig] = {
     "128x256_w8_s3": GemmConfig(block_n=256, num_stages=3),
-    "128x128_w8_s4": GemmConfig(),
-    "128x256_k64_w8_s4": GemmConfig(block_n=256, block_k=64, num_stages=4),
+    "128x256_w8_s4": GemmConfig(block_n=256, num_stages=4),
+    "tma_128x256_w8_s3": GemmConfig(block_n=256, num_stages=3, tma=True),
+    "tma_128x256_w8_s3_noflat": GemmConfig(block_n=256, num_stages=3, tma=True, flatten=False),
+    "tma_128x128_w8_s4_noflat": GemmConfig(num_stages=4, tma=True, flatten=False),
 }
 DEFAULT_ROW_CONFIG = "128x256_w8_s3"
 LAST_COMPILED = None
@@ -108,8 +110,14 @@ def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     global LAST_COMPILED
+    if cfg.tma and tma_ok(a_q, w_q):
+        LAST_COMPILED = launch_tma(a_q, w_q, out, a_scale, w_scale, bias, (0, 0, 0, 0), cfg,
+                                   a_per_row=False, row_scaled=True)
+        return out
+    if cfg.tma:
+        cfg = ROW_CONFIGS[DEFAULT_ROW_CONFIG]
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     LAST_COMPILED = _gemm_rowscale_kernel[grid](
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
@@ -161,5 +169,6 @@ def fp8_block_scaled_mm(a_q: torch.Tensor, a_scale_kmajor: torch.Tensor, w_q: to
 
 
 def fp8_block_cublas_ok(m: int, n: int, k: int) -> bool:
-    """F.scaled_mm blockwise needs whole 128 blocks along K and N."""
-    return cublas_ok(m, n, k) and k % BLOCK == 0 and n % BLOCK == 0
+    """F.scaled_mm blockwise needs whole 128 blocks along K and N; cuBLASLt (torch 2.11, H200) refused M=4173
+    (CUBLAS_STATUS_NOT_SUPPORTED) and ran M=32760, so M must be a multiple of 8 as well."""
+    return cublas_ok(m, n, k) and k % BLOCK == 0 and n % BLOCK == 0 and m % 8 == 0

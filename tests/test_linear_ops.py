@@ -214,7 +214,7 @@ def _interpret_checks() -> dict:
         qx, sx = qa.quant_int8_block(x)
         d = L.quantize_weight(w, "int8-block")
         base = gemm_block_scaled(qx, sx, d["w_q"], d["w_scale"], b, torch.float32)
-        for name in ("128x128_w8_s4_cvt", "128x128_w8_s4_r3", "128x256_w8_s3", "64x128_w4_s4", "256x128_w8_s3"):
+        for name in ("128x128_w8_s4_magic", "128x128_w8_s4_r3", "128x256_w8_s3", "128x64_w4_s4", "256x128_w8_s3"):
             assert name in CONFIGS
             alt = gemm_block_scaled(qx, sx, d["w_q"], d["w_scale"], b, torch.float32, config=name)
             report[f"config/{name}/{m}"] = _rel(alt, base)
