@@ -254,6 +254,18 @@ def test_onnx_engine_protocol_and_refusals(builds):
     assert "\n" not in str(info.value)
 
 
+def test_onnx_refuses_other_shapes_in_one_line(builds):
+    from turbocompile.errors import UnsupportedShapeError
+
+    root = builds["plain"]
+    expert = open_engine(root, _manifest(root), "cpu").expert("main")
+    x, t, ctx = example_inputs(SPEC, 160, 96, 9, seed=2)  # 3 latent frames, built for 5
+    with pytest.raises(UnsupportedShapeError, match=r"exported for x of shape \[1, 16, 5, 12, 20\], got "
+                                                    r"\[1, 16, 3, 12, 20\]") as info:
+        expert(x, t, ctx)
+    assert "\n" not in str(info.value)
+
+
 def test_onnx_missing_model_file_is_an_artifact_error(builds, tmp_path):
     manifest = _manifest(builds["plain"])
     with pytest.raises(ArtifactError, match="rebuild the artifact with --backend onnx"):
@@ -478,3 +490,22 @@ def test_linear_without_bias_exports_with_zero_bias(tmp_path):
     (out,) = sess.run(None, {"x": x.numpy()})
     ref = torch.ops.turbocompile.int8_block_linear(x, q["w_q"], q["w_scale"], None)
     assert out.shape == (1, 40, 192) and torch.equal(torch.from_numpy(out), ref)
+
+
+def test_onnx_two_expert_model_round_trips(tmp_path):
+    """wan-tiny-i2v: both experts are lowered, listed, hashed and each matches its own eager model."""
+    from turbocompile.build import BuildOptions, build
+
+    spec = get_model("wan-tiny-i2v")
+    root = build(BuildOptions(model=spec.id, out=tmp_path / "i2v", backend="onnx", skip_passes=list(ACCEL)))
+    manifest = _manifest(root)
+    assert manifest["backend_files"] == {"high_noise": "experts/high_noise/model.onnx",
+                                         "low_noise": "experts/low_noise/model.onnx"}
+    assert all(f in manifest["files"] for f in manifest["backend_files"].values())
+    engine = open_engine(root, manifest, "cpu")
+    assert engine.expert_names == ("high_noise", "low_noise")
+    x, t, ctx = example_inputs(spec, 160, 96, 17, seed=11)
+    for i, name in enumerate(engine.expert_names):  # the build seeds expert i with seed + i
+        with torch.no_grad():
+            ref = random_dit(spec, seed=i)(x, t, ctx, return_dict=False)[0]
+        assert _rel(engine.expert(name)(x, t, ctx), ref) < 1e-5, name

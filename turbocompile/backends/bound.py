@@ -23,9 +23,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class BoundProgram(torch.nn.Module):
     """``(x, timestep, context) -> velocity`` over an exported program whose leading inputs are the weights."""
 
-    def __init__(self, program: torch.nn.Module, names: list[str], weights: dict[str, torch.Tensor]):
+    def __init__(self, program: torch.nn.Module, names: list[str], weights: dict[str, torch.Tensor],
+                 dynamic_frames: bool = False):
         super().__init__()
         self.program = program
+        self.dynamic_frames = dynamic_frames  # the program's latent frame count is symbolic
         self._names = list(names)
         for n in self._names:
             self.register_buffer(n, weights[n])
@@ -48,7 +50,9 @@ def load_bound(folder: Path, info: dict[str, Any]) -> BoundProgram:
     if missing:
         raise ArtifactError(f"{folder / 'weights.safetensors'} lacks {len(missing)} weights (e.g. {missing[0]}); "
                             "rebuild the artifact")
-    return BoundProgram(ep.module(), info["weight_order"], weights)
+    x_val = [n for n in ep.graph.nodes if n.op == "placeholder"][-3].meta.get("val")
+    dynamic = x_val is not None and x_val.ndim == 5 and not isinstance(x_val.shape[2], int)
+    return BoundProgram(ep.module(), info["weight_order"], weights, dynamic)
 
 
 def example_inputs(info: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -62,14 +66,17 @@ def example_inputs(info: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> t
 def export_bound(folder: Path, info: dict[str, Any], dtype: torch.dtype, dynamic_frames: bool = False,
                  device: torch.device | str = "cpu") -> torch.export.ExportedProgram:
     """Re-export the expert with its weights as buffers; shapes are the build's, with the latent frame count
-    symbolic when the artifact was built with ``dynamic_frames``."""
+    symbolic when the artifact was built with ``dynamic_frames`` and its program kept that dimension symbolic."""
     import turbocompile.kernels as kernels
 
     kernels.load_ops()
     module = load_bound(folder, info).to(device)
     inputs = tuple(t.to(device) for t in example_inputs(info, dtype))
     dynamic_shapes = None
-    if dynamic_frames:
+    if dynamic_frames and not module.dynamic_frames:
+        log.warning("%s: built with dynamic frames, but its program has a static frame count; lowering it with "
+                    "static shapes", folder)
+    elif dynamic_frames:
         dynamic_shapes = {"x": {2: torch.export.Dim("latent_frames", min=1, max=64)}, "timestep": None,
                           "context": None}
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from turbocompile.errors import ArtifactError, BackendUnavailableError
+from turbocompile.errors import ArtifactError, BackendUnavailableError, UnsupportedShapeError
 from turbocompile.plugins.onnx_schemas import DOMAIN, OP_SPECS, OpSpec
 
 from .engine import LoweredEngine, open_experts
@@ -111,8 +111,17 @@ class OnnxExpert:
         self.path = model_path
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_shapes = [list(i.shape) for i in self.session.get_inputs()]  # ints, or names for dynamic dims
+
+    def _check_shapes(self, feeds: tuple[torch.Tensor, ...]) -> None:
+        for name, want, v in zip(self.input_names, self.input_shapes, feeds):
+            got = list(v.shape)
+            if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+                raise UnsupportedShapeError(f"{self.path} was exported for {name} of shape {want}, got {got}; "
+                                            "rebuild the artifact for this resolution / frame count")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self._check_shapes((x, t, context))
         feeds = {name: v.detach().to("cpu", torch.float32).contiguous().numpy()
                  for name, v in zip(self.input_names, (x, t, context))}
         (out,) = self.session.run(None, feeds)
