@@ -71,7 +71,8 @@ def norm_launch(d: int) -> tuple[int, int, int]:
         raise ValueError(f"fused norms hold a row in registers: D={d} > {norms.MAX_D}")
     block_d = 1 << (d - 1).bit_length()
     rows = norms.ROWS_PER_PROGRAM or max(1, min(16, 16384 // block_d))
-    return rows, block_d, norms.NUM_WARPS
+    warps = norms.NUM_WARPS or (2 if block_d <= 2048 else 4)  # kernels/norms.py: 0 means "by D"
+    return rows, block_d, warps
 
 
 try:  # the AOT kernels: Triton kernels with the AOT argument order (inputs, int32 scalars, output) around
@@ -88,21 +89,24 @@ if triton is not None:
     @triton.jit
     def norm_two_params(x_ptr, p0_ptr, p1_ptr, R, L, D, p0_sb, p0_sl, p1_sb, p1_sl, out_ptr,
                         EPS: tl.constexpr, CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, P0_IS_MUL: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                        PARAM_ROWS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """layernorm_modulate (p0 = shift adds, p1 = scale multiplies) and layer_norm_affine (p0 = weight)."""
         if P0_IS_MUL:
             _norm_kernel(x_ptr, p0_ptr, p1_ptr, out_ptr, R, L, D, D, D, p0_sb, p0_sl, p1_sb, p1_sl, EPS,
-                         CENTER=CENTER, ONE_PLUS=ONE_PLUS, HAS_ADD=True, ROWS=ROWS, BLOCK_D=BLOCK_D, OUT_ROUND=0)
+                         CENTER=CENTER, ONE_PLUS=ONE_PLUS, HAS_ADD=True, PARAM_ROWS=PARAM_ROWS, ROWS=ROWS,
+                         BLOCK_D=BLOCK_D, OUT_ROUND=0)
         else:
             _norm_kernel(x_ptr, p1_ptr, p0_ptr, out_ptr, R, L, D, D, D, p1_sb, p1_sl, p0_sb, p0_sl, EPS,
-                         CENTER=CENTER, ONE_PLUS=ONE_PLUS, HAS_ADD=True, ROWS=ROWS, BLOCK_D=BLOCK_D, OUT_ROUND=0)
+                         CENTER=CENTER, ONE_PLUS=ONE_PLUS, HAS_ADD=True, PARAM_ROWS=PARAM_ROWS, ROWS=ROWS,
+                         BLOCK_D=BLOCK_D, OUT_ROUND=0)
 
     @triton.jit
     def norm_one_param(x_ptr, p0_ptr, R, L, D, p0_sb, p0_sl, out_ptr,
-                       EPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                       EPS: tl.constexpr, PARAM_ROWS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """rms_norm (p0 = weight)."""
         _norm_kernel(x_ptr, p0_ptr, p0_ptr, out_ptr, R, L, D, D, D, p0_sb, p0_sl, 0, 0, EPS,
-                     CENTER=False, ONE_PLUS=False, HAS_ADD=False, ROWS=ROWS, BLOCK_D=BLOCK_D, OUT_ROUND=0)
+                     CENTER=False, ONE_PLUS=False, HAS_ADD=False, PARAM_ROWS=PARAM_ROWS, ROWS=ROWS,
+                     BLOCK_D=BLOCK_D, OUT_ROUND=0)
 
 
 def norm_adapter(op: str) -> tuple[Any, dict[str, Any]]:
@@ -119,9 +123,10 @@ def norm_adapter(op: str) -> tuple[Any, dict[str, Any]]:
 
 
 def compile_norm(op: str, x_type: str, param_types: tuple[str, ...], d: int, eps: float,
-                 capability: tuple[int, int] = (9, 0)) -> Any:
+                 capability: tuple[int, int] = (9, 0), param_rows: bool = True) -> Any:
     """Compile the AOT kernel of norm ``op`` to PTX for one type combination (``"BF16"``, ...) and hidden size; runs
-    without a GPU (Triton targets ``capability``; sm_90 and newer get arch-specific ``sm_XXa`` PTX)."""
+    without a GPU (Triton targets ``capability``; sm_90 and newer get arch-specific ``sm_XXa`` PTX).
+    ``param_rows``: the parameters vary per sample or token (False: one vector for all rows)."""
     from triton.backends.compiler import GPUTarget
 
     kernel, flags = norm_adapter(op)
@@ -131,7 +136,7 @@ def compile_norm(op: str, x_type: str, param_types: tuple[str, ...], d: int, eps
     n_params = len(param_types)
     ptrs = {"x_ptr": x_ty, **{f"p{i}_ptr": p_ty[i] for i in range(n_params)}}
     ints = ["R", "L", "D"] + [f"p{i}_{s}" for i in range(n_params) for s in ("sb", "sl")]
-    constexprs = {"EPS": float(eps), "ROWS": rows, "BLOCK_D": block_d, **flags}
+    constexprs = {"EPS": float(eps), "PARAM_ROWS": bool(param_rows), "ROWS": rows, "BLOCK_D": block_d, **flags}
     signature = {**ptrs, **{n: "i32" for n in ints}, "out_ptr": x_ty, **{k: "constexpr" for k in constexprs}}
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
@@ -224,7 +229,7 @@ def _define_all() -> None:  # noqa: C901 - one short block per op, by design
             raise ValueError(f"{op}: the hidden size must be static for the AOT kernel")
         d = int(d_expr.constant_value)
         kernel = compile_norm(op, names[x.dtype], tuple(names[p.dtype] for p in params), d, eps,
-                              _capability())
+                              _capability(), param_rows=any(p.ndim > 1 for p in params))
         rows_expr = x.shape_expr[0]
         for i in range(1, x.ndim - 1):
             rows_expr = rows_expr * x.shape_expr[i]

@@ -387,14 +387,15 @@ _INTERPRET_CHILD = textwrap.dedent("""
     w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
     rows, block_d, _ = norm_launch(D)
     grid = ((B * L + rows - 1) // rows,)
-    cases = [("layernorm_modulate", (x, shift, scale), (B * L, L, D, D, 0, D, 0),
+    cases = [("layernorm_modulate", (x, shift, scale), (B * L, L, D, D, 0, D, 0), True,
               layernorm_modulate_ref(x, shift, scale, 1e-6)),
-             ("layer_norm_affine", (x, w, b), (B * L, L, D, 0, 0, 0, 0), layer_norm_affine_ref(x, w, b, 1e-6)),
-             ("rms_norm", (x, w), (B * L, L, D, 0, 0), rms_norm_ref(x, w, 1e-6))]
-    for op, tensors, ints, ref in cases:
+             ("layer_norm_affine", (x, w, b), (B * L, L, D, 0, 0, 0, 0), False,
+              layer_norm_affine_ref(x, w, b, 1e-6)),
+             ("rms_norm", (x, w), (B * L, L, D, 0, 0), False, rms_norm_ref(x, w, 1e-6))]
+    for op, tensors, ints, param_rows, ref in cases:
         kernel, flags = norm_adapter(op)
         out = torch.full_like(x, float("nan"))
-        kernel[grid](*tensors, *ints, out, EPS=1e-6, ROWS=rows, BLOCK_D=block_d, **flags)
+        kernel[grid](*tensors, *ints, out, EPS=1e-6, PARAM_ROWS=param_rows, ROWS=rows, BLOCK_D=block_d, **flags)
         err = (out - ref).abs().max().item()
         assert torch.isfinite(out).all(), op
         assert err < 1e-5, (op, err)
