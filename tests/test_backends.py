@@ -510,3 +510,28 @@ def test_onnx_two_expert_model_round_trips(tmp_path):
         with torch.no_grad():
             ref = random_dit(spec, seed=i)(x, t, ctx, return_dict=False)[0]
         assert _rel(engine.expert(name)(x, t, ctx), ref) < 1e-5, name
+
+
+def test_onnx_export_of_a_gpu_build_is_valid_bf16_with_fp8_linears(tmp_path):
+    """The file the TensorRT backend parses: wan-tiny built on this CPU for sm_90 (bf16, the sm_90 W8A8 scheme)."""
+    import onnx
+
+    from turbocompile.backends.onnx_export import ONNX_OPSET_LOW_PRECISION, custom_nodes
+    from turbocompile.build import BuildOptions, build
+    from turbocompile.kernels.linear_w8a8 import OP_NAMES, auto_scheme
+
+    root = build(BuildOptions(model="wan-tiny", out=tmp_path / "sm90", backend="onnx", gpu="sm_90"))
+    manifest = _manifest(root)
+    assert manifest["dtype"] == "bfloat16"
+    register_schemas()
+    model = onnx.load(str(root / "experts/main/model.onnx"))
+    onnx.checker.check_model(model, full_check=True)  # bf16 Conv etc. need opset 22
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", ONNX_OPSET_LOW_PRECISION), (DOMAIN, 1)}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    linear = OP_NAMES[auto_scheme("sm_90")]
+    assert custom_nodes(model)[linear] == 10 * SPEC.dit.num_layers
+    w_types = {t.data_type for t in model.graph.initializer}
+    assert (onnx.TensorProto.FLOAT8E4M3FN if linear.startswith("fp8") else onnx.TensorProto.INT8) in w_types
+    with pytest.raises(BackendUnavailableError, match="bfloat16") as info:  # not for onnxruntime's Python ops
+        open_engine(root, manifest, "cpu")
+    assert "\n" not in str(info.value) and "TensorRT" in str(info.value)

@@ -24,8 +24,10 @@ from .bound import DTYPES, export_bound
 
 log = logging.getLogger(__name__)
 
-#: ONNX standard opset the exporter targets (what onnxruntime >= 1.20 and TensorRT >= 10.9 parse)
+#: ONNX standard opset of float32 models (onnxruntime >= 1.20 and every TensorRT 10 parser take it)
 ONNX_OPSET = 18
+#: bfloat16 / float16 models: opset 22 is the first where Conv and the other ops used here accept bfloat16
+ONNX_OPSET_LOW_PRECISION = 22
 #: above this many weight bytes the initializers go to an external data file (protobuf's 2 GiB limit, with margin)
 EXTERNAL_DATA_BYTES = 1_900_000_000
 MODEL_FILE = "model.onnx"
@@ -103,7 +105,8 @@ def export_expert(folder: Path, info: dict[str, Any], dtype: torch.dtype, dynami
         t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
     external = weight_bytes > EXTERNAL_DATA_BYTES
     with torch.no_grad():
-        prog = torch.onnx.export(ep, (), dynamo=True, opset_version=ONNX_OPSET,
+        opset = ONNX_OPSET if dtype == torch.float32 else ONNX_OPSET_LOW_PRECISION
+        prog = torch.onnx.export(ep, (), dynamo=True, opset_version=opset,
                                  custom_translation_table=_translations(), input_names=["x", "timestep", "context"],
                                  output_names=["velocity"], external_data=external, optimize=True, verbose=False)
     data = out.with_name(out.name + ".data")
