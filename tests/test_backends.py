@@ -535,3 +535,120 @@ def test_onnx_export_of_a_gpu_build_is_valid_bf16_with_fp8_linears(tmp_path):
     with pytest.raises(BackendUnavailableError, match="bfloat16") as info:  # not for onnxruntime's Python ops
         open_engine(root, manifest, "cpu")
     assert "\n" not in str(info.value) and "TensorRT" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The plugin definitions, exercised against a stand-in for tensorrt.plugin (NOT TensorRT: this only proves that the
+# definitions run, that every op gets register/autotune/impl and the AOT ops an aot_impl, and what the aot_impl
+# returns for the shapes of a Wan block; the stand-in's semantics are our reading of the API docs)
+# ------------------------------------------------------------------------------------------------------------------
+class _Expr(int):
+    """A constant symbolic dimension."""
+
+    is_constant = True
+
+    @property
+    def constant_value(self) -> int:
+        return int(self)
+
+    def __mul__(self, other):
+        return _Expr(int(self) * int(other))
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other):
+        return _Expr(int(self) // int(other))
+
+
+class _Desc:
+    def __init__(self, shape, dtype):
+        self.shape_expr = [_Expr(d) for d in shape]
+        self.dtype = dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape_expr)
+
+    def like(self):
+        return _Desc(list(self.shape_expr), self.dtype)
+
+
+def _fake_tensorrt():
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.float32, trt.float16, trt.bfloat16 = "float32", "float16", "bfloat16"
+    trt.__version__ = "10.9.0"
+    trtp = types.ModuleType("tensorrt.plugin")
+    registry: dict = {}
+
+    def decorator(kind):
+        def make(plugin_id):
+            def record(fn):
+                registry.setdefault(plugin_id, {})[kind] = fn
+                return fn
+            return record
+        return make
+
+    for kind in ("register", "autotune", "impl", "aot_impl"):
+        setattr(trtp, kind, decorator(kind))
+
+    class KernelLaunchParams:
+        grid_x = grid_y = grid_z = block_x = block_y = block_z = shared_mem = None
+
+    class SymIntExprs(list):
+        @classmethod
+        def from_tuple(cls, items):
+            return cls(items)
+
+    trtp.TensorDesc, trtp.Tensor, trtp.SymExprs = _Desc, object, list
+    trtp.KernelLaunchParams, trtp.SymIntExprs = KernelLaunchParams, SymIntExprs
+    trtp.AutoTuneCombination = lambda io_types: io_types
+    trtp.SymInt32 = lambda e: int(e)
+    trtp.cdiv = lambda a, b: -(-int(a) // int(b))
+    trt.plugin = trtp
+    return trt, trtp, registry
+
+
+def test_plugin_definitions_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
+    pytest.importorskip("triton")
+    from turbocompile.plugins import tensorrt_plugins as tp
+
+    trt, trtp, registry = _fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(tp, "_REGISTERED", False)
+    monkeypatch.setattr(tp, "_capability", lambda: (9, 0))
+    ids = tp.register_plugins()
+    assert sorted(ids) == sorted(f"{DOMAIN}::{n}" for n in OP_SPECS) and set(registry) == set(ids)
+    for op in OP_SPECS:
+        kinds = set(registry[f"{DOMAIN}::{op}"])
+        assert kinds == ({"register", "autotune", "impl", "aot_impl"} if op in tp.AOT_OPS
+                         else {"register", "autotune", "impl"}), op
+
+    # descriptors at Wan-block shapes (B=1, L=300 tokens, D=256, 2 heads of 128)
+    x = _Desc([1, 300, 256], "bfloat16")
+    w_q = _Desc([512, 256], "int8")
+    lin = registry[f"{DOMAIN}::int8_block_linear"]
+    out = lin["register"](x, w_q, _Desc([4, 2], "float32"), _Desc([512], "bfloat16"))
+    assert [int(d) for d in out.shape_expr] == [1, 300, 512] and out.dtype == "bfloat16"
+    assert lin["autotune"](x, w_q, None, None, None) == tp.type_combinations(OP_SPECS["int8_block_linear"])
+    q = _Desc([1, 2, 300, 128], "bfloat16")
+    sla = registry[f"{DOMAIN}::sage_sla"]["register"](q, q, q, _Desc([128, 128], "bfloat16"), _Desc([128], "bfloat16"),
+                                                      0.1, 64, 128)
+    assert [int(d) for d in sla.shape_expr] == [1, 2, 300, 128]
+
+    # the AOT implementation of layernorm_modulate: PTX for sm_90a, launch over the 300 rows, int32 extras
+    shift = _Desc([1, 1, 256], "float32")
+    eps = __import__("numpy").array([1e-6], dtype="float32")
+    name, ptx, launch, extras = registry[f"{DOMAIN}::layernorm_modulate"]["aot_impl"](x, shift, shift, eps, (x,), 0)
+    rows, _, warps = tp.norm_launch(256)
+    assert isinstance(name, bytes) and b".target sm_90a" in ptx and name in ptx
+    assert launch.grid_x == -(-300 // rows) and launch.block_x == warps * 32 and launch.shared_mem is not None
+    assert list(extras) == [300, 300, 256, 0, 0, 0, 0]  # R, L, D, then (batch, token) strides of shift and scale
+    per_token = _Desc([2, 300, 256], "float32")  # parameters that vary per token: strides L*D and D
+    x2 = _Desc([2, 300, 256], "bfloat16")
+    *_, extras = registry[f"{DOMAIN}::layernorm_modulate"]["aot_impl"](x2, per_token, per_token, eps, (x2,), 0)
+    assert list(extras) == [600, 300, 256, 300 * 256, 256, 300 * 256, 256]
+    *_, extras = registry[f"{DOMAIN}::rms_norm"]["aot_impl"](x, _Desc([256], "bfloat16"), eps, (x,), 0)
+    assert list(extras) == [300, 300, 256, 0, 0]
