@@ -67,6 +67,15 @@ def test_generate_t2v_writes_a_playable_mp4_and_same_seed_gives_same_video(t2v, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4", "c.mp4"]  # no temp files left
 
 
+def test_generate_with_a_cached_prompt_does_not_move_the_encoder(t2v, tmp_path, monkeypatch):
+    engine, comps = t2v
+    comps.text_encoder.encode("a quiet lake")
+    moves = []
+    monkeypatch.setattr(comps.text_encoder, "to", lambda device: moves.append(device))
+    generate(engine, "a quiet lake", steps=1, out=tmp_path / "v.mp4", components=comps, progress=False)
+    assert moves == []
+
+
 def test_generate_embedded_default_builds_tiny_components_itself(tmp_path):
     spec = get_model("wan-tiny")
     engine = EagerEngine(spec, {"main": random_dit(spec, seed=0)}, W, H, FRAMES)

@@ -193,9 +193,12 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
     if te_device != device:
         log.info("the text encoder (%.1f GB) exceeds the GPU budget: encoding on the CPU", encoder.num_bytes() / 1e9)
     use_cfg = sampler == "original" and (spec.guide_scale if guidance_scale is None else guidance_scale) > 1.0
-    with _resident(encoder, te_device, home):
+    neg_prompt = negative_prompt or WAN_NEGATIVE_PROMPT
+    all_cached = encoder.cached(prompt) is not None and (not use_cfg or encoder.cached(neg_prompt) is not None)
+    # a cached prompt skips the encoder, and with it the (11 GB for umT5-XXL) trip to the GPU and back
+    with contextlib.nullcontext() if all_cached else _resident(encoder, te_device, home):
         context = encoder.encode(prompt)
-        negative = encoder.encode(negative_prompt or WAN_NEGATIVE_PROMPT, truncate=True) if use_cfg else None
+        negative = encoder.encode(neg_prompt, truncate=True) if use_cfg else None
     timings["text_encode_s"] = time.perf_counter() - t0
 
     # 2. image conditioning

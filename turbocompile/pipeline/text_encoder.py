@@ -169,14 +169,23 @@ class TextEncoder:
             raise InputError(f"the prompt is {n} tokens (with the end token) but this model reads at most "
                              f"{self.text_len}; shorten it")
 
+    def cached(self, prompt: str) -> torch.Tensor | None:
+        """The cached embeddings of ``prompt`` (memory, then disk), or None: lets the caller skip moving the
+        encoder to the GPU when every prompt is cached."""
+        key = self.cache_key(prompt)
+        if key not in self._memory:
+            emb = self._load_disk(key)
+            if emb is None:
+                return None
+            self._memory[key] = emb
+        return self._memory[key]
+
     @torch.no_grad()
     def encode(self, prompt: str, truncate: bool = False) -> torch.Tensor:
         """``[1, text_len, dim]`` float32 embeddings on the CPU. ``truncate`` cuts a long prompt (Wan does
         that for the negative prompt) instead of raising :class:`InputError`."""
         key = self.cache_key(prompt)
-        if key in self._memory:
-            return self._memory[key]
-        emb = self._load_disk(key)
+        emb = self.cached(prompt)
         if emb is None:
             ids = self.token_ids(prompt)
             if len(ids) > self.text_len:
