@@ -652,3 +652,30 @@ def test_plugin_definitions_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     assert list(extras) == [600, 300, 256, 300 * 256, 256, 300 * 256, 256]
     *_, extras = registry[f"{DOMAIN}::rms_norm"]["aot_impl"](x, _Desc([256], "bfloat16"), eps, (x,), 0)
     assert list(extras) == [300, 300, 256, 0, 0]
+
+
+def test_onnx_engine_drives_the_rcm_sampler(builds):
+    """The lowered engine inside the sampler loop: 4 rCM steps match the eager engine's (clean-up passes only)."""
+    from turbocompile.engine import EagerEngine
+    from turbocompile.sampling import sample_rcm
+
+    root = builds["plain"]
+    onnx_engine = open_engine(root, _manifest(root), "cpu")
+    eager = EagerEngine(SPEC, {"main": random_dit(SPEC, seed=0)}, 160, 96, 17)
+    ctx = torch.randn(1, SPEC.text_len, SPEC.dit.text_dim, generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        got = sample_rcm(onnx_engine, ctx, steps=4, seed=3)
+        want = sample_rcm(eager, ctx, steps=4, seed=3)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < 1e-4
+
+
+def test_tensorrt_engine_metadata_refuses_another_tensorrt(tmp_path):
+    from turbocompile.backends.tensorrt_runtime import _check_engine_meta
+
+    meta = tmp_path / "model.engine.json"
+    meta.write_text(json.dumps({"tensorrt": "10.15.1", "arch": "sm_90", "gpu": "NVIDIA H100"}))
+    with pytest.raises(ArtifactError, match=r"built with TensorRT 10\.15\.1, this is TensorRT 10\.16\.1"):
+        _check_engine_meta(meta, "10.16.1")
+    if not torch.cuda.is_available():
+        _check_engine_meta(meta, "10.15.1")  # same version; no GPU here to compare architectures
