@@ -62,22 +62,29 @@ def _build_device(target: Target) -> tuple[torch.device, list[str]]:
 
 
 def _load_models(spec: ModelSpec, opts: BuildOptions, device: torch.device, dtype: torch.dtype
-                 ) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, torch.Tensor]], str]:
-    from .modeling import random_dit
+                 ) -> tuple[dict[str, Callable[[], torch.nn.Module]], dict[str, dict[str, torch.Tensor]], str]:
+    """One loader per expert (random experts are made one at a time, so an A14B build holds one 14B model)."""
+    from .modeling import random_dit, random_dit_on_device
 
     if opts.checkpoint is not None:
         from .checkpoints import load_checkpoint
 
         loaded = load_checkpoint(opts.checkpoint, spec.id, device=device, dtype=dtype)
-        return loaded.models, loaded.extras, f"checkpoint {opts.checkpoint} ({loaded.layout})"
-    if spec.embedded or opts.random_weights:
-        models = {name: random_dit(spec, seed=opts.seed + i, dtype=dtype, device=device)
-                  for i, name in enumerate(spec.experts)}
-        return models, {name: {} for name in spec.experts}, f"random weights (seed {opts.seed})"
-    raise CheckpointError(
-        f"{spec.id} needs --checkpoint PATH (official, diffusers or TurboDiffusion layout; nothing is downloaded), "
-        "or --random-weights to build with random weights at the real shapes"
-    )
+        models = loaded.models
+        return ({name: (lambda n=name: models.pop(n)) for name in list(models)}, loaded.extras,
+                f"checkpoint {opts.checkpoint} ({loaded.layout})")
+    if spec.embedded:  # seeded on the CPU so tests can rebuild the same eager model
+        loaders = {name: (lambda i=i: random_dit(spec, seed=opts.seed + i, dtype=dtype, device=device))
+                   for i, name in enumerate(spec.experts)}
+    elif opts.random_weights:
+        loaders = {name: (lambda i=i: random_dit_on_device(spec, device, dtype, seed=opts.seed + i))
+                   for i, name in enumerate(spec.experts)}
+    else:
+        raise CheckpointError(
+            f"{spec.id} needs --checkpoint PATH (official, diffusers or TurboDiffusion layout; nothing is "
+            "downloaded), or --random-weights to build with random weights at the real shapes"
+        )
+    return loaders, {name: {} for name in spec.experts}, f"random weights (seed {opts.seed})"
 
 
 def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> Path:
@@ -106,17 +113,17 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
     t_start = time.perf_counter()
     with artifact.atomic_directory(opts.out, force=opts.force) as tmp:
         say(f"loading {spec.id}")
-        models, extras, source = _load_models(spec, opts, device, dtype)
+        loaders, extras, source = _load_models(spec, opts, device, dtype)
         from .modeling import example_inputs
 
         expert_info = {}
         svgs = {}
-        for name, model in models.items():
+        for name, load_expert in loaders.items():
+            model = load_expert()
             say(f"[{name}] capturing with torch.export")
             inputs = example_inputs(spec, width, height, frames, batch=opts.batch, dtype=dtype, device=device)
             prog = capture(model, inputs, dynamic_frames=opts.dynamic_frames)
-            del model
-            models[name] = None  # type: ignore[assignment]  # the program now owns the weights
+            del model  # the program now owns the weights
             ctx = PassContext(spec=spec, target=target, options=opts.pass_options, extras=extras.get(name, {}),
                               expert=name)
             pm = PassManager(passes, ctx, inputs, dump_dir=tmp / "dumps" / name, verify=opts.verify,
@@ -133,6 +140,8 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
                 for r in pm.records
             ]
             del prog
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         dumps.write_index(tmp / "dumps", f"turbocompile build: {spec.id} for {target.name}", svgs)
         manifest = {
             "model": spec.id,

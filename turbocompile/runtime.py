@@ -89,8 +89,17 @@ class ProgramEngine:
             e.to(self.device)
         return e
 
+    def _resident_bytes(self) -> int:
+        return sum(e.nbytes() for e in self._experts.values() if e.on_device)
+
     def prefetch(self, name: str) -> None:
+        """Start the copy of ``name`` on a side stream, if it fits the budget beside what is resident."""
         e = self._experts[name]
+        budget = self._residency.budget_bytes
+        if budget is not None and self._resident_bytes() + e.nbytes() > budget:
+            log.info("not prefetching %s: %.1f GiB resident + %.1f GiB would pass the %.1f GiB budget", name,
+                     self._resident_bytes() / 2**30, e.nbytes() / 2**30, budget / 2**30)
+            return
         if not e.on_device and self.device.type == "cuda":
             e.weights = [t.pin_memory() for t in e.weights]
             stream = torch.cuda.Stream(self.device)

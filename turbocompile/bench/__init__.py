@@ -110,7 +110,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
-              dry_run: bool = False, compile: bool = True) -> Report:
+              dry_run: bool = False, compile: bool = True, gpu_memory_budget: int | None = None,
+              artifact: Any = None) -> Report:
     spec = get_model(model_id)
     if not dry_run and not torch.cuda.is_available():
         raise GPUError("turbocompile bench needs a CUDA GPU (none visible); use --dry-run to check the plan on CPU")
@@ -127,6 +128,14 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
         from .model import bench_e2e
 
         return bench_e2e(spec, res, repeats, dry_run, compile=compile)
+    if what == "pipeline":
+        if dry_run:
+            return Report(f"pipeline {spec.id}@{res} (dry run)", environment(True),
+                          {"plan": [{"stage": s} for s in ("build (random weights)", "load", "text encode",
+                                                           "rCM 4 steps", "VAE decode", "write mp4")]})
+        from .pipeline import bench_pipeline
+
+        return bench_pipeline(spec, res, gpu_memory_budget, artifact)
     raise ValueError(f"unknown bench {what!r}")
 
 
