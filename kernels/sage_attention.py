@@ -354,7 +354,7 @@ if HAS_TRITON:
         H, Lq, Lk, NQS, NKS, T, MQ_LUT, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLKQ: tl.constexpr,
         BLKK: tl.constexpr, SAGE: tl.constexpr, SPARSE: tl.constexpr, LINEAR: tl.constexpr,
-        MASK_LOADS: tl.constexpr, EMULATE: tl.constexpr, WARP_SPEC: tl.constexpr,
+        MASK_LOADS: tl.constexpr, EMULATE: tl.constexpr,
     ):
         """Flash-attention forward over all key tiles (dense) or the LUT's key blocks (sparse), with an optional
         fused SLA linear branch in the epilogue: ``o += (φ(q) · M) / (φ(q) · z + 1e-5) + bias``, M = (φ(K)ᵀV)·Wᵀ."""
@@ -383,33 +383,18 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if SPARSE:
             lut_base = LUT + (bh * MQ_LUT + (pid_m * BLOCK_M) // BLKQ) * T
-            if WARP_SPEC:
-                for t in tl.range(0, T, warp_specialize=True):
-                    kb = tl.load(lut_base + t)
-                    for sub in tl.static_range(BLKK // BLOCK_N):
-                        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
-                                                   kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
-                                                   sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
-                                                   EMULATE)
-            else:
-                for t in range(0, T):
-                    kb = tl.load(lut_base + t)
-                    for sub in tl.static_range(BLKK // BLOCK_N):
-                        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
-                                                   kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
-                                                   sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
-                                                   EMULATE)
+            for t in range(0, T):
+                kb = tl.load(lut_base + t)
+                for sub in tl.static_range(BLKK // BLOCK_N):
+                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base,
+                                               kb * BLKK + sub * BLOCK_N, Lk, stride_kl, stride_vl, stride_vd,
+                                               sm_scale_log2, offs_n0, offs_d, BLOCK_N, BLKK, SAGE, MASK_LOADS,
+                                               EMULATE)
         else:
-            if WARP_SPEC:
-                for start in tl.range(0, Lk, BLOCK_N, warp_specialize=True):
-                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
-                                               stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
-                                               BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
-            else:
-                for start in range(0, Lk, BLOCK_N):
-                    acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
-                                               stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
-                                               BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
+            for start in range(0, Lk, BLOCK_N):
+                acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk,
+                                           stride_kl, stride_vl, stride_vd, sm_scale_log2, offs_n0, offs_d,
+                                           BLOCK_N, BLKK, SAGE, MASK_LOADS, EMULATE)
         if SAGE:
             o = acc * tl.load(VS + bh * HEAD_DIM + offs_d)[None, :] / l_i[:, None]
         else:
@@ -482,7 +467,7 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     return out
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per (sage, sparse, blk_q, blk_k); for tuning.
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (sage, sparse, blk_q, blk_k); for tuning.
 KERNEL_CONFIGS: dict[tuple[bool, bool, int, int], tuple] = {}
 
 
@@ -509,8 +494,7 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
     b, h, lq, d = q.shape
     lk = k.shape[2]
     cfg = config or _default_config(sage, lut is not None, blk_q, blk_k)
-    block_m, block_n, warps, stages = cfg[:4]
-    warp_spec = bool(cfg[4]) if len(cfg) > 4 else False
+    block_m, block_n, warps, stages = cfg
     if lut is not None and (blk_q % block_m or blk_k % block_n):
         raise UnsupportedShapeError(f"tile {block_m}x{block_n} does not divide the sparse blocks {blk_q}x{blk_k}")
     if sage and blk_k % block_n:
@@ -535,8 +519,8 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
         *v_strides, o.stride(0), o.stride(1), o.stride(2), q.stride(0), q.stride(1), q.stride(2),
         h, lq, lk, -(-lq // blk_q), -(-lk // blk_k), t, mq_lut, d ** -0.5 * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLKQ=blk_q, BLKK=blk_k, SAGE=sage, SPARSE=lut is not None,
-        LINEAR=linear is not None, MASK_LOADS=not sage, EMULATE=_interpreting(), WARP_SPEC=warp_spec,
-        num_warps=warps, num_stages=stages)
+        LINEAR=linear is not None, MASK_LOADS=not sage, EMULATE=_interpreting(), num_warps=warps,
+        num_stages=stages)
     return o
 
 

@@ -55,7 +55,7 @@ if HAS_TRITON:
         b = bh // H
         h = bh % H
         cols = tl.arange(0, HEAD_DIM)
-        kv = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
+        vtphi = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
         z = tl.zeros([HEAD_DIM], dtype=tl.float32)
         ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
         vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -66,16 +66,17 @@ if HAS_TRITON:
             ok = rows < hi
             k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + cols[None, :],
                         mask=ok[:, None], other=0.0).to(tl.float32)
-            v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
-                        mask=ok[:, None], other=0.0)
+            # Vᵀ tile straight from memory: the MMA's A operand, φ(K) (in registers) its B operand, no transpose
+            vt = tl.load(V + b * stride_vb + h * stride_vh + rows[None, :] * stride_vl + cols[:, None],
+                         mask=ok[None, :], other=0.0)
             e = tl.math.exp2((k - tl.max(k, 1)[:, None]) * 1.4426950408889634)
-            phi = tl.where(ok[:, None], e / tl.sum(e, 1)[:, None], 0.0)
+            phi = tl.where(ok[:, None], e * (1.0 / tl.sum(e, 1))[:, None], 0.0)
             z += tl.sum(phi, 0)
             ksum += tl.sum(k, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
-            kv += _dot16(tl.trans(phi.to(v.dtype)), v, EMULATE)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(vt.to(tl.float32)), 1))
+            vtphi += _dot16(vt, phi.to(vt.dtype), EMULATE)  # [D_v, D_phi] = (φ(K)ᵀV)ᵀ
         tl.store(KV + (pid * tl.num_programs(1) + bh) * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
-                 kv)
+                 vtphi)
         tl.store(Z + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, z)
         tl.store(KSUM + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, ksum)
         tl.store(VMAX + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, vmax)
@@ -107,14 +108,15 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    n_chunks = max(1, min(-(-lk // 256), -(-8 * sms // (b * h))))
+    n_chunks = max(1, min(-(-lk // 256), -(-4 * sms // (b * h))))
     chunk = -(-lk // n_chunks)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
         chunk, HEAD_DIM=d, BLOCK_L=64, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
-    m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
+    # kv holds (φ(K)ᵀV)ᵀ per chunk; M = (φ(K)ᵀV)·Wᵀ = (W·(φ(K)ᵀV)ᵀ)ᵀ
+    m = torch.matmul(proj_weight.float(), kv.sum(0)).transpose(-1, -2).to(torch.bfloat16).contiguous()
     moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
     return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
 

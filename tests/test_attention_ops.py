@@ -270,6 +270,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
             r["sla"] = rel(o2, sla_reference(q, k, v, w, b, 0.2, 64, 128, lut=lut))
             r["sparse_nan"] = bool(o.isnan().any() or o2.isnan().any())
         out.append(r)
+    from turbocompile.kernels.block_map import _topk_lut_triton
+    scores = torch.randn(2, 3, 17)
+    scores[0, 0, :4] = 1.0  # ties
+    lut = _topk_lut_triton(scores, 5)
+    kept = torch.gather(scores, -1, lut.long())
+    dropped = scores.scatter(-1, lut.long(), float("-inf"))
+    out.append({"topk_sorted": bool((lut[..., 1:] > lut[..., :-1]).all()),
+                "topk_best": bool((kept.min(-1).values >= dropped.max(-1).values).all())})
     print("RESULT" + json.dumps(out))
 """)
 
@@ -287,6 +295,10 @@ def interpreted():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
+
+
+def test_triton_topk_lut_interpreted(interpreted):
+    assert interpreted[-1] == {"topk_sorted": True, "topk_best": True}
 
 
 @pytest.mark.parametrize("case", range(len(_INTERP_CASES)))
