@@ -118,14 +118,73 @@ def make_schema(spec: OpSpec) -> defs.OpSchema:
         outputs=[defs.OpSchema.FormalParameter("y", "T")],
         type_constraints=[(t, list(TYPE_CONSTRAINTS[t]), "") for t in used],
         attributes=[defs.OpSchema.Attribute(n, _ATTR_TYPES[k], "", required=True) for n, k in spec.attrs]
-        + [defs.OpSchema.Attribute("aot", defs.OpSchema.AttrType.INT,
-                                   "1: TensorRT uses the plugin's ahead-of-time (PTX) implementation",
-                                   required=False),
-           defs.OpSchema.Attribute("plugin_namespace", defs.OpSchema.AttrType.STRING,
-                                   "TensorRT plugin namespace (turbocompile)", required=False)],
+        + _trt_attributes(),
     )
     schema.set_type_and_shape_inference_function(_infer(spec))
     return schema
+
+
+#: The int8-block linear split in two single-kernel ops, for TensorRT's ahead-of-time plugins (an AOT plugin launches
+#: one kernel): ``tensorrt_build.prepare_for_tensorrt`` rewrites ``int8_block_linear`` into these. Not torch ops.
+SPLIT_OPS = ("quant_int8_block", "gemm_int8_block")
+
+
+def _trt_attributes() -> list[defs.OpSchema.Attribute]:
+    return [defs.OpSchema.Attribute("aot", defs.OpSchema.AttrType.INT,
+                                    "1: TensorRT uses the plugin's ahead-of-time (PTX) implementation", required=False),
+            defs.OpSchema.Attribute("plugin_namespace", defs.OpSchema.AttrType.STRING,
+                                    "TensorRT plugin namespace (turbocompile)", required=False)]
+
+
+def _split_schemas() -> list[defs.OpSchema]:
+    """``quant_int8_block(x) -> (x_q int8 like x, x_scale fp32 [ceil(M/128), ceil(K/128)])`` with M the product of
+    x's leading dims; ``gemm_int8_block(x_q, x_scale, w_q, w_scale, bias) -> y [..., N]`` in the bias' type."""
+
+    def infer_quant(ctx: onnx.shape_inference.InferenceContext) -> None:
+        x_type = ctx.get_input_type(0)
+        if x_type is None or not x_type.HasField("tensor_type"):
+            return
+        q = onnx.TypeProto()
+        q.CopyFrom(x_type)
+        q.tensor_type.elem_type = onnx.TensorProto.INT8
+        ctx.set_output_type(0, q)
+        scale = onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [None, None])
+        ctx.set_output_type(1, scale)
+
+    def infer_gemm(ctx: onnx.shape_inference.InferenceContext) -> None:
+        q_type, w_type, b_type = ctx.get_input_type(0), ctx.get_input_type(2), ctx.get_input_type(4)
+        if q_type is None or b_type is None or not q_type.HasField("tensor_type"):
+            return
+        out = onnx.TypeProto()
+        out.CopyFrom(q_type)
+        out.tensor_type.elem_type = b_type.tensor_type.elem_type
+        if out.tensor_type.HasField("shape") and out.tensor_type.shape.dim:
+            last = out.tensor_type.shape.dim[len(out.tensor_type.shape.dim) - 1]
+            last.Clear()
+            if w_type is not None and w_type.tensor_type.HasField("shape") and w_type.tensor_type.shape.dim:
+                last.CopyFrom(w_type.tensor_type.shape.dim[0])
+        ctx.set_output_type(0, out)
+
+    quant = defs.OpSchema(
+        "quant_int8_block", DOMAIN, OPSET_VERSION,
+        doc="INT8 quantization of x [..., K] in 128 (tokens) x 128 (channels) blocks, scale = absmax / 128.",
+        inputs=[defs.OpSchema.FormalParameter("x", "T")],
+        outputs=[defs.OpSchema.FormalParameter("x_q", "tensor(int8)"),
+                 defs.OpSchema.FormalParameter("x_scale", "tensor(float)")],
+        type_constraints=[("T", list(_FLOATS), "")], attributes=_trt_attributes())
+    quant.set_type_and_shape_inference_function(infer_quant)
+    gemm = defs.OpSchema(
+        "gemm_int8_block", DOMAIN, OPSET_VERSION,
+        doc="Block-scaled INT8 GEMM of quant_int8_block's output with 128x128-block INT8 weights, plus bias.",
+        inputs=[defs.OpSchema.FormalParameter("x_q", "tensor(int8)"),
+                defs.OpSchema.FormalParameter("x_scale", "tensor(float)"),
+                defs.OpSchema.FormalParameter("w_q", "tensor(int8)"),
+                defs.OpSchema.FormalParameter("w_scale", "tensor(float)"),
+                defs.OpSchema.FormalParameter("bias", "T")],
+        outputs=[defs.OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", list(_FLOATS), "")], attributes=_trt_attributes())
+    gemm.set_type_and_shape_inference_function(infer_gemm)
+    return [quant, gemm]
 
 
 def register_schemas() -> list[str]:
@@ -133,4 +192,7 @@ def register_schemas() -> list[str]:
     for spec in OP_SPECS.values():
         if not defs.has(spec.name, OPSET_VERSION, DOMAIN):
             defs.register_schema(make_schema(spec))
-    return list(OP_SPECS)
+    for schema in _split_schemas():
+        if not defs.has(schema.name, OPSET_VERSION, DOMAIN):
+            defs.register_schema(schema)
+    return list(OP_SPECS) + list(SPLIT_OPS)

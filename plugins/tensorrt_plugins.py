@@ -32,12 +32,13 @@ import logging
 import threading
 from typing import Any
 
-from .onnx_schemas import DOMAIN, OP_SPECS, OpSpec
+from .onnx_schemas import DOMAIN, OP_SPECS, SPLIT_OPS, OpSpec
 
 log = logging.getLogger(__name__)
 
-#: ops whose plugin has an ahead-of-time (PTX) implementation: the engine needs no Python for them
-AOT_OPS: frozenset[str] = frozenset({"layernorm_modulate", "layer_norm_affine", "rms_norm"})
+#: ops whose plugin has an ahead-of-time (PTX) implementation: the engine needs no Python for them. The two halves
+#: of the int8-block linear are what ``tensorrt_build.prepare_for_tensorrt`` splits ``int8_block_linear`` into.
+AOT_OPS: frozenset[str] = frozenset({"layernorm_modulate", "layer_norm_affine", "rms_norm", *SPLIT_OPS})
 #: ops whose plugin runs the Python implementation (several kernels each; see the module docstring)
 JIT_OPS: frozenset[str] = frozenset(OP_SPECS) - AOT_OPS
 
@@ -80,8 +81,10 @@ try:  # the AOT kernels: Triton kernels with the AOT argument order (inputs, int
     import triton
     import triton.language as tl
 
+    from turbocompile.kernels.gemm_int8_block import _gemm_block_scaled_kernel
     from turbocompile.kernels.norms import _norm_kernel
-except Exception:  # noqa: BLE001 - no Triton (or no Triton norms): the AOT kernels are unavailable
+    from turbocompile.kernels.quantize_activations import _quant_int8_block_kernel
+except Exception:  # noqa: BLE001 - no Triton (or no Triton kernels): the AOT kernels are unavailable
     triton = None
 
 if triton is not None:
@@ -107,6 +110,56 @@ if triton is not None:
         _norm_kernel(x_ptr, p0_ptr, p0_ptr, out_ptr, R, L, D, D, D, p0_sb, p0_sl, 0, 0, EPS,
                      CENTER=False, ONE_PLUS=False, HAS_ADD=False, PARAM_ROWS=PARAM_ROWS, ROWS=ROWS,
                      BLOCK_D=BLOCK_D, OUT_ROUND=0)
+
+
+    @triton.jit
+    def quant_int8_block_aot(x_ptr, M, K, KB, q_ptr, s_ptr, INTERP: tl.constexpr):
+        """x [M, K] -> int8 q [M, K], fp32 scales [ceil(M/128), KB]; one program per 128x128 tile."""
+        _quant_int8_block_kernel(x_ptr, q_ptr, s_ptr, M, K, K, K, KB, BLOCK_M=128, BLOCK_K=128, INTERP=INTERP)
+
+    @triton.jit
+    def gemm_int8_block_aot(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, M, N, K, KB, c_ptr,
+                            EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RESCALE: tl.constexpr,
+                            OUT_ROUND: tl.constexpr):
+        """c [M, N] = block-scaled int8 a [M, K] x b [N, K]^T + bias, in c's type (all contiguous)."""
+        _gemm_block_scaled_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, K, K, N, KB, 1, KB, 1,
+                                  HAS_BIAS=True, A_PER_ROW=False, EVEN_K=EVEN_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                  BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, RESCALE=RESCALE, OUT_ROUND=OUT_ROUND)
+
+
+def gemm_config() -> Any:
+    """The block-scaled GEMM's default tile configuration (``kernels/gemm_int8_block.py``), without TMA: a TMA
+    kernel needs tensor descriptors built on the host, which an AOT plugin cannot pass."""
+    from turbocompile.kernels import gemm_int8_block as g
+
+    cfg = g.CONFIGS[g.DEFAULT_CONFIG]
+    if cfg.tma or cfg.rescale == 3:
+        cfg = g.GemmConfig()
+    return cfg
+
+
+def compile_linear_split(part: str, x_type: str, k: int, capability: tuple[int, int] = (9, 0)) -> Any:
+    """Compile the AOT kernel of one half of the split int8-block linear: ``"quant"`` (x -> int8 + scales) or
+    ``"gemm"`` (int8 operands -> output of ``x_type``, bias of ``x_type``), for a static K."""
+    from triton.backends.compiler import GPUTarget
+
+    if triton is None:
+        raise ImportError("the AOT linear kernels need Triton and turbocompile.kernels")
+    ty = "*" + _TRITON_TYPES[x_type]
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    if part == "quant":
+        signature = {"x_ptr": ty, "M": "i32", "K": "i32", "KB": "i32", "q_ptr": "*i8", "s_ptr": "*fp32",
+                     "INTERP": "constexpr"}
+        src = triton.compiler.ASTSource(fn=quant_int8_block_aot, signature=signature, constexprs={"INTERP": False})
+        return triton.compile(src, target=target, options={"num_warps": 8})
+    cfg = gemm_config()
+    constexprs = {"EVEN_K": k % cfg.block_k == 0, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                  "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "RESCALE": cfg.rescale, "OUT_ROUND": 0}
+    signature = {"a_ptr": "*i8", "sa_ptr": "*fp32", "b_ptr": "*i8", "sb_ptr": "*fp32", "bias_ptr": ty,
+                 **{n: "i32" for n in ("M", "N", "K", "KB")}, "c_ptr": ty, **{n: "constexpr" for n in constexprs}}
+    src = triton.compiler.ASTSource(fn=gemm_int8_block_aot, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
 def norm_adapter(op: str) -> tuple[Any, dict[str, Any]]:
@@ -164,7 +217,7 @@ def register_plugins() -> list[str]:
         if not _REGISTERED:
             _define_all()
             _REGISTERED = True
-    return [f"{DOMAIN}::{n}" for n in OP_SPECS]
+    return [f"{DOMAIN}::{n}" for n in (*OP_SPECS, *SPLIT_OPS)]
 
 
 def _define_all() -> None:  # noqa: C901 - one short block per op, by design
@@ -221,6 +274,91 @@ def _define_all() -> None:  # noqa: C901 - one short block per op, by design
     # -- W8A8 linears (JIT) ----------------------------------------------------------------------------------------
     for op in ("int8_block_linear", "int8_row_linear", "fp8_row_linear", "fp8_block_linear"):
         _define_linear(trtp, op, combos, run_torch, linear_desc)
+
+    # -- the int8-block linear split in two (AOT + JIT) ------------------------------------------------------------
+    def leading(x: Desc) -> Any:
+        rows = x.shape_expr[0]
+        for i in range(1, x.ndim - 1):
+            rows = rows * x.shape_expr[i]
+        return rows
+
+    def static_dim(e: Any, what: str) -> int:
+        if not e.is_constant:
+            raise ValueError(f"{what} must be static for the AOT int8-block linear")
+        return int(e.constant_value)
+
+    @trtp.register(f"{DOMAIN}::quant_int8_block")
+    def _quant_desc(x: Desc) -> Tuple[Desc, Desc]:
+        dims = tuple(x.shape_expr[i] for i in range(x.ndim))
+        scale = (trtp.cdiv(leading(x), 128), trtp.cdiv(x.shape_expr[x.ndim - 1], 128))
+        return trtp.from_shape_expr(dims, dtype=trt.int8), trtp.from_shape_expr(scale, dtype=trt.float32)
+
+    @trtp.autotune(f"{DOMAIN}::quant_int8_block")
+    def _quant_tune(x, outputs) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(f"{t}, INT8, FP32") for t in _FLOATS]
+
+    @trtp.impl(f"{DOMAIN}::quant_int8_block")
+    def _quant_impl(x, outputs, stream: int) -> None:
+        import torch
+
+        from turbocompile.kernels.quantize_activations import quant_int8_block
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            q, scale = quant_int8_block(torch.as_tensor(x, device="cuda"))
+            torch.as_tensor(outputs[0], device="cuda").view(q.shape).copy_(q)
+            torch.as_tensor(outputs[1], device="cuda").copy_(scale)
+
+    @trtp.aot_impl(f"{DOMAIN}::quant_int8_block")
+    def _quant_aot(x: Desc, outputs: Tuple[Desc, Desc], tactic: int) -> AotResult:
+        k = static_dim(x.shape_expr[x.ndim - 1], "K")
+        kernel = compile_linear_split("quant", names[x.dtype], k, _capability())
+        rows = leading(x)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x, launch.grid_y = trtp.cdiv(rows, 128), -(-k // 128)
+        launch.block_x = kernel.metadata.num_warps * 32
+        launch.shared_mem = kernel.metadata.shared
+        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (rows, k, -(-k // 128))])
+        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), launch, args
+
+    @trtp.register(f"{DOMAIN}::gemm_int8_block")
+    def _gemm_desc(x_q: Desc, x_scale: Desc, w_q: Desc, w_scale: Desc, bias: Desc) -> Desc:
+        dims = [x_q.shape_expr[i] for i in range(x_q.ndim)]
+        dims[-1] = w_q.shape_expr[0]
+        return trtp.from_shape_expr(tuple(dims), dtype=bias.dtype)
+
+    @trtp.autotune(f"{DOMAIN}::gemm_int8_block")
+    def _gemm_tune(x_q, x_scale, w_q, w_scale, bias, outputs) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(f"INT8, FP32, INT8, FP32, {t}, {t}") for t in _FLOATS]
+
+    @trtp.impl(f"{DOMAIN}::gemm_int8_block")
+    def _gemm_impl(x_q, x_scale, w_q, w_scale, bias, outputs, stream: int) -> None:
+        import torch
+
+        from turbocompile.kernels.gemm_int8_block import gemm_block_scaled
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            a = torch.as_tensor(x_q, device="cuda")
+            out = torch.as_tensor(outputs[0], device="cuda")
+            b = torch.as_tensor(bias, device="cuda")
+            y = gemm_block_scaled(a.reshape(-1, a.shape[-1]), torch.as_tensor(x_scale, device="cuda"),
+                                  torch.as_tensor(w_q, device="cuda"), torch.as_tensor(w_scale, device="cuda"), b,
+                                  b.dtype)
+            out.view(y.shape).copy_(y)
+
+    @trtp.aot_impl(f"{DOMAIN}::gemm_int8_block")
+    def _gemm_aot(x_q: Desc, x_scale: Desc, w_q: Desc, w_scale: Desc, bias: Desc, outputs: Outs,
+                  tactic: int) -> AotResult:
+        k = static_dim(x_q.shape_expr[x_q.ndim - 1], "K")
+        n = static_dim(w_q.shape_expr[0], "N")
+        kernel = compile_linear_split("gemm", names[bias.dtype], k, _capability())
+        cfg = gemm_config()
+        rows = leading(x_q)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(rows, cfg.block_m) * (-(-n // cfg.block_n))
+        launch.block_x = kernel.metadata.num_warps * 32
+        launch.shared_mem = kernel.metadata.shared
+        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (rows, n, k, -(-k // 128))])
+        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), launch, args
 
     # -- fused norms (AOT + JIT) -----------------------------------------------------------------------------------
     def norm_aot(op: str, x: Desc, params: tuple, eps: float, outputs: Outs) -> AotResult:

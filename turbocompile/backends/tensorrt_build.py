@@ -8,7 +8,9 @@ Build steps per expert:
 
 1. ``onnx_export.export_expert`` writes ``model.onnx`` (custom ops as ``turbocompile::*`` nodes, weights as
    initializers).
-2. :func:`prepare_for_tensorrt` adds the attributes TensorRT's parser reads on every ``turbocompile`` node:
+2. :func:`prepare_for_tensorrt` splits each ``int8_block_linear`` into ``quant_int8_block`` + ``gemm_int8_block``
+   (one kernel each, so both can be AOT plugins) and adds the attributes TensorRT's parser reads on every
+   ``turbocompile`` node:
    ``plugin_namespace="turbocompile"`` (TensorRT 10.9 needs it; >= 10.10 also takes the namespace from the domain)
    and ``aot`` = 1 for plugins with an ahead-of-time PTX implementation, 0 for those that run their Python
    implementation (see ``turbocompile.plugins.tensorrt_plugins.AOT_OPS``).
@@ -88,12 +90,49 @@ def trt_logger(trt: Any) -> Any:
     return _Logger()
 
 
-def prepare_for_tensorrt(model: Any, aot_ops: frozenset[str]) -> Any:
-    """Set ``plugin_namespace`` and ``aot`` on every ``turbocompile`` node of an ``onnx.ModelProto`` (in place)."""
+def split_int8_block_linears(model: Any) -> int:
+    """Rewrite each ``int8_block_linear`` node into ``quant_int8_block`` + ``gemm_int8_block`` (in place), the two
+    single-kernel ops TensorRT can run as AOT plugins; returns how many were split. A node whose bias type differs
+    from its activation type stays whole (the GEMM writes its output in the bias' type)."""
+    import onnx
+
+    from turbocompile.plugins.onnx_schemas import DOMAIN, register_schemas
+
+    register_schemas()
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes, count = [], 0
+    for i, node in enumerate(model.graph.node):
+        x_type = types.get(node.input[0]) if node.input else None
+        if node.domain != DOMAIN or node.op_type != "int8_block_linear" or not x_type or \
+                x_type != types.get(node.input[3]):
+            nodes.append(node)
+            continue
+        base = node.name or f"int8_block_linear_{i}"
+        x_q, x_scale = f"{base}/x_q", f"{base}/x_scale"
+        nodes.append(onnx.helper.make_node("quant_int8_block", [node.input[0]], [x_q, x_scale], name=f"{base}/quant",
+                                           domain=DOMAIN))
+        nodes.append(onnx.helper.make_node("gemm_int8_block", [x_q, x_scale, *node.input[1:4]], list(node.output),
+                                           name=f"{base}/gemm", domain=DOMAIN))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def prepare_for_tensorrt(model: Any, aot_ops: frozenset[str], split_linears: bool = True) -> Any:
+    """Split the int8-block linears (``split_linears``), then set ``plugin_namespace`` and ``aot`` on every
+    ``turbocompile`` node of an ``onnx.ModelProto`` (in place)."""
     import onnx
 
     from turbocompile.plugins.onnx_schemas import DOMAIN
 
+    if split_linears:
+        n = split_int8_block_linears(model)
+        if n:
+            log.info("split %d int8_block_linear nodes into quant + GEMM AOT plugins", n)
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
