@@ -21,10 +21,12 @@ For every op of :data:`turbocompile.plugins.onnx_schemas.OP_SPECS` :func:`regist
 
 Which ops are AOT: an AOT plugin launches exactly one kernel, takes no workspace and passes only int32 scalars
 after the inputs and before the outputs. The fused norms are one Triton kernel each (wrapped below in adapters that
-put the arguments in that order). The W8A8 linears (activation quantization kernel + GEMM kernel) and the attention
-ops (quantization + block map + attention kernels) are several kernels with intermediates, so they are
-:data:`JIT_OPS`: the engine calls back into Python for them, and the loading process must import this module.
-Making them AOT means splitting each into single-kernel plugins whose intermediates are plugin outputs.
+put the arguments in that order). The int8-block linear is two kernels (activation quantization, block-scaled GEMM):
+the TensorRT build splits each ``int8_block_linear`` node into ``quant_int8_block`` + ``gemm_int8_block``
+(``tensorrt_build.split_int8_block_linears``), one AOT plugin per kernel, the int8 activations and their scales
+passing between them as plugin outputs/inputs. The other linears (their GEMM is cuBLAS, not Triton) and the
+attention ops (quantization + block map + attention kernels) are :data:`JIT_OPS`: the engine calls back into Python
+for them, and the loading process must import this module.
 """
 from __future__ import annotations
 
