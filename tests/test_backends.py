@@ -254,6 +254,32 @@ def test_onnx_engine_protocol_and_refusals(builds):
     assert "\n" not in str(info.value)
 
 
+def test_turbocompile_load_opens_the_lowered_engine(builds, probe):
+    """``turbocompile.load`` (hash checks first) hands onnx artifacts to ``open_engine``."""
+    import turbocompile
+    from turbocompile.backends.engine import LoweredEngine
+
+    x, t, ctx, ref = probe
+    engine = turbocompile.load(builds["plain"])
+    assert isinstance(engine, LoweredEngine) and engine.backend == "onnx"
+    assert _rel(engine.expert("main")(x, t, ctx), ref) < 1e-5
+
+
+def test_tampered_onnx_model_is_refused(builds, tmp_path):
+    import shutil
+
+    import turbocompile
+
+    root = tmp_path / "copy"
+    shutil.copytree(builds["plain"], root)
+    model = root / "experts/main/model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        turbocompile.load(root)
+
+
 def test_onnx_refuses_other_shapes_in_one_line(builds):
     from turbocompile.errors import UnsupportedShapeError
 
