@@ -370,9 +370,7 @@ def _define_all() -> None:  # noqa: C901 - one short block per op, by design
         d = int(d_expr.constant_value)
         kernel = compile_norm(op, names[x.dtype], tuple(names[p.dtype] for p in params), d, eps,
                               _capability(), param_rows=any(p.ndim > 1 for p in params))
-        rows_expr = x.shape_expr[0]
-        for i in range(1, x.ndim - 1):
-            rows_expr = rows_expr * x.shape_expr[i]
+        rows_expr = leading(x)
         seq = x.shape_expr[1] if x.ndim == 3 else rows_expr
         extra = [rows_expr, seq, d]
         for p in params:
