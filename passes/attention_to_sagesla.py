@@ -91,8 +91,9 @@ def attention_to_sagesla(prog: Program, ctx: PassContext) -> PassResult:
                 if w is None:
                     missing_proj += 1
                     w, b = torch.zeros(d, d), torch.zeros(d)
-                w_node = prog.add_weight(key + ".weight", w.to(qv.dtype).contiguous())
-                b_node = prog.add_weight(key + ".bias", (b if b is not None else torch.zeros(d)).to(qv.dtype))
+                place = {"device": qv.device, "dtype": qv.dtype}  # beside the activations (GPU builds)
+                w_node = prog.add_weight(key + ".weight", w.to(**place).contiguous())
+                b_node = prog.add_weight(key + ".bias", (b if b is not None else torch.zeros(d)).to(**place))
                 res.weight_bytes_changed += (d * d + d) * qv.element_size()
                 op = ops.sage_sla.default if choice == "sage_sla" else ops.sla.default
                 new = prog.graph.call_function(op, (q, k, v, w_node, b_node, topk, blk_q, blk_k))

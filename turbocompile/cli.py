@@ -18,7 +18,8 @@ from rich.table import Table
 from .errors import TurboCompileError
 
 console = Console()
-err_console = Console(stderr=True)
+# Logs going to a file or pipe (CI, the GPU machine) keep long lines whole.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
 
 
 def _human_bytes(n: float) -> str:
@@ -353,8 +354,10 @@ def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_com
           artifact) -> None:
     """Measure kernels, one DiT forward (incremental ladder), whole-video DiT time against the original
     sampler, or the whole pipeline under a memory cap."""
+    from . import bench as bench_mod
     from .bench import run_bench
 
+    bench_mod.AUTOSAVE[0] = json_out
     report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
                        compile=not no_compile, gpu_memory_budget=_parse_bytes(gpu_memory_budget),
                        artifact=artifact)

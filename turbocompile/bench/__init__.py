@@ -22,15 +22,26 @@ from ..zoo import get_model
 log = logging.getLogger(__name__)
 
 
+#: Where every Report writes itself after each row (the CLI sets it from --json).
+AUTOSAVE: list[Any] = [None]
+
+
 @dataclass
 class Report:
     title: str
     header: dict[str, Any]
     sections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    autosave: Any = None  # a Path: rewritten after every row, so a crash keeps what was measured
+
+    def __post_init__(self) -> None:
+        if self.autosave is None:
+            self.autosave = AUTOSAVE[0]
 
     def add(self, section: str, row: dict[str, Any]) -> None:
         self.sections.setdefault(section, []).append(row)
-        log.info("%s: %s", section, row)
+        log.info("%s: %s", section, json.dumps(row, default=str))
+        if self.autosave is not None:
+            self.autosave.write_text(json.dumps(self.as_dict(), indent=2, default=str))
 
     def as_dict(self) -> dict[str, Any]:
         return {"title": self.title, "header": self.header, "sections": self.sections}
