@@ -55,7 +55,7 @@ def load_bound(folder: Path, info: dict[str, Any]) -> BoundProgram:
     return BoundProgram(ep.module(), info["weight_order"], weights, dynamic)
 
 
-def example_inputs(info: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def random_inputs(info: dict[str, Any], dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random ``(x, timestep, context)`` of the shapes the expert was built for (timestep is always fp32)."""
     gen = torch.Generator().manual_seed(seed)
     x_shape, t_shape, c_shape = info["input_shapes"]
@@ -71,7 +71,7 @@ def export_bound(folder: Path, info: dict[str, Any], dtype: torch.dtype, dynamic
 
     kernels.load_ops()
     module = load_bound(folder, info).to(device)
-    inputs = tuple(t.to(device) for t in example_inputs(info, dtype))
+    inputs = tuple(t.to(device) for t in random_inputs(info, dtype))
     dynamic_shapes = None
     if dynamic_frames and not module.dynamic_frames:
         log.warning("%s: built with dynamic frames, but its program has a static frame count; lowering it with "
