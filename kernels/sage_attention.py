@@ -475,7 +475,7 @@ def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple:
     cfg = KERNEL_CONFIGS.get((sage, sparse, blk_q, blk_k))
     if cfg is not None:
         return cfg
-    block_n = blk_k if sage else min(blk_k, 64)
+    block_n = blk_k if (sage or sparse) else 64
     block_m = blk_q if sparse else (64 if block_n == 128 else 128)
     warps = 8 if block_m == 128 else 4
     return block_m, block_n, warps, 3
