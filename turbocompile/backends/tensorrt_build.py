@@ -204,7 +204,7 @@ def lower_tensorrt(root: Path, manifest: dict[str, Any]) -> dict[str, str]:
     here = local_target()
     if here.name != target:
         raise GPUError(f"a TensorRT engine for {target} must be built on a {target} GPU, but this machine is "
-                       f"{here.name}; build on that GPU or use --backend onnx and build the engine there")
+                       f"{here.name}; build on that GPU (the ONNX export alone, --backend onnx, works anywhere)")
     check_runnable(target)
     files = lower_onnx(root, manifest)
     dynamic = bool(manifest.get("shapes", {}).get("dynamic_frames"))
