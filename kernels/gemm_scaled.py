@@ -112,7 +112,9 @@ def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w
         from turbocompile.errors import BackendUnavailableError
         raise BackendUnavailableError("Triton is not installed: the row-scaled Triton GEMM needs it")
     m, n, k = _check_operands(a_q, w_q)
-    cfg = ROW_CONFIGS[config or row_config_for(k)] if not isinstance(config, GemmConfig) else config
+    if config is None:  # fp32 output: the TMA kernel's 128x256 fp32 epilogue tile does not fit in shared memory
+        config = row_config_for(k) if out_dtype != torch.float32 else DEFAULT_ROW_CONFIG
+    cfg = ROW_CONFIGS[config] if not isinstance(config, GemmConfig) else config
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
         return out
