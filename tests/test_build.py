@@ -193,3 +193,24 @@ def test_existing_output_refused(tiny_build_plain: Path):
     r = runner.invoke(main, ["build", "--model", "wan-tiny", "--out", str(tiny_build_plain)])
     assert r.exit_code == 2 and "already exists" in r.output
     assert (tiny_build_plain / "manifest.json").exists()
+
+
+def test_dynamic_frames_build_runs_other_frame_counts(tmp_path):
+    art = build(BuildOptions(model="wan-tiny", out=tmp_path / "dyn", dynamic_frames=True,
+                             skip_passes=["attention_to_sagesla", "linear_to_w8a8", "fuse_norms"]))
+    engine = turbocompile.load(art)
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0)
+    for frames in (9, 25):  # built at 17
+        x, t, c = example_inputs(spec, 160, 96, frames, seed=frames)
+        with torch.no_grad():
+            ref = model(x, t, c, return_dict=False)[0]
+        torch.testing.assert_close(engine.expert("main")(x, t, c), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_any_tampered_artifact_file_refused(tiny_build_plain: Path, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_build_plain, copy)
+    (copy / "experts" / "main" / "program.pt2").write_bytes(b"not a program")
+    with pytest.raises(ArtifactError, match="program.pt2 does not match"):
+        turbocompile.load(copy)

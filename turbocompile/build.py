@@ -94,7 +94,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
     if opts.backend not in ("torch", "eager"):
         from .backends import check_backend
 
-        check_backend(opts.backend)
+        check_backend(opts.backend, target.name)
     res = opts.resolution or spec.default_resolution
     if res not in spec.resolutions:
         raise UnsupportedShapeError(f"{spec.id} supports resolutions {', '.join(spec.resolutions)}, not {res}")
@@ -131,7 +131,7 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
             prog = pm.run(prog)
             svgs[name] = dumps.block_svg(prog)
             say(f"[{name}] serializing program and weights")
-            expert_info[name] = _save_expert(prog, inputs, tmp / "experts" / name)
+            expert_info[name] = _save_expert(prog, inputs, tmp / "experts" / name, opts.dynamic_frames)
             expert_info[name]["passes"] = [
                 {"name": r.name, "matched": r.result.matched, "rewritten": r.result.rewritten,
                  "weight_bytes_changed": r.result.weight_bytes_changed, "seconds": round(r.seconds, 3),
@@ -177,11 +177,12 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
     return Path(opts.out)
 
 
-def _save_expert(prog: Program, inputs: tuple[torch.Tensor, ...], folder: Path) -> dict[str, Any]:
+def _save_expert(prog: Program, inputs: tuple[torch.Tensor, ...], folder: Path, dynamic_frames: bool = False
+                 ) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    ep = export_program(prog, inputs)
+    ep = export_program(prog, inputs, dynamic_frames)
     torch.export.save(ep, str(folder / "program.pt2"))
     order = [n.name for n in prog.weight_placeholders()]
     tensors = {}

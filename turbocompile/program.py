@@ -121,6 +121,10 @@ class Program:
         return self
 
 
+def _frames_dim() -> torch.export.Dim:
+    return torch.export.Dim("latent_frames", min=2, max=64)
+
+
 def capture(dit: torch.nn.Module, example_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
             dynamic_frames: bool = False) -> Program:
     """``torch.export`` the DiT for the given input shapes into a :class:`Program`.
@@ -131,8 +135,7 @@ def capture(dit: torch.nn.Module, example_inputs: tuple[torch.Tensor, torch.Tens
     wrapper = DiTCallable(dit)
     dynamic_shapes = None
     if dynamic_frames:
-        frames = torch.export.Dim("latent_frames", min=1, max=64)
-        dynamic_shapes = {"x": {2: frames}, "timestep": None, "context": None}
+        dynamic_shapes = {"x": {2: _frames_dim()}, "timestep": None, "context": None}
     with torch.no_grad():
         ep = torch.export.export(wrapper, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     return program_from_exported(ep)
@@ -165,8 +168,13 @@ def program_from_exported(ep: torch.export.ExportedProgram) -> Program:
     return prog
 
 
-def export_program(prog: Program, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def export_program(prog: Program, example_inputs: tuple[torch.Tensor, ...], dynamic_frames: bool = False
+                   ) -> torch.export.ExportedProgram:
     """Re-export the rewritten graph (weights as inputs) into a portable ExportedProgram."""
-    args = tuple(prog.ordered_weights()) + tuple(example_inputs)
+    weights = prog.ordered_weights()
+    args = tuple(weights) + tuple(example_inputs)
+    dynamic_shapes = None
+    if dynamic_frames:
+        dynamic_shapes = [None] * len(weights) + [{2: _frames_dim()}, None, None]
     with torch.no_grad():
-        return torch.export.export(prog.gm, args, strict=False)
+        return torch.export.export(prog.gm, args, dynamic_shapes=dynamic_shapes, strict=False)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import artifact
-from .engine import Denoiser, ResidencyManager
+from .engine import Denoiser, Engine, ResidencyManager
 from .errors import ArtifactError
 from .targets import check_runnable
 from .zoo import get_model
@@ -116,7 +116,7 @@ class ProgramEngine:
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
-         gpu_memory_budget: int | None = None, compile: bool | None = None) -> ProgramEngine:
+         gpu_memory_budget: int | None = None, compile: bool | None = None) -> "Engine":
     """Open an artifact directory for sampling. Refuses a tampered file, another schema, or another GPU arch.
 
     ``compile``: run the programs through ``torch.compile`` (the ``torch`` backend; default on CUDA for
