@@ -5,9 +5,11 @@ Triton ``fp8-block`` path), B the quantized weight [N, K] in 128x128 blocks. The
 of K, so the integer accumulator cannot run over all of K as in a per-row scheme: each program accumulates one
 128-deep K block on the tensor cores (``tl.dot`` -> wgmma on Hopper, int32 for int8, fp32 for fp8), then folds it
 into an fp32 accumulator with one multiply-add by the product of the two block scales. That rescale is CUDA-core
-work on every accumulator element per K block; on Hopper an int32 -> fp32 convert is a quarter-rate (16/clk/SM)
-instruction, so ``GemmConfig.rescale`` 1-3 replace it with an integer add and a float subtract (exact while |acc| < 2**22;
-128 products of int8 are at most 2**21). Bias and the output cast are fused in the epilogue.
+work on every accumulator element per K block, and Triton waits for each block's wgmma before it (the tensor
+cores idle meanwhile): on an H200 this kernel reaches ~800 TOP/s against ~1250 for the same loads and tiles without
+the rescale (docs/kernels-linear.md). ``GemmConfig.rescale`` selects how int32 becomes fp32: the plain convert
+(``I2FP`` on sm_90, measured fastest, default), an exact magic-number add/subtract, or the magic number folded
+out of the loop. Bias and the output cast are fused in the epilogue.
 
 Tiles are 128 x 128 (x 128 deep) so a 128x128 scale block maps onto a tile and the scales are scalars per K step;
 ``BLOCK_N = 256`` loads a pair of weight scales. Programs are rasterized in groups of ``GROUP_M`` row-tiles so
@@ -102,6 +104,32 @@ if triton is not None:
         return pid_m, pid_n
 
     @triton.jit
+    def tile_operands(a_ptr, b_ptr, M, N, stride_am, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's tile and its first A [BLOCK_M, BLOCK_K] / B^T [BLOCK_K, BLOCK_N] pointers.
+
+        Out-of-range rows/columns read a valid row instead (their results are never stored): no load masks on
+        M/N. B is read K-major (B^T tile from the row-major [N, K] weight), as int8/e4m3 wgmma requires."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows_a = (offs_m % M).to(tl.int64)
+        rows_b = (offs_n % N).to(tl.int64)
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+        return pid_m, pid_n, offs_m, offs_n, offs_k, rows_a, rows_b, a_ptrs, b_ptrs
+
+    @triton.jit
+    def load_k_step(a_ptrs, b_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+        """The A and B^T tiles of one K step (zero past K unless K is a multiple of the step)."""
+        if EVEN_K:
+            return tl.load(a_ptrs), tl.load(b_ptrs)
+        else:
+            return (tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0),
+                    tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0))
+
+    @triton.jit
     def int_block_to_f32(a, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESCALE: tl.constexpr):
         """One 128-deep int8 block product on the tensor cores, returned as fp32 (see GemmConfig.rescale)."""
         if RESCALE == 0:
@@ -126,15 +154,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr,
     ):
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        # Out-of-range rows/columns read a valid row instead (their results are never stored): no load masks on M/N.
-        rows_a = (offs_m % M).to(tl.int64)
-        rows_b = (offs_n % N).to(tl.int64)
-        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+        pid_m, pid_n, offs_m, offs_n, offs_k, rows_a, rows_b, a_ptrs, b_ptrs = tile_operands(
+            a_ptr, b_ptr, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         # Scales: a scalar per K step where the tile lies inside one 128-block, else a vector over rows/columns.
         if A_PER_ROW:  # 1 x 128 groups: one scale per row and K block
             sa_ptrs = sa_ptr + rows_a * stride_sam
@@ -149,13 +170,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         corr = 0.0
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_left = K - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            a, b = load_k_step(a_ptrs, b_ptrs, offs_k, K - kt * BLOCK_K, EVEN_K)
             sa = tl.load(sa_ptrs + kt * stride_sak)
             sb = tl.load(sb_ptrs + kt * stride_sbk)
             if a.dtype == tl.int8:

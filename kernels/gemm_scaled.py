@@ -29,7 +29,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbocompile.kernels.gemm_int8_block import grouped_tile
+    from turbocompile.kernels.gemm_int8_block import load_k_step, tile_operands
     from turbocompile.kernels.quantize_activations import round_bits
 except ImportError:  # pragma: no cover
     triton = None
@@ -63,26 +63,14 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr,
     ):
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        rows_a = (offs_m % M).to(tl.int64)
-        rows_b = (offs_n % N).to(tl.int64)
-        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+        pid_m, pid_n, offs_m, offs_n, offs_k, rows_a, rows_b, a_ptrs, b_ptrs = tile_operands(
+            a_ptr, b_ptr, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         if a_ptr.dtype.element_ty == tl.int8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_left = K - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            a, b = load_k_step(a_ptrs, b_ptrs, offs_k, K - kt * BLOCK_K, EVEN_K)
             acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K

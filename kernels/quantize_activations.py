@@ -136,6 +136,14 @@ if triton is not None:
         return v.to(tl.float8e4nv)
 
     @triton.jit
+    def load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm):
+        """Masked fp32 load of rows ``offs_m`` x channels ``offs_k`` (int64 row offsets: M*K may pass 2**31)."""
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        rows = offs_m.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        return x, rows, mask
+
+    @triton.jit
     def _quant_int8_block_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
         """One program per 128x128 tile: load once, amax, scale, round, store."""
@@ -143,9 +151,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        rows = offs_m.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, mask = load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8)
         inv = tl.math.div_rn(128.0, amax)
         q = tl.minimum(tl.maximum(rne(x * inv, INTERP), -128.0), 127.0).to(tl.int8)
@@ -160,9 +166,7 @@ if triton is not None:
         pid = tl.program_id(0)
         offs_m = pid * ROWS + tl.arange(0, ROWS)
         offs_k = tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        rows = offs_m.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, mask = load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
         amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8)
         inv = tl.math.div_rn(tl.full([ROWS], QMAX, tl.float32), amax)
         v = x * inv[:, None]
@@ -181,9 +185,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * (GROUPS * 128) + tl.arange(0, GROUPS * 128)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        rows = offs_m.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, rows, mask = load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
         x3 = tl.reshape(x, [BLOCK_M, GROUPS, 128])
         amax = tl.maximum(tl.max(tl.abs(x3), axis=2), 1e-8)  # [BLOCK_M, GROUPS]
         inv = tl.math.div_rn(tl.full([BLOCK_M, GROUPS], 448.0, tl.float32), amax)

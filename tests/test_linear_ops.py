@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -229,12 +227,9 @@ def _interpret_checks() -> dict:
 @pytest.fixture(scope="module")
 def interp_report(tmp_path_factory) -> dict:
     pytest.importorskip("triton", reason="Triton is not installed")
-    out = tmp_path_factory.mktemp("interp") / "linear.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    from interp_subprocess import run_interpreted
+
+    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "linear.json")
 
 
 def test_interp_quantizers_match_references(interp_report):

@@ -3,8 +3,6 @@ TRITON_INTERPRET=1 (in a subprocess that runs this file as a script)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -126,12 +124,9 @@ def _cmp(got: torch.Tensor, want: torch.Tensor) -> dict:
 @pytest.fixture(scope="module")
 def interp_report(tmp_path_factory) -> dict:
     pytest.importorskip("triton", reason="Triton is not installed")
-    out = tmp_path_factory.mktemp("interp") / "norms.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    from interp_subprocess import run_interpreted
+
+    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "norms.json")
 
 
 def test_interp_norm_kernel_matches_references(interp_report):
