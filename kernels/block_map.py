@@ -17,19 +17,11 @@ on the GPU the Sage path gets the pooled means from its fused quantization kerne
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from turbocompile.errors import InputError, UnsupportedShapeError
 
-try:  # the GPU top-k; without Triton the LUT comes from torch.topk
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
 
 __all__ = ["num_kept_blocks", "block_mean", "lut_from_pooled", "sla_block_map", "check_block_size"]
 
@@ -61,54 +53,35 @@ def block_mean(x: torch.Tensor, blk: int) -> torch.Tensor:
     return out
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _topk_lut_kernel(S, LUT, NROWS, NK, T, ROWS: tl.constexpr, NKP: tl.constexpr):
-        """Rows of block scores -> their T best column indices, ascending. One bitonic sort of (score, index) keys
-        packed in int64 (score order first, lower index first on ties), a second sort of the kept indices."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, NKP)
-        ok = (rows < NROWS)[:, None] & (cols < NK)[None, :]
-        s = tl.load(S + rows[:, None].to(tl.int64) * NK + cols[None, :], mask=ok, other=float("-inf"))
-        bits = s.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 with the order of the floats
-        packed = (key.to(tl.int64) << 32) | (NKP - 1 - cols)[None, :].to(tl.int64)
-        packed = tl.sort(packed, dim=1, descending=True)
-        idx = (NKP - 1 - (packed & 0xFFFFFFFF)).to(tl.int32)
-        idx = tl.where(cols[None, :] < T, idx, NKP + cols[None, :])  # past T: large and distinct, sorts last
-        idx = tl.sort(idx, dim=1)
-        tl.store(LUT + rows[:, None].to(tl.int64) * T + cols[None, :], idx,
-                 mask=(rows < NROWS)[:, None] & (cols < T)[None, :])
+def _ascending(idx: torch.Tensor, nk: int, order: str) -> torch.Tensor:
+    """Kept indices [..., T] (any order) -> ascending int32. "scatter" ranks them through a mask and a cumsum
+    (no segmented sort); "sort" is torch.sort."""
+    if order == "sort":
+        return torch.sort(idx, dim=-1).values.to(torch.int32)
+    t = idx.shape[-1]
+    rows = idx.reshape(-1, t)
+    mask = torch.zeros((rows.shape[0], nk), dtype=torch.bool, device=idx.device).scatter_(1, rows, True)
+    pos = torch.where(mask, torch.cumsum(mask, dim=1, dtype=torch.int32) - 1, t)  # rank among kept, or the sink
+    cols = torch.arange(nk, dtype=torch.int32, device=idx.device).expand(rows.shape[0], nk)
+    out = torch.empty((rows.shape[0], t + 1), dtype=torch.int32, device=idx.device).scatter_(1, pos.long(), cols)
+    return out[:, :t].reshape(idx.shape)
 
 
-def _topk_lut_triton(scores: torch.Tensor, t: int) -> torch.Tensor:
-    nk = scores.shape[-1]
-    nkp = max(16, triton.next_power_of_2(nk))
-    rows_per = max(1, min(16, 4096 // nkp))
-    flat = scores.reshape(-1, nk).contiguous()
-    lut = torch.empty(scores.shape[:-1] + (t,), dtype=torch.int32, device=scores.device)
-    _topk_lut_kernel[(triton.cdiv(flat.shape[0], rows_per),)](flat, lut, flat.shape[0], nk, t, ROWS=rows_per,
-                                                                NKP=nkp, num_warps=4)
-    return lut
+#: How :func:`lut_from_pooled` orders the kept indices ("scatter" or "sort"); both give the same LUT.
+LUT_ORDER = "scatter"
 
 
 def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> torch.Tensor:
-    """Top-k key blocks per query block from pooled (smoothed) Q and K [B, H, M, D]; int32 [B, H, Mq, T], ascending.
-
-    On CUDA (and under TRITON_INTERPRET=1) the selection is one Triton kernel (a bitonic sort per row, up to 4096
-    key blocks); ``torch.topk`` + ``torch.sort`` took 2.1 ms for 40 heads x 1182 x 591 on an H200."""
+    """Top-k key blocks per query block from pooled (smoothed) Q and K [B, H, M, D]; int32 [B, H, Mq, T], ascending."""
     d = pooled_q.shape[-1]
     scores = torch.matmul(pooled_q.float(), pooled_k.float().transpose(-1, -2)) * (d ** -0.5)
-    t = num_kept_blocks(topk, scores.shape[-1])
-    if t == scores.shape[-1]:
+    nk = scores.shape[-1]
+    t = num_kept_blocks(topk, nk)
+    if t == nk:
         idx = torch.arange(t, device=scores.device, dtype=torch.int32)
         return idx.expand(scores.shape[:-1] + (t,)).contiguous()
-    fast = scores.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if HAS_TRITON and fast and scores.shape[-1] <= 4096:
-        return _topk_lut_triton(scores, t)
     idx = torch.topk(scores, t, dim=-1, sorted=False).indices
-    return torch.sort(idx, dim=-1).values.to(torch.int32).contiguous()
+    return _ascending(idx, nk, LUT_ORDER).contiguous()
 
 
 def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:

@@ -224,7 +224,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             o = fn()
             record(shape, "sage_attention 64x128", bench(fn), dense_flops, err(o))
             if args.sweep:
-                for blks, cfg in (((64, 128), (64, 128, 4, 2)), ((64, 128), (128, 128, 8, 3))):
+                for blks, cfg in (((64, 128), (128, 128, 8, 3)),):
                     try:
                         fn = lambda: block_attention_triton(q, k, v, None, *blks, sage=True, config=cfg)  # noqa: E731
                         o = fn()
@@ -263,12 +263,23 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             record(shape, "  stage: top-k LUT", bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)),
                    dense_flops)
 
-            def lut_torch():
-                sc = torch.matmul(quant["q_pool"], quant["k_pool"].transpose(-1, -2))
-                t_kept = max(1, int(topk * sc.shape[-1]))
-                return torch.sort(torch.topk(sc, t_kept, dim=-1, sorted=False).indices, dim=-1).values.int()
+            from . import block_map as bm
+            from . import sla as sla_mod
 
-            record(shape, "  (alt: top-k LUT via torch.topk)", bench(lut_torch), dense_flops)
+            for order in ("sort", "scatter"):
+                bm.LUT_ORDER, keep = order, bm.LUT_ORDER
+                record(shape, f"  (LUT ordering by {order})",
+                       bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)), dense_flops)
+                bm.LUT_ORDER = keep
+            if args.sweep:
+                for cfg in ((False, 2), (False, 4), (True, 2), (True, 4)):
+                    sla_mod.LINEAR_STATS_CONFIG, keep = cfg, sla_mod.LINEAR_STATS_CONFIG
+                    try:
+                        record(shape, f"  (linear stats VT_A={cfg[0]}, {cfg[1]}/SM)",
+                               bench(lambda: linear_branch_stats(k, v, w, bias)), dense_flops)
+                    except Exception as exc:  # noqa: BLE001
+                        log.info("linear stats %s failed: %s", cfg, exc)
+                    sla_mod.LINEAR_STATS_CONFIG = keep
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
             if args.sweep:
@@ -281,7 +292,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     except Exception as exc:  # noqa: BLE001
                         log.info("config %s failed: %s", cfg, exc)
                 lut_b = sla_block_map(q, k, topk, *blk_sla)
-                for cfg in ((64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 2)):
+                for cfg in ((64, 128, 4, 2),):
                     try:
                         fn = lambda: block_attention_triton(q, k, v, lut_b, *blk_sla, sage=False, linear=lin,  # noqa
                                                             config=cfg)

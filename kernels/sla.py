@@ -47,15 +47,16 @@ if HAS_TRITON:
     @triton.jit
     def _linear_stats_kernel(K, V, KV, Z, KSUM, VMAX, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                              stride_vl, H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                             EMULATE: tl.constexpr):
+                             VT_A: tl.constexpr, EMULATE: tl.constexpr):
         """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D), and
-        while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments)."""
+        while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments).
+        VT_A: compute the transpose, Vᵀ·φ(K), with Vᵀ loaded as the MMA's A operand (else φ(K)ᵀ from registers)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         cols = tl.arange(0, HEAD_DIM)
-        vtphi = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
         z = tl.zeros([HEAD_DIM], dtype=tl.float32)
         ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
         vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -66,17 +67,24 @@ if HAS_TRITON:
             ok = rows < hi
             k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + cols[None, :],
                         mask=ok[:, None], other=0.0).to(tl.float32)
-            # Vᵀ tile straight from memory: the MMA's A operand, φ(K) (in registers) its B operand, no transpose
-            vt = tl.load(V + b * stride_vb + h * stride_vh + rows[None, :] * stride_vl + cols[:, None],
-                         mask=ok[None, :], other=0.0)
             e = tl.math.exp2((k - tl.max(k, 1)[:, None]) * 1.4426950408889634)
             phi = tl.where(ok[:, None], e * (1.0 / tl.sum(e, 1))[:, None], 0.0)
             z += tl.sum(phi, 0)
             ksum += tl.sum(k, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(vt.to(tl.float32)), 1))
-            vtphi += _dot16(vt, phi.to(vt.dtype), EMULATE)  # [D_v, D_phi] = (φ(K)ᵀV)ᵀ
+            if VT_A:
+                vt = tl.load(V + b * stride_vb + h * stride_vh + rows[None, :] * stride_vl + cols[:, None],
+                             mask=ok[None, :], other=0.0)
+                vmax = tl.maximum(vmax, tl.max(tl.abs(vt.to(tl.float32)), 1))
+                acc += _dot16(vt, phi.to(vt.dtype), EMULATE)  # [D_v, D_phi]
+            else:
+                v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+                            mask=ok[:, None], other=0.0)
+                vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
+                acc += _dot16(tl.trans(phi.to(v.dtype)), v, EMULATE)  # [D_phi, D_v]
+        if VT_A:  # store as [D_phi, D_v]
+            acc = tl.trans(acc)
         tl.store(KV + (pid * tl.num_programs(1) + bh) * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
-                 vtphi)
+                 acc)
         tl.store(Z + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, z)
         tl.store(KSUM + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, ksum)
         tl.store(VMAX + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, vmax)
@@ -102,21 +110,25 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return torch.matmul(o_l, proj_weight.float().t()) + proj_bias.float()
 
 
+#: (VT_A, programs per SM) of the linear-statistics kernel; see :func:`linear_branch_stats`.
+LINEAR_STATS_CONFIG: tuple[bool, int] = (False, 2)
+
+
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                         proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
     """One Triton pass over K and V. Returns what the fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16,
     ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    n_chunks = max(1, min(-(-lk // 256), -(-4 * sms // (b * h))))
+    vt_a, per_sm = LINEAR_STATS_CONFIG
+    n_chunks = max(1, min(-(-lk // 256), -(-per_sm * sms // (b * h))))
     chunk = -(-lk // n_chunks)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
-        chunk, HEAD_DIM=d, BLOCK_L=64, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
-    # kv holds (φ(K)ᵀV)ᵀ per chunk; M = (φ(K)ᵀV)·Wᵀ = (W·(φ(K)ᵀV)ᵀ)ᵀ
-    m = torch.matmul(proj_weight.float(), kv.sum(0)).transpose(-1, -2).to(torch.bfloat16).contiguous()
+        chunk, HEAD_DIM=d, BLOCK_L=64, VT_A=vt_a, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
+    m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
     moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
     return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
 
