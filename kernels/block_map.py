@@ -53,24 +53,6 @@ def block_mean(x: torch.Tensor, blk: int) -> torch.Tensor:
     return out
 
 
-def _ascending(idx: torch.Tensor, nk: int, order: str) -> torch.Tensor:
-    """Kept indices [..., T] (any order) -> ascending int32. "scatter" ranks them through a mask and a cumsum
-    (no segmented sort); "sort" is torch.sort."""
-    if order == "sort":
-        return torch.sort(idx, dim=-1).values.to(torch.int32)
-    t = idx.shape[-1]
-    rows = idx.reshape(-1, t)
-    mask = torch.zeros((rows.shape[0], nk), dtype=torch.bool, device=idx.device).scatter_(1, rows, True)
-    pos = torch.where(mask, torch.cumsum(mask, dim=1, dtype=torch.int32) - 1, t)  # rank among kept, or the sink
-    cols = torch.arange(nk, dtype=torch.int32, device=idx.device).expand(rows.shape[0], nk)
-    out = torch.empty((rows.shape[0], t + 1), dtype=torch.int32, device=idx.device).scatter_(1, pos.long(), cols)
-    return out[:, :t].reshape(idx.shape)
-
-
-#: How :func:`lut_from_pooled` orders the kept indices ("scatter" or "sort"); both give the same LUT.
-LUT_ORDER = "scatter"
-
-
 def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> torch.Tensor:
     """Top-k key blocks per query block from pooled (smoothed) Q and K [B, H, M, D]; int32 [B, H, Mq, T], ascending."""
     d = pooled_q.shape[-1]
@@ -81,7 +63,7 @@ def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float)
         idx = torch.arange(t, device=scores.device, dtype=torch.int32)
         return idx.expand(scores.shape[:-1] + (t,)).contiguous()
     idx = torch.topk(scores, t, dim=-1, sorted=False).indices
-    return _ascending(idx, nk, LUT_ORDER).contiguous()
+    return torch.sort(idx, dim=-1).values.to(torch.int32).contiguous()
 
 
 def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:

@@ -263,25 +263,29 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             record(shape, "  stage: top-k LUT", bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)),
                    dense_flops)
 
-            from . import block_map as bm
             from . import sla as sla_mod
 
-            for order in ("sort", "scatter"):
-                bm.LUT_ORDER, keep = order, bm.LUT_ORDER
-                record(shape, f"  (LUT ordering by {order})",
-                       bench(lambda: lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)), dense_flops)
-                bm.LUT_ORDER = keep
             if args.sweep:
-                for cfg in ((False, 2), (False, 4), (True, 2), (True, 4)):
+                for cfg in ((False, 4, 32, 4), (False, 4, 32, 8), (False, 4, 64, 4), (True, 4, 64, 4)):
                     sla_mod.LINEAR_STATS_CONFIG, keep = cfg, sla_mod.LINEAR_STATS_CONFIG
                     try:
-                        record(shape, f"  (linear stats VT_A={cfg[0]}, {cfg[1]}/SM)",
-                               bench(lambda: linear_branch_stats(k, v, w, bias)), dense_flops)
+                        record(shape, f"  (linear stats {cfg})", bench(lambda: linear_branch_stats(k, v, w, bias)),
+                               dense_flops)
                     except Exception as exc:  # noqa: BLE001
                         log.info("linear stats %s failed: %s", cfg, exc)
                     sla_mod.LINEAR_STATS_CONFIG = keep
+
+                def torch_stats():
+                    phi = torch.softmax(k, dim=-1)
+                    return torch.matmul(phi.transpose(-1, -2), v), phi.sum(2, dtype=torch.float32)
+
+                record(shape, "  (linear stats in torch, bf16 φ)", bench(torch_stats), dense_flops)
+                _compile_report(sla_mod._linear_stats_kernel, "linear_stats")
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
+            from .sage_attention import _attn_fwd_kernel
+
+            _compile_report(_attn_fwd_kernel, "attn_fwd")
             if args.sweep:
                 for cfg in ((64, 64, 4, 2),):
                     try:
@@ -318,6 +322,18 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                 log.info("flex attention baseline failed: %s", exc)
         del q, k, v
 
+
+
+def _compile_report(kernel, name: str) -> None:  # pragma: no cover - bench helper
+    """Registers, spills and the MMA instructions of every compiled variant of a Triton kernel (no device time)."""
+    try:
+        for dev_cache in kernel.device_caches.values():
+            for key, ck in dev_cache[0].items():
+                ptx = ck.asm.get("ptx", "")
+                log.info("compiled %s: regs %s spills %s wgmma %d mma.sync %d shared %s", name, ck.n_regs,
+                         ck.n_spills, ptx.count("wgmma.mma_async"), ptx.count("mma.sync"), ck.metadata.shared)
+    except Exception as exc:  # noqa: BLE001 - Triton internals differ between versions
+        log.info("compile report for %s unavailable: %s", name, exc)
 
 
 def _pools(q, k, blk):  # pragma: no cover - bench helper

@@ -110,8 +110,8 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return torch.matmul(o_l, proj_weight.float().t()) + proj_bias.float()
 
 
-#: (VT_A, programs per SM) of the linear-statistics kernel; see :func:`linear_branch_stats`.
-LINEAR_STATS_CONFIG: tuple[bool, int] = (False, 2)
+#: (VT_A, programs per SM, tokens per step, warps) of the linear-statistics kernel (:func:`linear_branch_stats`).
+LINEAR_STATS_CONFIG: tuple[bool, int, int, int] = (False, 4, 64, 8)
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
@@ -120,14 +120,14 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    vt_a, per_sm = LINEAR_STATS_CONFIG
+    vt_a, per_sm, block_l, warps = LINEAR_STATS_CONFIG
     n_chunks = max(1, min(-(-lk // 256), -(-per_sm * sms // (b * h))))
     chunk = -(-lk // n_chunks)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
-        chunk, HEAD_DIM=d, BLOCK_L=64, VT_A=vt_a, EMULATE=_interpreting(), num_warps=8 if d == 128 else 4)
+        chunk, HEAD_DIM=d, BLOCK_L=block_l, VT_A=vt_a, EMULATE=_interpreting(), num_warps=warps)
     m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
     moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
     return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments

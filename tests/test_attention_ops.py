@@ -77,17 +77,6 @@ def test_block_map_matches_brute_force_topk(lq, lk, blk_q, blk_k, topk):
                     assert float(kept.min()) >= float(score[i, dropped].max()) - 1e-9
 
 
-@pytest.mark.parametrize("order", ["scatter", "sort"])
-def test_lut_orderings_agree(order, monkeypatch):
-    from turbocompile.kernels import block_map
-
-    q, k, _ = structured_qkv(2, 2, 900, 64, seed=4)
-    monkeypatch.setattr(block_map, "LUT_ORDER", order)
-    lut = sla_block_map(q, k, 0.3, 64, 64)
-    monkeypatch.setattr(block_map, "LUT_ORDER", "sort")
-    assert torch.equal(lut, sla_block_map(q, k, 0.3, 64, 64))
-
-
 @pytest.mark.parametrize("topk,nk,expect", [(0.1, 5, 1), (0.001, 1000, 1), (0.1, 256, 25), (1.0, 7, 7), (0.5, 1, 1)])
 def test_kept_blocks_never_zero(topk, nk, expect):
     assert num_kept_blocks(topk, nk) == expect
