@@ -122,7 +122,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
               dry_run: bool = False, compile: bool = True, gpu_memory_budget: int | None = None,
-              artifact: Any = None) -> Report:
+              artifact: Any = None, profile: bool = False) -> Report:
     spec = get_model(model_id)
     if not dry_run and not torch.cuda.is_available():
         raise GPUError("turbocompile bench needs a CUDA GPU (none visible); use --dry-run to check the plan on CPU")
@@ -134,11 +134,11 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
     if what == "model":
         from .model import bench_model
 
-        return bench_model(spec, res, repeats, dry_run, compile=compile)
+        return bench_model(spec, res, repeats, dry_run, compile=compile, profile=profile)
     if what == "e2e":
         from .model import bench_e2e
 
-        return bench_e2e(spec, res, repeats, dry_run, compile=compile)
+        return bench_e2e(spec, res, repeats, dry_run, compile=compile, profile=profile)
     if what == "pipeline":
         if dry_run:
             return Report(f"pipeline {spec.id}@{res} (dry run)", environment(True),

@@ -31,7 +31,7 @@ def forward_flops(spec: ModelSpec, L: int) -> float:
 
 
 def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str,
-            device: str = "cuda", compile: bool = True) -> dict[str, Any]:
+            device: str = "cuda", compile: bool = True, profile: bool = False) -> dict[str, Any]:
     from ..modeling import example_inputs, random_dit_on_device
     from ..passmanager import PassContext, PassManager
     from ..passes import BY_NAME
@@ -81,6 +81,9 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     rung(RUNGS[3], lambda: prog(x, t, c))
     apply("attention_to_sagesla")
     final = rung(RUNGS[4], lambda: prog(x, t, c))
+    if profile and on_gpu:
+        _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[4]} ({spec.id}@{resolution})",
+                 times[RUNGS[4]])
     compiled_s = None
     if compile:
         compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section)
@@ -91,6 +94,21 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
         report.header[f"{section}: first compiled call s"] = round(compiled_s, 1)
     del final, base
     return {"times": times, "tokens": L, "flops": flops}
+
+
+def _profile(fn, report: Report, section: str, forward_s: float, top: int = 15) -> None:
+    """One forward under torch.profiler: GPU time per op (children included, so an op and the aten ops it
+    calls both appear), the largest first, as a share of the measured forward time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("ProfilerStep")]
+    ops = [e for e in events if e.key.startswith(("turbocompile::", "aten::"))]
+    for e in sorted(ops, key=lambda e: e.device_time_total, reverse=True)[:top]:
+        report.add(section, {"op": e.key, "calls": e.count, "GPU ms (incl. children)": e.device_time_total / 1e3,
+                             "share of forward %": 100 * e.device_time_total / 1e6 / forward_s})
 
 
 def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: str) -> float | None:
@@ -112,7 +130,7 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
 
 
 def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, device: str = "cuda",
-                compile: bool = True) -> Report:
+                compile: bool = True, profile: bool = False) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
@@ -123,7 +141,7 @@ def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, d
         for r in RUNGS:
             report.add(section, {"rung": r, "tokens": L, "dense TFLOP/forward": forward_flops(spec, L) / 1e12})
         return report
-    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile)
+    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile, profile=profile)
     return report
 
 
@@ -157,7 +175,8 @@ def _vae_decode_time(spec: ModelSpec, resolution: str) -> float:
     return t
 
 
-def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, compile: bool = True) -> Report:
+def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, compile: bool = True,
+              profile: bool = False) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"whole-video DiT time, {spec.id}@{resolution} ({L} tokens, {spec.default_frames} frames)",
@@ -172,7 +191,8 @@ def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, com
         for s in (4, 3, 2):
             report.add("plan", {"sampler": f"rCM {s} steps", "NFE": s})
         return report
-    ladder = _ladder(spec, resolution, repeats, report, f"ladder {spec.id}@{resolution}", compile=compile)
+    ladder = _ladder(spec, resolution, repeats, report, f"ladder {spec.id}@{resolution}", compile=compile,
+                     profile=profile)
     times = ladder["times"]
     base = times[RUNGS[0]]
     best_name = min((r for r in RUNGS[4:] if r in times), key=lambda r: times[r])
