@@ -266,7 +266,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             from . import sla as sla_mod
 
             if args.sweep:
-                for cfg in ((False, 4, 32, 4), (False, 4, 32, 8), (False, 4, 64, 4), (True, 4, 64, 4)):
+                for cfg in ((4, 64, 8), (2, 64, 4), (4, 128, 4)):
                     sla_mod.LINEAR_STATS_CONFIG, keep = cfg, sla_mod.LINEAR_STATS_CONFIG
                     try:
                         record(shape, f"  (linear stats {cfg})", bench(lambda: linear_branch_stats(k, v, w, bias)),
