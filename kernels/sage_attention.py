@@ -263,20 +263,23 @@ if HAS_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
+    def _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, L):
+        """Token block ``program_id(0)`` of head ``bh`` as fp32 [BLK, D] (rows past L read as 0), its rows, cols."""
+        rows = tl.program_id(0) * BLK + tl.arange(0, BLK)
+        cols = tl.arange(0, HEAD_DIM)
+        x = tl.load(X + (bh // H) * stride_xb + (bh % H) * stride_xh + rows[:, None] * stride_xl + cols[None, :],
+                    mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+        return x, rows, cols
+
+    @triton.jit
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr):
         """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid * BLK + tl.arange(0, BLK)
-        cols = tl.arange(0, HEAD_DIM)
-        valid = rows < L
-        x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xl + cols[None, :],
-                    mask=valid[:, None], other=0.0).to(tl.float32)
+        x, rows, cols = _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
         if HAS_MEAN:
-            x = tl.where(valid[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
+            x = tl.where((rows < L)[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
         if pid < NBLK:
             n_valid = tl.minimum(L - pid * BLK, BLK).to(tl.float32)
             tl.store(POOL + (bh * NBLK + pid) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
@@ -293,14 +296,8 @@ if HAS_TRITON:
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
                             BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr):
         """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD]."""
-        pid = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid * BLK + tl.arange(0, BLK)
-        cols = tl.arange(0, HEAD_DIM)
-        x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
-                    mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+        x, rows, cols = _load_block(V, bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
         x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
         tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE, True))
 

@@ -28,15 +28,14 @@ from .block_map import lut_from_pooled, sla_block_map
 from .sage_attention import (
     attention_fp32_reference,
     block_attention_triton,
-    check_qkv,
     sage_quantize_triton,
     structured_qkv,
 )
 from .sla import (
-    check_proj,
     dispatch_cuda,
     linear_branch_reference,
     linear_branch_stats,
+    sla_family_fake,
     sla_triton,
     sparse_linear_reference,
 )
@@ -79,12 +78,7 @@ def _sage_sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weigh
                          blk_q, blk_k)
 
 
-@_sage_sla_op.register_fake
-def _sage_sla_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
-                   proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
-    check_qkv(q, k, v, blk_q, blk_k)
-    check_proj(q, proj_weight, proj_bias)
-    return q.new_empty(q.shape)
+_sage_sla_op.register_fake(sla_family_fake)
 
 
 def sage_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,

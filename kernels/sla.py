@@ -178,12 +178,15 @@ def _sla_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: to
     return dispatch_cuda("sla", sla_triton, sla_reference, q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
 
 
-@_sla_op.register_fake
-def _sla_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-              topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+def sla_family_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                    proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
+    """Fake impl of ``sla`` and ``sage_sla`` (same schema): the real impl's checks, then q's shape and dtype."""
     check_qkv(q, k, v, blk_q, blk_k)
     check_proj(q, proj_weight, proj_bias)
     return q.new_empty(q.shape)
+
+
+_sla_op.register_fake(sla_family_fake)
 
 
 def sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
