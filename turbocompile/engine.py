@@ -12,8 +12,6 @@ waits on the host and the next one is prefetched on a side stream while the curr
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -46,69 +44,99 @@ class Engine(Protocol):
         """Move ``name`` off the device if the memory budget needs the room (no-op otherwise)."""
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+class ExpertSlot(Protocol):
+    """One expert as the residency logic sees it: a denoiser that knows its size and can move."""
+
+    on_device: bool
+
+    def nbytes(self) -> int: ...
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> None: ...
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
 
 
-@dataclass
-class ResidencyManager:
-    """Keeps experts on the device within a byte budget; moves them with a side stream when possible."""
+class ResidentEngine:
+    """The residency policy every engine shares: all experts on the device when they fit the byte budget;
+    otherwise each waits on the host until used, the next one is prefetched on a side stream when it fits
+    beside the resident ones, and a finished one is released."""
 
-    device: torch.device
-    budget_bytes: int | None = None
-    _pending: dict[str, threading.Thread] = field(default_factory=dict)
-
-    def fits(self, sizes: list[int]) -> bool:
-        return self.budget_bytes is None or sum(sizes) <= self.budget_bytes
-
-    def move(self, module: torch.nn.Module, device: torch.device, non_blocking: bool = False) -> None:
-        if device.type == "cuda" and non_blocking:
-            stream = torch.cuda.Stream(device)
-            with torch.cuda.stream(stream):
-                module.to(device, non_blocking=True)
-            torch.cuda.current_stream(device).wait_stream(stream)
+    def __init__(self, spec: ModelSpec, width: int, height: int, frames: int, device: torch.device,
+                 dtype: torch.dtype, experts: dict[str, ExpertSlot], gpu_memory_budget: int | None = None):
+        self.spec, self.width, self.height, self.frames = spec, width, height, frames
+        self.device, self.dtype = torch.device(device), dtype
+        self._experts = experts
+        self._budget = gpu_memory_budget
+        self._all_resident = gpu_memory_budget is None or sum(e.nbytes() for e in experts.values()) <= gpu_memory_budget
+        if self._all_resident:
+            for e in experts.values():
+                e.to(self.device)
         else:
-            module.to(device)
+            log.info("experts do not all fit the GPU budget: keeping them on the host and swapping")
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return tuple(self._experts)
+
+    def expert(self, name: str) -> Denoiser:
+        e = self._experts[name]
+        if not e.on_device:
+            e.to(self.device)
+        return e
+
+    def _resident_bytes(self) -> int:
+        return sum(e.nbytes() for e in self._experts.values() if e.on_device)
+
+    def prefetch(self, name: str) -> None:
+        """Start copying ``name`` to the device on a side stream, if it fits beside what is resident."""
+        e = self._experts[name]
+        if e.on_device or self.device.type != "cuda":
+            return
+        if self._budget is not None and self._resident_bytes() + e.nbytes() > self._budget:
+            log.info("not prefetching %s: %.1f GiB resident + %.1f GiB would pass the %.1f GiB budget", name,
+                     self._resident_bytes() / 2**30, e.nbytes() / 2**30, self._budget / 2**30)
+            return
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            e.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def release(self, name: str) -> None:
+        if self._all_resident:
+            return
+        self._experts[name].to(torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-class EagerEngine:
+class _ModuleExpert:
+    """An ``nn.Module`` denoiser (diffusers ``WanTransformer3DModel`` call signature) as an ExpertSlot."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self.module, self.dtype = module, dtype
+
+    @property
+    def on_device(self) -> bool:
+        p = next(iter(self.module.parameters()), None)
+        return p is not None and p.device.type != "cpu"
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.module.parameters()) + list(self.module.buffers()))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> None:
+        self.module.to(device, non_blocking=non_blocking)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out = self.module(x.to(self.dtype), t, context.to(self.dtype), return_dict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class EagerEngine(ResidentEngine):
     """An engine over eager ``nn.Module`` denoisers (diffusers ``WanTransformer3DModel`` or any module with
     the same call signature). Used for the baseline rung of benchmarks, the original sampler, and tests."""
 
     def __init__(self, spec: ModelSpec, models: dict[str, torch.nn.Module], width: int, height: int,
                  frames: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  gpu_memory_budget: int | None = None):
-        self.spec, self.width, self.height, self.frames = spec, width, height, frames
-        self.device, self.dtype = torch.device(device), dtype
-        self._models = dict(models)
-        self._residency = ResidencyManager(self.device, gpu_memory_budget)
-        sizes = [module_bytes(m) for m in self._models.values()]
-        self._all_resident = self._residency.fits(sizes)
-        if self._all_resident:
-            for m in self._models.values():
-                m.to(self.device)
-        else:
-            log.info("experts do not all fit the GPU budget: keeping them on the host and swapping")
-
-    @property
-    def expert_names(self) -> tuple[str, ...]:
-        return tuple(self._models)
-
-    def expert(self, name: str) -> Denoiser:
-        model = self._models[name]
-        if not self._all_resident:
-            self._residency.move(model, self.device)
-
-        def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            out = model(x.to(self.dtype), t, context.to(self.dtype), return_dict=False)
-            return out[0] if isinstance(out, (tuple, list)) else out
-
-        return call
-
-    def prefetch(self, name: str) -> None:
-        if not self._all_resident:
-            self._residency.move(self._models[name], self.device, non_blocking=True)
-
-    def release(self, name: str) -> None:
-        if not self._all_resident:
-            self._models[name].to("cpu")
+        experts = {name: _ModuleExpert(m, dtype) for name, m in models.items()}
+        super().__init__(spec, width, height, frames, torch.device(device), dtype, experts, gpu_memory_budget)

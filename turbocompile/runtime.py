@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import artifact
-from .engine import Denoiser, Engine, ResidencyManager
+from .engine import Engine, ResidentEngine
 from .errors import ArtifactError
 from .targets import check_runnable
 from .zoo import get_model
@@ -46,8 +46,10 @@ class ExpertProgram:
         return sum(t.numel() * t.element_size() for t in self.weights)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> None:
+        if non_blocking and device.type == "cuda":
+            self.weights = [t.pin_memory() if t.device.type == "cpu" else t for t in self.weights]
         self.weights = [t.to(device, non_blocking=non_blocking) for t in self.weights]
-        self.on_device = device == self.device
+        self.on_device = device.type != "cpu"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         fn = self.module
@@ -60,59 +62,17 @@ class ExpertProgram:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class ProgramEngine:
+class ProgramEngine(ResidentEngine):
     """The built artifact as an engine (see :class:`turbocompile.engine.Engine`)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device,
                  gpu_memory_budget: int | None = None, compile_mode: str | None = None):
-        self.root, self.manifest, self.device = root, manifest, device
-        self.spec = get_model(manifest["model"])
+        self.root, self.manifest = root, manifest
         shapes = manifest["shapes"]
-        self.width, self.height, self.frames = shapes["width"], shapes["height"], shapes["frames"]
-        self.dtype = _DTYPES[manifest["dtype"]]
-        self._experts = {name: ExpertProgram(root / "experts" / name, manifest["expert_info"][name], device,
-                                             compile_mode)
-                         for name in manifest["experts"]}
-        self._residency = ResidencyManager(device, gpu_memory_budget)
-        self._all_resident = self._residency.fits([e.nbytes() for e in self._experts.values()])
-        if self._all_resident:
-            for e in self._experts.values():
-                e.to(device)
-
-    @property
-    def expert_names(self) -> tuple[str, ...]:
-        return tuple(self._experts)
-
-    def expert(self, name: str) -> Denoiser:
-        e = self._experts[name]
-        if not e.on_device:
-            e.to(self.device)
-        return e
-
-    def _resident_bytes(self) -> int:
-        return sum(e.nbytes() for e in self._experts.values() if e.on_device)
-
-    def prefetch(self, name: str) -> None:
-        """Start the copy of ``name`` on a side stream, if it fits the budget beside what is resident."""
-        e = self._experts[name]
-        budget = self._residency.budget_bytes
-        if budget is not None and self._resident_bytes() + e.nbytes() > budget:
-            log.info("not prefetching %s: %.1f GiB resident + %.1f GiB would pass the %.1f GiB budget", name,
-                     self._resident_bytes() / 2**30, e.nbytes() / 2**30, budget / 2**30)
-            return
-        if not e.on_device and self.device.type == "cuda":
-            e.weights = [t.pin_memory() for t in e.weights]
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
-                e.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-
-    def release(self, name: str) -> None:
-        if not self._all_resident:
-            self._experts[name].to(torch.device("cpu"))
-            self._experts[name].on_device = False
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        experts = {name: ExpertProgram(root / "experts" / name, manifest["expert_info"][name], device, compile_mode)
+                   for name in manifest["experts"]}
+        super().__init__(get_model(manifest["model"]), shapes["width"], shapes["height"], shapes["frames"], device,
+                         _DTYPES[manifest["dtype"]], experts, gpu_memory_budget)
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
