@@ -275,11 +275,13 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="First frame (I2V models).")
-@click.option("--steps", type=int, default=4, show_default=True, help="rCM steps (1-4) or UniPC steps.")
+@click.option("--steps", type=int, default=None,
+              help="rCM steps, 1-4 (default 4); for --sampler unipc the model's original count (e.g. 50).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sigma-max", type=float, default=None, help="rCM sigma_max (default: the model's).")
 @click.option("--ode", is_flag=True, help="Deterministic rCM update instead of re-noising.")
-@click.option("--sampler", type=click.Choice(["rcm", "unipc"]), default="rcm", show_default=True)
+@click.option("--sampler", type=click.Choice(["rcm", "unipc"]), default="rcm", show_default=True,
+              help="rcm: few-step, no CFG. unipc: the original Wan sampler (flow-shift UniPC with CFG).")
 @click.option("--guidance-scale", type=float, default=None, help="CFG scale for --sampler unipc.")
 @click.option("--negative-prompt", default=None, help="For --sampler unipc.")
 @click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
@@ -302,7 +304,8 @@ def generate(artifact_dir, prompt, image, steps, seed, sigma_max, ode, sampler, 
     components = load_components(engine.spec, text_encoder_path=text_encoder, tokenizer_path=tokenizer,
                                  vae_path=vae, device=engine.device)
     result = run_generate(engine, prompt, image=image, steps=steps, seed=seed, sigma_max=sigma_max, ode=ode,
-                          sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                          sampler="original" if sampler == "unipc" else sampler,
+                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                           out=out, components=components, gpu_memory_budget=budget,
                           adaptive_resolution=adaptive_resolution)
     console.print(f"[green]wrote[/] {result.path}")

@@ -35,7 +35,7 @@ StepCallback = Callable[[int, int, float, str], None]
 def check_rcm_steps(num_steps: int) -> None:
     if not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_RCM_STEPS:
         raise InputError(f"rCM samples with 1 to {MAX_RCM_STEPS} steps, got {num_steps}; pass --steps 1..4 "
-                         "(or --sampler original for a many-step run)")
+                         "(or --sampler unipc for the original many-step sampler)")
 
 
 def rcm_timesteps(num_steps: int, sigma_max: float) -> list[float]:
