@@ -265,8 +265,6 @@ def test_turbocompile_load_opens_the_lowered_engine(builds, probe):
     assert _rel(engine.expert("main")(x, t, ctx), ref) < 1e-5
 
 
-@pytest.mark.xfail(reason="artifact.read_manifest checks the sha256 of .pt2/.safetensors files only; model.onnx "
-                          "(and .onnx.data, .engine) are listed in the manifest but not yet verified on load")
 def test_tampered_onnx_model_is_refused(builds, tmp_path):
     import shutil
 
