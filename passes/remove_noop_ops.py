@@ -11,7 +11,9 @@ from turbocompile.program import Program
 aten = torch.ops.aten
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
-_SAME_DTYPE_CASTS = {aten.to.dtype, aten.type_as.default, aten.to.dtype_layout, aten._to_copy.default}
+# Casts that return their input unchanged when dtype, device and shape already match (``_to_copy`` is left
+# alone: it is an explicit copy and may change the memory format).
+_SAME_DTYPE_CASTS = {aten.to.dtype, aten.type_as.default, aten.to.dtype_layout}
 _VIEWS = {aten.view.default, aten.reshape.default, aten.contiguous.default, aten.alias.default,
           aten.flatten.using_ints, aten.unflatten.int}
 
@@ -29,9 +31,6 @@ def _is_noop(node: torch.fx.Node) -> bool:
     if src is None or out is None:
         return False
     if node.target in _SAME_DTYPE_CASTS:
-        kw = dict(node.kwargs)
-        kw.pop("dtype", None)
-        kw.pop("copy", None) if not kw.get("copy") else None
         return (src.dtype == out.dtype and src.device == out.device and not node.kwargs.get("copy", False)
                 and src.shape == out.shape)
     if node.target in _VIEWS:
