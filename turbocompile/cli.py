@@ -313,7 +313,9 @@ def generate(artifact_dir, prompt, image, steps, seed, sigma_max, ode, sampler, 
     t.add_column("stage")
     t.add_column("seconds", justify="right")
     for k, v in result.timings.items():
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, bool):
+            t.add_row(k, "yes" if v else "no")
+        elif isinstance(v, (list, tuple)):
             for i, s in enumerate(v, 1):
                 t.add_row(f"{k} {i}", f"{s:.3f}")
         else:
