@@ -1,0 +1,59 @@
+"""The residency policy every engine shares (turbocompile.engine.ResidentEngine)."""
+from __future__ import annotations
+
+import torch
+
+from turbocompile.engine import EagerEngine, ResidentEngine
+from turbocompile.modeling import example_inputs, random_dit
+from turbocompile.zoo import get_model
+
+
+class _Slot:
+    """An expert that records where it was asked to go."""
+
+    def __init__(self, nbytes: int):
+        self._n, self.on_device, self.moves = nbytes, False, []
+
+    def nbytes(self) -> int:
+        return self._n
+
+    def to(self, device, non_blocking=False):
+        self.moves.append(device.type)
+        self.on_device = device.type != "cpu"
+
+    def __call__(self, x, t, c):
+        return x
+
+
+def _engine(budget, device="meta"):
+    spec = get_model("wan-tiny-i2v")
+    slots = {"high_noise": _Slot(10), "low_noise": _Slot(10)}
+    return ResidentEngine(spec, 160, 96, 17, torch.device(device), torch.float32, slots, budget), slots
+
+
+def test_all_resident_when_they_fit():
+    eng, slots = _engine(budget=None)
+    assert all(s.on_device and s.moves == ["meta"] for s in slots.values())
+    eng.release("high_noise")  # nothing to free when everything fits
+    assert slots["high_noise"].on_device
+    assert eng.expert_names == ("high_noise", "low_noise")
+
+
+def test_swapped_when_they_do_not_fit():
+    eng, slots = _engine(budget=15)
+    assert not any(s.on_device for s in slots.values())
+    eng.expert("high_noise")
+    assert slots["high_noise"].on_device and not slots["low_noise"].on_device
+    eng.release("high_noise")
+    eng.expert("low_noise")
+    assert slots["high_noise"].moves == ["meta", "cpu"] and slots["low_noise"].moves == ["meta"]
+    assert eng._resident_bytes() == 10
+
+
+def test_eager_engine_same_output_with_and_without_budget():
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0)
+    x, t, c = example_inputs(spec, 160, 96, 17, seed=2)
+    a = EagerEngine(spec, {"main": model}, 160, 96, 17).expert("main")(x, t, c)
+    b = EagerEngine(spec, {"main": model}, 160, 96, 17, gpu_memory_budget=1).expert("main")(x, t, c)
+    torch.testing.assert_close(a, b)
