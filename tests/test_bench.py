@@ -50,3 +50,22 @@ def test_ladder_logic_on_cpu():
         assert r["cosine"] > 0.98, r
     assert rows[1]["rel_l2"] < 1e-2  # the clean-up passes do not change the numbers
     assert "skipped" in rows[5]["note"]
+
+
+def test_flex_baseline_is_masked_attention_over_the_lut():
+    """The FlexAttention baseline computes exactly softmax attention restricted to SLA's kept blocks."""
+    from turbocompile.bench.kernels import flex_block_sparse
+    from turbocompile.kernels.block_map import sla_block_map
+
+    g = torch.Generator().manual_seed(3)
+    L = 300  # not a multiple of the 128-token block: the tail is masked
+    q, k, v = (torch.randn(1, 2, L, 64, generator=g) for _ in range(3))
+    out = flex_block_sparse(q, k, v, 0.5)()
+    lut = sla_block_map(q, k, 0.5, 128, 128)
+    mask = torch.zeros(1, 2, L, L, dtype=torch.bool)
+    for h in range(2):
+        for qb in range(lut.shape[2]):
+            for kb in lut[0, h, qb].tolist():
+                mask[0, h, qb * 128:(qb + 1) * 128, kb * 128:(kb + 1) * 128] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
