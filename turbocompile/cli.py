@@ -352,12 +352,13 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Check the plan on the CPU without timing anything.")
 @click.option("--no-compile", is_flag=True, help="Leave out the torch.compile rung (it compiles for minutes).")
+@click.option("--cuda-graphs", is_flag=True, help="Compile the last rung with mode=reduce-overhead (CUDA graphs).")
 @click.option("--profile", is_flag=True, help="model/e2e: per-op GPU time of the accelerated forward.")
 @click.option("--gpu-memory-budget", default=None, help="pipeline: cap GPU memory, e.g. 32GiB.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
               help="pipeline: reuse (or keep) this artifact instead of a temporary build.")
-def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile, profile, gpu_memory_budget,
-          artifact) -> None:
+def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile, cuda_graphs, profile,
+          gpu_memory_budget, artifact) -> None:
     """Measure kernels, one DiT forward (incremental ladder), whole-video DiT time against the original
     sampler, or the whole pipeline under a memory cap."""
     from . import bench as bench_mod
@@ -365,7 +366,8 @@ def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_com
 
     bench_mod.AUTOSAVE[0] = json_out
     report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
-                       compile=not no_compile, gpu_memory_budget=_parse_bytes(gpu_memory_budget),
+                       compile=False if no_compile else ("reduce-overhead" if cuda_graphs else True),
+                       gpu_memory_budget=_parse_bytes(gpu_memory_budget),
                        artifact=artifact, profile=profile)
     click.echo(report.markdown())
     if json_out:

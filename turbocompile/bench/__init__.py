@@ -121,7 +121,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
-              dry_run: bool = False, compile: bool = True, gpu_memory_budget: int | None = None,
+              dry_run: bool = False, compile: bool | str = True, gpu_memory_budget: int | None = None,
               artifact: Any = None, profile: bool = False) -> Report:
     spec = get_model(model_id)
     if not dry_run and not torch.cuda.is_available():

@@ -31,7 +31,7 @@ def forward_flops(spec: ModelSpec, L: int) -> float:
 
 
 def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str,
-            device: str = "cuda", compile: bool = True, profile: bool = False) -> dict[str, Any]:
+            device: str = "cuda", compile: bool | str = True, profile: bool = False) -> dict[str, Any]:
     from ..modeling import example_inputs, random_dit_on_device
     from ..passmanager import PassContext, PassManager
     from ..passes import BY_NAME
@@ -86,7 +86,8 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
                  times[RUNGS[4]])
     compiled_s = None
     if compile:
-        compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section)
+        mode = compile if isinstance(compile, str) else None
+        compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section, mode)
     else:
         report.add(section, {"rung": RUNGS[5], "note": "skipped (--no-compile)"})
     report.header[f"{section}: capture s"] = round(capture_s, 1)
@@ -111,12 +112,16 @@ def _profile(fn, report: Report, section: str, forward_s: float, top: int = 15) 
                              "share of forward %": 100 * e.device_time_total / 1e6 / forward_s})
 
 
-def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: str) -> float | None:
-    """torch.compile the rewritten graph (custom ops stay opaque kernels); returns the first-call seconds."""
+def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: str,
+                   mode: str | None = None) -> float | None:
+    """torch.compile the rewritten graph (custom ops stay opaque kernels); returns the first-call seconds.
+    ``mode="reduce-overhead"`` also replays the forward as a CUDA graph (static shapes)."""
     try:
         weights = prog.ordered_weights()
         t0 = time.perf_counter()
-        compiled = torch.compile(prog.gm, fullgraph=True)
+        compiled = torch.compile(prog.gm, fullgraph=True, mode=mode)
+        if mode is not None:
+            report.header[f"{section}: torch.compile mode"] = mode
         with torch.no_grad():
             compiled(*weights, *inputs)
         if on_gpu:
@@ -130,7 +135,7 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
 
 
 def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, device: str = "cuda",
-                compile: bool = True, profile: bool = False) -> Report:
+                compile: bool | str = True, profile: bool = False) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
@@ -175,7 +180,7 @@ def _vae_decode_time(spec: ModelSpec, resolution: str) -> float:
     return t
 
 
-def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, compile: bool = True,
+def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, compile: bool | str = True,
               profile: bool = False) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
