@@ -61,3 +61,18 @@ def test_convert_cli(tmp_path):
     assert (tmp_path / "diff" / "transformer" / "config.json").exists()
     r = runner.invoke(main, ["convert", str(tmp_path / "missing"), str(tmp_path / "d2"), "--to", "diffusers"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_generate_other_frame_count_needs_a_dynamic_build(tiny_build_plain: Path, tmp_path):
+    from turbocompile.build import BuildOptions, build
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--frames", "9",
+                             "--out", str(tmp_path / "a.mp4")])
+    assert r.exit_code == 2 and "built for 17 frames, not 9" in r.output and "--dynamic-frames" in r.output
+    art = build(BuildOptions(model="wan-tiny", out=tmp_path / "dyn", dynamic_frames=True))
+    out = tmp_path / "b.mp4"
+    r = runner.invoke(main, ["generate", str(art), "--prompt", "a fox", "--frames", "9", "--steps", "1",
+                             "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert iio.imread(out).shape[0] == 9

@@ -275,6 +275,8 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="First frame (I2V models).")
+@click.option("--frames", type=int, default=None,
+              help="Pixel frames (4k+1); default the build's. Other values need a --dynamic-frames build.")
 @click.option("--steps", type=int, default=None,
               help="rCM steps, 1-4 (default 4); for --sampler unipc the model's original count (e.g. 50).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -293,7 +295,7 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.option("--adaptive-resolution", is_flag=True, help="I2V: accept an image of another size (resized).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files.")
-def generate(artifact_dir, prompt, image, steps, seed, sigma_max, ode, sampler, guidance_scale, negative_prompt,
+def generate(artifact_dir, prompt, image, frames, steps, seed, sigma_max, ode, sampler, guidance_scale, negative_prompt,
              text_encoder, tokenizer, vae, gpu_memory_budget, adaptive_resolution, out, no_verify) -> None:
     """Sample a video from a built artifact and write an .mp4."""
     import turbocompile
@@ -307,7 +309,7 @@ def generate(artifact_dir, prompt, image, steps, seed, sigma_max, ode, sampler, 
                           sampler="original" if sampler == "unipc" else sampler,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                           out=out, components=components, gpu_memory_budget=budget,
-                          adaptive_resolution=adaptive_resolution)
+                          adaptive_resolution=adaptive_resolution, frames=frames)
     console.print(f"[green]wrote[/] {result.path}")
     t = Table(title="timings")
     t.add_column("stage")

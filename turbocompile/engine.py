@@ -11,11 +11,13 @@ waits on the host and the next one is prefetched on a side stream while the curr
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Protocol
 
 import torch
 
+from .errors import UnsupportedShapeError
 from .zoo import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,14 @@ class ResidentEngine:
     otherwise each waits on the host until used, the next one is prefetched on a side stream when it fits
     beside the resident ones, and a finished one is released."""
 
+    #: latent frame counts a dynamic-frames program accepts (``program._frames_dim``)
+    DYNAMIC_LATENT_FRAMES = (2, 64)
+
     def __init__(self, spec: ModelSpec, width: int, height: int, frames: int, device: torch.device,
-                 dtype: torch.dtype, experts: dict[str, ExpertSlot], gpu_memory_budget: int | None = None):
+                 dtype: torch.dtype, experts: dict[str, ExpertSlot], gpu_memory_budget: int | None = None,
+                 dynamic_frames: bool = False):
         self.spec, self.width, self.height, self.frames = spec, width, height, frames
+        self.dynamic_frames = dynamic_frames
         self.device, self.dtype = torch.device(device), dtype
         self._experts = experts
         self._budget = gpu_memory_budget
@@ -77,6 +84,20 @@ class ResidentEngine:
     @property
     def expert_names(self) -> tuple[str, ...]:
         return tuple(self._experts)
+
+    def with_frames(self, frames: int) -> "ResidentEngine":
+        """This engine at another pixel frame count (same experts), if it was built with dynamic frames."""
+        if frames == self.frames:
+            return self
+        latent = self.spec.latent_shape(self.width, self.height, frames)[1]
+        lo, hi = self.DYNAMIC_LATENT_FRAMES
+        if not self.dynamic_frames or not lo <= latent <= hi:
+            raise UnsupportedShapeError(
+                f"this engine was built for {self.frames} frames, not {frames}; build one with --frames {frames}"
+                + ("" if self.dynamic_frames else " (or with --dynamic-frames)"))
+        view = copy.copy(self)
+        view.frames = frames
+        return view
 
     def expert(self, name: str) -> Denoiser:
         e = self._experts[name]

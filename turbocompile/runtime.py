@@ -72,7 +72,8 @@ class ProgramEngine(ResidentEngine):
         experts = {name: ExpertProgram(root / "experts" / name, manifest["expert_info"][name], device, compile_mode)
                    for name in manifest["experts"]}
         super().__init__(get_model(manifest["model"]), shapes["width"], shapes["height"], shapes["frames"], device,
-                         _DTYPES[manifest["dtype"]], experts, gpu_memory_budget)
+                         _DTYPES[manifest["dtype"]], experts, gpu_memory_budget,
+                         dynamic_frames=bool(shapes.get("dynamic_frames")))
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,

@@ -129,9 +129,6 @@ def _validate(engine: Engine, image: Any, sampler: str, steps: int | None, frame
     st = spec.vae_stride[0]
     if frames is not None and (frames < 1 or (frames - 1) % st):
         raise UnsupportedShapeError(f"frames must be of the form {st}k+1 (e.g. 81, 49, 17), got {frames}")
-    if frames is not None and frames != engine.frames:
-        raise UnsupportedShapeError(f"this engine was built for {engine.frames} frames, not {frames}; "
-                                    f"build one with --frames {frames}")
     spec.latent_shape(engine.width, engine.height, engine.frames)  # raises for a bad engine shape
     if spec.dit.image_dim:
         raise InputError(f"{spec.id} conditions on CLIP image features, which this pipeline does not compute; "
@@ -163,6 +160,11 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
     t_start = time.perf_counter()
     spec, device = engine.spec, torch.device(engine.device)
     steps = _validate(engine, image, sampler, steps, frames)
+    if frames is not None and frames != engine.frames:
+        if not hasattr(engine, "with_frames"):
+            raise UnsupportedShapeError(f"this engine was built for {engine.frames} frames, not {frames}; "
+                                        f"build one with --frames {frames}")
+        engine = engine.with_frames(frames)  # raises unless the program has dynamic frames
     out = Path(out)
     if out.suffix.lower() != ".mp4":
         raise InputError(f"the output must be an .mp4 file, got {out}")
