@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+#: ``manifest["dtype"]`` (written as ``str(dtype)`` without ``torch.``) -> torch dtype
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:

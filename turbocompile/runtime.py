@@ -20,16 +20,12 @@ from .zoo import get_model
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 class ExpertProgram:
     """One expert: an exported program plus its weights, callable as ``f(x, t, context)``."""
 
-    def __init__(self, folder: Path, info: dict[str, Any], device: torch.device, compile_mode: str | None):
+    def __init__(self, folder: Path, info: dict[str, Any], compile_mode: str | None):
         from safetensors import safe_open
 
-        self.folder, self.info, self.device = folder, info, device
         try:
             ep = torch.export.load(str(folder / "program.pt2"))
         except Exception as exc:  # noqa: BLE001 - report what a user can act on
@@ -69,10 +65,10 @@ class ProgramEngine(ResidentEngine):
                  gpu_memory_budget: int | None = None, compile_mode: str | None = None):
         self.root, self.manifest = root, manifest
         shapes = manifest["shapes"]
-        experts = {name: ExpertProgram(root / "experts" / name, manifest["expert_info"][name], device, compile_mode)
+        experts = {name: ExpertProgram(root / "experts" / name, manifest["expert_info"][name], compile_mode)
                    for name in manifest["experts"]}
         super().__init__(get_model(manifest["model"]), shapes["width"], shapes["height"], shapes["frames"], device,
-                         _DTYPES[manifest["dtype"]], experts, gpu_memory_budget,
+                         artifact.DTYPES[manifest["dtype"]], experts, gpu_memory_budget,
                          dynamic_frames=bool(shapes.get("dynamic_frames")))
 
 

@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
+from turbocompile.artifact import DTYPES  # noqa: F401  (the manifest's dtype names; re-exported for the backends)
 from turbocompile.errors import ArtifactError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class BoundProgram(torch.nn.Module):

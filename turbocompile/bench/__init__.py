@@ -154,8 +154,4 @@ def attention_flops(b: int, h: int, lq: int, lk: int, d: int) -> float:
     return 4.0 * b * h * lq * lk * d
 
 
-def dump_json(report: Report) -> str:
-    return json.dumps(report.as_dict(), indent=2, default=str)
-
-
 __all__ = ["Report", "run_bench", "cuda_time", "rel_err", "attention_flops", "environment"]
