@@ -49,6 +49,8 @@ def test_generate_errors_are_one_line(tiny_build_plain: Path, tmp_path):
     assert r.exit_code == 2 and "takes no image" in r.output
     r = runner.invoke(main, ["generate", str(tmp_path / "nope"), "--prompt", "a fox", "--out", str(out)])
     assert r.exit_code == 2 and "not an artifact directory" in r.output
+    r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--cuda-graphs", "--out", str(out)])
+    assert r.exit_code == 2 and "--cuda-graphs needs a CUDA device" in r.output and "Traceback" not in r.output
     assert not out.exists()
 
 

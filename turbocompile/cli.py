@@ -295,14 +295,18 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.option("--adaptive-resolution", is_flag=True, help="I2V: accept an image of another size (resized).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files.")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Replay each forward as a CUDA graph (static shapes, all experts resident on the GPU).")
 def generate(artifact_dir, prompt, image, frames, steps, seed, sigma_max, ode, sampler, guidance_scale, negative_prompt,
-             text_encoder, tokenizer, vae, gpu_memory_budget, adaptive_resolution, out, no_verify) -> None:
+             text_encoder, tokenizer, vae, gpu_memory_budget, adaptive_resolution, out, no_verify,
+             cuda_graphs) -> None:
     """Sample a video from a built artifact and write an .mp4."""
     import turbocompile
     from .pipeline import generate as run_generate, load_components
 
     budget = _parse_bytes(gpu_memory_budget)
-    engine = turbocompile.load(artifact_dir, verify_hashes=not no_verify, gpu_memory_budget=budget)
+    engine = turbocompile.load(artifact_dir, verify_hashes=not no_verify, gpu_memory_budget=budget,
+                               cuda_graphs=cuda_graphs)
     components = load_components(engine.spec, text_encoder_path=text_encoder, tokenizer_path=tokenizer,
                                  vae_path=vae, device=engine.device)
     result = run_generate(engine, prompt, image=image, steps=steps, seed=seed, sigma_max=sigma_max, ode=ode,

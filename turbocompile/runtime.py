@@ -14,7 +14,7 @@ import torch
 
 from . import artifact
 from .engine import Engine, ResidentEngine
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .targets import check_runnable
 from .zoo import get_model
 
@@ -49,13 +49,23 @@ class ExpertProgram:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         fn = self.module
+        graphs = self.compile_mode == "reduce-overhead"
         if self.compile_mode is not None:
             if self._compiled is None:
+                if graphs:
+                    # the weights are graph inputs: marked static, the replay reads them in place instead of
+                    # copying every weight into the graph's own input buffers (twice the memory) per call
+                    for w in self.weights:
+                        torch._dynamo.mark_static_address(w)
                 self._compiled = torch.compile(self.module, fullgraph=True,
                                                mode=None if self.compile_mode == "default" else self.compile_mode)
             fn = self._compiled
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = fn(*self.weights, x, t, context)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        # a replay writes the next output into the same buffer: hand the sampler its own copy (one latent)
+        return out.clone() if graphs else out
 
 
 class ProgramEngine(ResidentEngine):
@@ -73,11 +83,15 @@ class ProgramEngine(ResidentEngine):
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
-         gpu_memory_budget: int | None = None, compile: bool | None = None) -> "Engine":
+         gpu_memory_budget: int | None = None, compile: bool | None = None, cuda_graphs: bool = False) -> "Engine":
     """Open an artifact directory for sampling. Refuses a tampered file, another schema, or another GPU arch.
 
     ``compile``: run the programs through ``torch.compile`` (the ``torch`` backend; default on CUDA for
     artifacts built with it); ``eager`` artifacts and CPU runs execute the exported graph directly.
+    ``cuda_graphs``: compile with ``mode="reduce-overhead"`` so each forward replays as one CUDA graph
+    (docs/performance.md: 1.3B@480p per forward, compiled vs graphs). Only for a static-shape artifact whose
+    experts all stay resident (a swapped-in expert's weights land at new addresses); otherwise it is refused
+    with the reason.
     """
     root = Path(path)
     manifest = artifact.read_manifest(root, verify_hashes=verify_hashes)
@@ -94,4 +108,17 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
         return open_engine(root, manifest, dev)
     if compile is None:
         compile = backend == "torch" and dev.type == "cuda"
-    return ProgramEngine(root, manifest, dev, gpu_memory_budget, "default" if compile else None)
+    mode = "default" if compile else None
+    if cuda_graphs:
+        if dev.type != "cuda":
+            raise InputError("--cuda-graphs needs a CUDA device; drop the flag on this machine")
+        if manifest["shapes"].get("dynamic_frames"):
+            raise InputError("--cuda-graphs needs a static-shape artifact; this one was built with "
+                             "--dynamic-frames (rebuild without it, or drop --cuda-graphs)")
+        mode = "reduce-overhead"
+    engine = ProgramEngine(root, manifest, dev, gpu_memory_budget, mode)
+    if cuda_graphs and not engine._all_resident:
+        raise InputError("--cuda-graphs needs every expert resident on the GPU, and they do not all fit "
+                         f"--gpu-memory-budget {gpu_memory_budget / 2**30:.1f}GiB; raise the budget or drop "
+                         "--cuda-graphs")
+    return engine
