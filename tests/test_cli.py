@@ -26,7 +26,8 @@ def test_models_list_and_info():
 def test_generate_rcm_and_unipc(tiny_build_plain: Path, tmp_path):
     runner = CliRunner()
     out = tmp_path / "rcm.mp4"
-    r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--steps", "2", "--out", str(out)])
+    r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--steps", "2",
+                             "--dense-steps", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
     frames = iio.imread(out)
     assert frames.shape[0] == 17 and frames.shape[1:3] == (96, 160)
@@ -49,6 +50,9 @@ def test_generate_errors_are_one_line(tiny_build_plain: Path, tmp_path):
     assert r.exit_code == 2 and "takes no image" in r.output
     r = runner.invoke(main, ["generate", str(tmp_path / "nope"), "--prompt", "a fox", "--out", str(out)])
     assert r.exit_code == 2 and "not an artifact directory" in r.output
+    r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--steps", "2",
+                             "--dense-steps", "3", "--out", str(out)])
+    assert r.exit_code == 2 and "--dense-steps must be between 0 and the 2 steps, got 3" in r.output
     r = runner.invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--cuda-graphs", "--out", str(out)])
     assert r.exit_code == 2 and "--cuda-graphs needs a CUDA device" in r.output and "Traceback" not in r.output
     assert not out.exists()

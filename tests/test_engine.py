@@ -87,3 +87,37 @@ def test_cuda_graph_engine_matches_compiled_and_returns_its_own_outputs(tmp_path
         assert torch.isfinite(out).all()
         assert torch.equal(out, snapshot)  # later replays did not write into an output already handed out
         assert (out.float() - want[j]).norm() / want[j].norm() < 1e-2
+
+
+def test_dense_steps_run_the_dense_attention_program(tmp_path):
+    """``--dense-steps``: the dense view of a SageSLA build computes exactly what a build with dense
+    ``sage_attention`` computes, differs from the sparse program, and only the first N steps use it."""
+    import turbocompile
+    from turbocompile.build import BuildOptions, build
+    from turbocompile.errors import InputError
+    from turbocompile.sampling import sample_rcm
+
+    sparse_art = build(BuildOptions(model="wan-tiny", out=tmp_path / "sla", skip_passes=["linear_to_w8a8"],
+                                    pass_options={"attention_to_sagesla": {"topk": 0.2}}))
+    dense_art = build(BuildOptions(model="wan-tiny", out=tmp_path / "dense", skip_passes=["linear_to_w8a8"],
+                                   pass_options={"attention_to_sagesla": {"method": "sage"}}))
+    engine = turbocompile.load(sparse_art)
+    spec = engine.spec
+    x, t, c = example_inputs(spec, 160, 96, 17, seed=4)
+    sparse_out = engine.expert("main")(x, t, c)
+    dense_view = engine.dense_expert("main")
+    assert "sage_sla" not in dense_view.module.code and "sage_attention" in dense_view.module.code
+    assert "sage_sla" in engine.expert("main").module.code  # the view is a copy
+    dense_out = dense_view(x, t, c)
+    want = turbocompile.load(dense_art).expert("main")(x, t, c)
+    assert torch.allclose(dense_out, want, rtol=1e-5, atol=1e-5)
+    assert (dense_out - sparse_out).abs().max() > 1e-3  # top-k 0.2 of 5 key blocks drops most of them
+
+    calls = []
+    real_dense = engine.dense_expert
+    engine.dense_expert = lambda name: (calls.append("dense"), real_dense(name))[1]
+    ctx = torch.randn(1, spec.text_len, spec.dit.text_dim)
+    sample_rcm(engine, ctx, steps=3, dense_steps=2, seed=0)
+    assert calls == ["dense", "dense"]
+    with pytest.raises(InputError, match="between 0 and the 3 steps, got 4"):
+        sample_rcm(engine, ctx, steps=3, dense_steps=4)

@@ -297,9 +297,11 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files.")
 @click.option("--cuda-graphs", is_flag=True,
               help="Replay each forward as a CUDA graph (static shapes, all experts resident on the GPU).")
+@click.option("--dense-steps", type=int, default=0, show_default=True,
+              help="rCM: run the first N steps with dense attention instead of SageSLA (quality knob).")
 def generate(artifact_dir, prompt, image, frames, steps, seed, sigma_max, ode, sampler, guidance_scale, negative_prompt,
              text_encoder, tokenizer, vae, gpu_memory_budget, adaptive_resolution, out, no_verify,
-             cuda_graphs) -> None:
+             cuda_graphs, dense_steps) -> None:
     """Sample a video from a built artifact and write an .mp4."""
     import turbocompile
     from .pipeline import generate as run_generate, load_components
@@ -313,7 +315,7 @@ def generate(artifact_dir, prompt, image, frames, steps, seed, sigma_max, ode, s
                           sampler="original" if sampler == "unipc" else sampler,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                           out=out, components=components, gpu_memory_budget=budget,
-                          adaptive_resolution=adaptive_resolution, frames=frames)
+                          adaptive_resolution=adaptive_resolution, frames=frames, dense_steps=dense_steps)
     console.print(f"[green]wrote[/] {result.path}")
     t = Table(title="timings")
     t.add_column("stage")

@@ -105,6 +105,13 @@ class ResidentEngine:
             e.to(self.device)
         return e
 
+    def dense_expert(self, name: str) -> Denoiser:
+        """``name`` with every sparse self-attention computed densely, for the steps kept dense
+        (``--dense-steps``); an expert that is already dense is returned as is."""
+        e = self.expert(name)
+        dense = getattr(e, "dense", None)
+        return dense() if dense is not None else e
+
     def _resident_bytes(self) -> int:
         return sum(e.nbytes() for e in self._experts.values() if e.on_device)
 

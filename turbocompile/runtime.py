@@ -6,6 +6,7 @@ No model code is imported: only the graph, the weights and the ``torch.ops.turbo
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,34 @@ class ExpertProgram:
         self.on_device = False
         self._compiled = None
         self.compile_mode = compile_mode
+        self._dense: ExpertProgram | None = None
+        self._parent: ExpertProgram | None = None  # set on a dense() view: weights and residency live there
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights)
 
+    def dense(self) -> "ExpertProgram":
+        """A view of this expert (same weights, same residency) whose ``sage_sla`` / ``sla`` self-attention
+        nodes are dense ``sage_attention``: the program a ``--dense-steps`` step runs."""
+        if self._dense is None:
+            view = copy.copy(self)
+            view.module = dense_attention_module(self.module)
+            view._compiled, view._dense, view._parent = None, None, self
+            self._dense = view
+        return self._dense
+
     def to(self, device: torch.device, non_blocking: bool = False) -> None:
+        if self._parent is not None:
+            self._parent.to(device, non_blocking)
+            return
         if non_blocking and device.type == "cuda":
             self.weights = [t.pin_memory() if t.device.type == "cpu" else t for t in self.weights]
         self.weights = [t.to(device, non_blocking=non_blocking) for t in self.weights]
         self.on_device = device.type != "cpu"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self._parent is not None:
+            self.weights = self._parent.weights  # the parent may have moved them since the view was made
         fn = self.module
         graphs = self.compile_mode == "reduce-overhead"
         if self.compile_mode is not None:
@@ -66,6 +84,29 @@ class ExpertProgram:
         out = out[0] if isinstance(out, (tuple, list)) else out
         # a replay writes the next output into the same buffer: hand the sampler its own copy (one latent)
         return out.clone() if graphs else out
+
+
+def dense_attention_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of an exported program's module in which each ``sage_sla`` / ``sla`` call (block-sparse + linear
+    attention) is the dense ``sage_attention`` over the same q, k, v and blocks; the now unused SLA
+    projection inputs stay as placeholders, so the call signature (all weights first) does not change."""
+    ops = torch.ops.turbocompile
+    sparse = {ops.sage_sla.default, ops.sla.default}
+    gm = copy.deepcopy(module)
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in sparse:
+            q, k, v, _w, _b, _topk, blk_q, blk_k = node.args[:8]
+            with gm.graph.inserting_before(node):
+                dense = gm.graph.call_function(ops.sage_attention.default, (q, k, v, blk_q, blk_k))
+            dense.meta = dict(node.meta)
+            node.replace_all_uses_with(dense)
+            gm.graph.erase_node(node)
+            n += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    log.info("dense variant: %d sparse attention calls -> sage_attention", n)
+    return gm
 
 
 class ProgramEngine(ResidentEngine):

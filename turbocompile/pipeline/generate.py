@@ -147,19 +147,28 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
              guidance_scale: float | None = None, negative_prompt: str | None = None,
              out: str | Path = "video.mp4", components: PipelineComponents | None = None,
              gpu_memory_budget: int | None = None, progress: bool = True, frames: int | None = None,
-             adaptive_resolution: bool = False, fps: int | None = None, quality: float = 8.0) -> GenerateResult:
+             adaptive_resolution: bool = False, fps: int | None = None, quality: float = 8.0,
+             dense_steps: int = 0) -> GenerateResult:
     """Make one video from ``prompt`` (and ``image`` for I2V models) and write it to ``out`` (.mp4).
 
     ``steps`` defaults to 4 for rCM and ``spec.original_steps`` for ``sampler="original"``; ``sigma_max`` and
     ``ode`` apply to rCM, ``guidance_scale``/``negative_prompt`` to the original sampler (rCM has no CFG).
     ``components`` come from :func:`load_components`; for the embedded tiny models they are built when
     omitted. ``gpu_memory_budget`` (bytes, default: the whole card) bounds the text encoder / VAE placement.
+    ``dense_steps`` (rCM): the first N steps run with dense attention instead of the built SageSLA.
     Raises :class:`InputError` / :class:`UnsupportedShapeError` with one-line messages for bad inputs,
     before any expensive work.
     """
     t_start = time.perf_counter()
     spec, device = engine.spec, torch.device(engine.device)
     steps = _validate(engine, image, sampler, steps, frames)
+    if dense_steps and sampler != "rcm":
+        raise InputError("--dense-steps applies to the rCM sampler; drop it for --sampler unipc")
+    if not 0 <= dense_steps <= steps:
+        raise InputError(f"--dense-steps must be between 0 and the {steps} steps, got {dense_steps}")
+    if dense_steps and not hasattr(engine, "dense_expert"):
+        raise InputError("--dense-steps needs the torch backend (it swaps the sparse attention for dense per "
+                         "step); drop it for this artifact")
     if frames is not None and frames != engine.frames:
         if not hasattr(engine, "with_frames"):
             raise UnsupportedShapeError(f"this engine was built for {engine.frames} frames, not {frames}; "
@@ -230,7 +239,7 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
         t0 = time.perf_counter()
         if sampler == "rcm":
             latents = sample_rcm(engine, context, condition=condition, steps=steps, sigma_max=sigma_max, ode=ode,
-                                 seed=seed, on_step=on_step)
+                                 seed=seed, on_step=on_step, dense_steps=dense_steps)
         else:
             latents = sample_original(engine, context, negative, condition=condition, steps=steps,
                                       guidance_scale=guidance_scale, seed=seed, on_step=on_step)

@@ -11,6 +11,7 @@ import logging
 from typing import Sequence
 
 from ..engine import Denoiser, Engine
+from ..errors import InputError
 from ..zoo import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,18 @@ class ExpertStepper:
     """Hands out each step's denoiser: prefetches the next expert one step before a switch and releases
     the previous one once the switch happened."""
 
-    def __init__(self, engine: Engine, plan: Sequence[str]):
+    def __init__(self, engine: Engine, plan: Sequence[str], dense_steps: int = 0):
         self.engine = engine
         self.plan = list(plan)
+        self.dense_steps = dense_steps
+        if dense_steps and not hasattr(engine, "dense_expert"):
+            raise InputError(f"--dense-steps needs an engine that can run its attention densely (the torch "
+                             f"backend); this one is {type(engine).__name__}: drop --dense-steps")
 
     def denoiser(self, step: int) -> Denoiser:
+        """Step ``step``'s denoiser; the first ``dense_steps`` steps get the dense-attention variant."""
         name = self.plan[step]
-        fn = self.engine.expert(name)
+        fn = self.engine.dense_expert(name) if step < self.dense_steps else self.engine.expert(name)
         if step > 0 and self.plan[step - 1] != name:
             log.info("step %d: switched expert %s -> %s", step + 1, self.plan[step - 1], name)
             self.engine.release(self.plan[step - 1])

@@ -67,12 +67,14 @@ def rcm_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise:
 def sample_rcm(engine: Engine, context: torch.Tensor, *, condition: torch.Tensor | None = None,
                steps: int = 4, sigma_max: float | None = None, ode: bool = False, seed: int = 0,
                noise: Callable[[Sequence[int]], torch.Tensor] | None = None,
-               on_step: StepCallback | None = None) -> torch.Tensor:
+               on_step: StepCallback | None = None, dense_steps: int = 0) -> torch.Tensor:
     """Sample one latent video ``[1, C, F, H, W]`` (float32) with the rCM schedule.
 
     ``context`` is ``[1, text_len, text_dim]``; ``condition`` the I2V channels ``[1, 20, F, H, W]`` that are
     concatenated to the noisy latent on every call. ``noise`` overrides the seeded source (tests use it
     to feed a known sequence); the first draw is the initial noise, then one draw per re-noising step.
+    ``dense_steps``: the first N steps run the expert with dense attention (a quality knob: the high-noise
+    steps lay out the scene, where sparse attention's dropped blocks matter most).
     """
     spec = engine.spec
     times = rcm_timesteps(steps, spec.sigma_max if sigma_max is None else sigma_max)
@@ -80,7 +82,9 @@ def sample_rcm(engine: Engine, context: torch.Tensor, *, condition: torch.Tensor
     draw = noise or NoiseSource(seed, engine.device, torch.float64)
     ctx = context.to(engine.device, engine.dtype)
     cond = condition.to(engine.device, engine.dtype) if condition is not None else None
-    stepper = ExpertStepper(engine, expert_plan(spec, times[:-1], engine.expert_names))
+    if not 0 <= dense_steps <= steps:
+        raise InputError(f"--dense-steps must be between 0 and the {steps} steps, got {dense_steps}")
+    stepper = ExpertStepper(engine, expert_plan(spec, times[:-1], engine.expert_names), dense_steps)
 
     x = draw(shape).to(device=engine.device, dtype=torch.float64) * times[0]
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
