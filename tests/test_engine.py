@@ -52,6 +52,21 @@ def test_swapped_when_they_do_not_fit():
     assert eng._resident_bytes() == 10
 
 
+def test_residency_leaves_room_for_one_forward():
+    """Experts that fit the budget only without the forward's activations are swapped, not all resident
+    (the 2 x 13 GiB A14B experts under a 32 GiB cap ran out of memory before this rule)."""
+    from turbocompile.engine import forward_activation_bytes
+
+    act = forward_activation_bytes(get_model("wan-tiny-i2v"), 160, 96, 17)
+    assert act == 300 * (3 * 512 + 12 * 256)  # 300 tokens, ffn 512, dim 256
+    eng, slots = _engine(budget=20 + act)
+    assert eng._all_resident and all(s.on_device for s in slots.values())
+    eng, slots = _engine(budget=20 + act - 1)
+    assert not eng._all_resident and not any(s.on_device for s in slots.values())
+    big = forward_activation_bytes(get_model("wan2.2-i2v-a14b"), 1280, 720, 81)
+    assert 6.5 * 2**30 < big < 8 * 2**30  # 75 600 tokens of a 5120-wide model
+
+
 def test_eager_engine_same_output_with_and_without_budget():
     spec = get_model("wan-tiny")
     model = random_dit(spec, seed=0)

@@ -58,6 +58,14 @@ class ExpertSlot(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
 
 
+def forward_activation_bytes(spec: ModelSpec, width: int, height: int, frames: int) -> int:
+    """A bound on one DiT forward's live activations beyond its weights: the FFN hidden state (bf16, plus
+    its 8-bit copy) and six [L, dim] bf16 tensors (residual, normed input, q, k, v, attention output). At
+    14B@720p this gives 7.2 GiB where the measured peak minus the weights is ~6 (docs/performance.md)."""
+    tokens = spec.num_tokens(width, height, frames)
+    return tokens * (3 * spec.dit.ffn_dim + 12 * spec.dit.dim)
+
+
 class ResidentEngine:
     """The residency policy every engine shares: all experts on the device when they fit the byte budget;
     otherwise each waits on the host until used, the next one is prefetched on a side stream when it fits
@@ -74,12 +82,18 @@ class ResidentEngine:
         self.device, self.dtype = torch.device(device), dtype
         self._experts = experts
         self._budget = gpu_memory_budget
-        self._all_resident = gpu_memory_budget is None or sum(e.nbytes() for e in experts.values()) <= gpu_memory_budget
+        total = sum(e.nbytes() for e in experts.values())
+        # the experts share the budget with one forward's activations (at least): keeping all of them
+        # resident must leave that much room, or the first forward would run out of memory
+        self.activation_bytes = forward_activation_bytes(spec, width, height, frames)
+        self._all_resident = gpu_memory_budget is None or total + self.activation_bytes <= gpu_memory_budget
         if self._all_resident:
             for e in experts.values():
                 e.to(self.device)
         else:
-            log.info("experts do not all fit the GPU budget: keeping them on the host and swapping")
+            log.info("experts (%.1f GiB) + one forward's activations (%.1f GiB) do not fit the %.1f GiB budget: "
+                     "keeping them on the host and swapping", total / 2**30, self.activation_bytes / 2**30,
+                     gpu_memory_budget / 2**30)
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -120,9 +134,10 @@ class ResidentEngine:
         e = self._experts[name]
         if e.on_device or self.device.type != "cuda":
             return
-        if self._budget is not None and self._resident_bytes() + e.nbytes() > self._budget:
-            log.info("not prefetching %s: %.1f GiB resident + %.1f GiB would pass the %.1f GiB budget", name,
-                     self._resident_bytes() / 2**30, e.nbytes() / 2**30, self._budget / 2**30)
+        if self._budget is not None and self._resident_bytes() + e.nbytes() + self.activation_bytes > self._budget:
+            log.info("not prefetching %s: %.1f GiB resident + %.1f GiB + %.1f GiB of activations would pass the "
+                     "%.1f GiB budget", name, self._resident_bytes() / 2**30, e.nbytes() / 2**30,
+                     self.activation_bytes / 2**30, self._budget / 2**30)
             return
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):

@@ -200,9 +200,12 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
 
     # 1. text
     t0 = time.perf_counter()
-    te_device = device if (not cuda or encoder.num_bytes() <= budget) else home
+    # what the engine already holds on the GPU (resident experts) counts against the budget
+    te_room = budget - torch.cuda.memory_allocated(device) if cuda else 0
+    te_device = device if (not cuda or encoder.num_bytes() <= te_room) else home
     if te_device != device:
-        log.info("the text encoder (%.1f GB) exceeds the GPU budget: encoding on the CPU", encoder.num_bytes() / 1e9)
+        log.info("the text encoder (%.1f GB) does not fit the %.1f GB left of the GPU budget: encoding on the CPU",
+                 encoder.num_bytes() / 1e9, te_room / 1e9)
     use_cfg = sampler == "original" and (spec.guide_scale if guidance_scale is None else guidance_scale) > 1.0
     neg_prompt = negative_prompt or WAN_NEGATIVE_PROMPT
     all_cached = encoder.cached(prompt) is not None and (not use_cfg or encoder.cached(neg_prompt) is not None)
