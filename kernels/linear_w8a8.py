@@ -29,6 +29,7 @@ import torch
 
 from turbocompile.errors import InputError, UnsupportedShapeError
 from turbocompile.kernels import quantize_activations as qa
+from turbocompile.kernels import gemm_int8_block_gluon as gluon_int8
 from turbocompile.kernels.gemm_int8_block import BLOCK, gemm_block_scaled
 from turbocompile.kernels.gemm_scaled import (
     cublas_ok,
@@ -52,9 +53,10 @@ _W_DTYPE = {"int8-block": torch.int8, "int8-row": torch.int8,
             "fp8-row": torch.float8_e4m3fn, "fp8-block": torch.float8_e4m3fn}
 
 #: GEMM used by the CUDA implementation of each scheme (measured winners; docs/kernels-linear.md).
-#: "triton" = this package's kernels; "cublas" = torch._scaled_mm / F.scaled_mm / torch._int_mm.
+#: "triton" = this package's kernels; "gluon" = gemm_int8_block_gluon (Hopper only; Triton elsewhere);
+#: "cublas" = torch._scaled_mm / F.scaled_mm / torch._int_mm.
 GEMM_BACKENDS: dict[str, str] = {
-    "int8-block": "triton",
+    "int8-block": "gluon",  # the Gluon kernel on sm_90 (async wgmma, 1.18x the Triton one), else Triton
     "int8-row": "triton",
     "fp8-row": "triton",
     "fp8-block": "cublas",
@@ -204,7 +206,13 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     quant, _ = qa.QUANTIZERS[scheme]
     q, s = quant(x2)
     if scheme == "int8-block":
-        out = gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype)
+        if backend == "gluon" and gluon_int8.available():
+            try:
+                gluon_int8.check_inputs(q, s, w_q, w_scale, bias, x.dtype)
+            except UnsupportedShapeError:  # K or N not a multiple of 128, a strided view: the Triton kernel takes it
+                backend = "triton"
+        out = (gluon_int8.gemm_int8_block_gluon(q, s, w_q, w_scale, bias, x.dtype)
+               if backend == "gluon" and gluon_int8.available() else gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype))
     elif scheme == "fp8-block":
         if backend == "cublas" and fp8_block_cublas_ok(m, n, k):
             out = fp8_block_scaled_mm(q, s, w_q, w_scale, bias, x.dtype)
@@ -267,7 +275,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 WAN_SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]
 BENCH_M = (32760, 75600)
 #: (scheme, backend) pairs the benchmark times end to end (activation quantization included).
-BENCH_VARIANTS = [("int8-block", "triton"), ("int8-row", "triton"), ("int8-row", "cublas"),
+BENCH_VARIANTS = [("int8-block", "gluon"), ("int8-block", "triton"), ("int8-row", "triton"), ("int8-row", "cublas"),
                   ("fp8-row", "cublas"), ("fp8-row", "triton"), ("fp8-block", "cublas"), ("fp8-block", "triton")]
 
 

@@ -36,11 +36,10 @@ MAX_D = 16384  # one row is held in registers
 #: Launch shape (measured on an H200, docs/kernels-linear.md): rows per program and warps per program.
 ROWS_PER_PROGRAM = 1
 NUM_WARPS = 0  # 0: 2 warps for D <= 2048, else 4 (H200 sweep: 3.4 vs 3.0 TB/s at D=1536, 3.2 vs 2.5 at 5120)
-#: Row-invariant parameters (a [D] weight, or one [B, 1, D] shift/scale per sample) are loaded once per program
-#: and the program walks rows (``_norm_rows_kernel``): this many programs per SM (0: one program per row, the
-#: plain kernel). Reloading a 2x20 KiB fp32 shift/scale for every 10 KiB bf16 row made the per-sample case
-#: L2-bound at 73-75% of copy bandwidth (docs/kernels-linear.md).
-PROGRAMS_PER_SM = 8
+#: Cache hint for row-invariant parameters (a [D] weight, a [B, 1, D] shift/scale): every program re-reads
+#: them, so they are loaded "evict_last" and the streamed rows "evict_first" (H200 sweep in
+#: docs/kernels-linear.md). "" leaves the default policy.
+PARAM_EVICT = "evict_last"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,14 +75,16 @@ if triton is not None:
     def _norm_kernel(x_ptr, mul_ptr, add_ptr, out_ptr, R, L, D, stride_x, stride_o,
                      mul_sb, mul_sl, add_sb, add_sl, eps,
                      CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_ADD: tl.constexpr, PARAM_ROWS: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, OUT_ROUND: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, OUT_ROUND: tl.constexpr,
+                     X_EVICT: tl.constexpr = "", P_EVICT: tl.constexpr = ""):
         """``y = norm(x) * (ONE_PLUS + mul[b, l]) + add[b, l]``; row r is (b, l) = divmod(r, L)."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
         mask = row_ok[:, None] & (cols[None, :] < D)
         r64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy=X_EVICT).to(tl.float32)
         if CENTER:
             # One pass over the registers for both moments, shifted by the row's first element so that
             # E[(x-c)^2] - E[x-c]^2 does not cancel (as exact as two passes unless a row is pathological);
@@ -103,51 +104,17 @@ if triton is not None:
         else:  # one weight/bias vector for all rows: skip the index arithmetic
             b = rows.to(tl.int64) * 0
             l = b
-        m = tl.load(mul_ptr + (b * mul_sb + l * mul_sl)[:, None] + cols[None, :], mask=mask, other=0.0)
+        m = tl.load(mul_ptr + (b * mul_sb + l * mul_sl)[:, None] + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy=P_EVICT)
         if ONE_PLUS:
             y = y * (1.0 + m)
         else:
             y = y * m
         if HAS_ADD:
-            y += tl.load(add_ptr + (b * add_sb + l * add_sl)[:, None] + cols[None, :], mask=mask, other=0.0)
+            y += tl.load(add_ptr + (b * add_sb + l * add_sl)[:, None] + cols[None, :], mask=mask, other=0.0,
+                         eviction_policy=P_EVICT)
         y = round_bits(y, OUT_ROUND)
         tl.store(out_ptr + r64[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
-    def _norm_rows_kernel(x_ptr, mul_ptr, add_ptr, out_ptr, L, D, stride_x, stride_o, mul_sb, add_sb, eps,
-                          CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_ADD: tl.constexpr,
-                          BLOCK_D: tl.constexpr, OUT_ROUND: tl.constexpr):
-        """As ``_norm_kernel`` for parameters that do not vary along L: program (b, p) loads sample b's
-        parameters once into registers, then normalizes rows p, p + P, p + 2P, ... of that sample."""
-        b = tl.program_id(0).to(tl.int64)
-        p = tl.program_id(1)
-        step = tl.num_programs(1)
-        cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        m = tl.load(mul_ptr + b * mul_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-        if ONE_PLUS:
-            m = m + 1.0
-        if HAS_ADD:
-            a = tl.load(add_ptr + b * add_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-        for l in range(p, L, step):
-            r64 = b * L + l
-            x = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-            if CENTER:
-                # shifted one-pass moments, as in _norm_kernel
-                c = tl.load(x_ptr + r64 * stride_x).to(tl.float32)
-                xc = tl.where(cmask, x - c, 0.0)
-                s1, s2 = tl.reduce((xc, xc * xc), 0, _add_pair)
-                m1 = s1 / D
-                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - m1 * m1, 0.0) + eps)
-                x = xc - m1
-            else:
-                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-            y = x * rstd * m
-            if HAS_ADD:
-                y += a
-            y = round_bits(y, OUT_ROUND)
-            tl.store(out_ptr + r64 * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 def _bl_strides(p: torch.Tensor, b: int, l: int, d: int, name: str) -> tuple[torch.Tensor, int, int]:
@@ -160,13 +127,6 @@ def _bl_strides(p: torch.Tensor, b: int, l: int, d: int, name: str) -> tuple[tor
     if pe.stride(2) != 1:
         pe = pe.contiguous()
     return pe, pe.stride(0), pe.stride(1)
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed 132 under the CPU interpreter)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: float, center: bool,
@@ -191,19 +151,13 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     block_d = triton.next_power_of_2(d)
     rows = ROWS_PER_PROGRAM
     warps = NUM_WARPS or (2 if block_d <= 2048 else 4)
-    if PROGRAMS_PER_SM and not (mul_sl or add_sl):
-        per_sample = max(1, min(seq, _num_sms(x.device) * PROGRAMS_PER_SM // bsz))
-        _norm_rows_kernel[(bsz, per_sample)](
-            x2, mul, add, out, seq, d, x2.stride(0), out.stride(0), mul_sb, add_sb, float(eps),
-            CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, BLOCK_D=block_d,
-            OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps)
-        return out.reshape(x.shape)
     _norm_kernel[(triton.cdiv(x2.shape[0], rows),)](
         x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
         mul_sb, mul_sl, add_sb, add_sl, float(eps),
         CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=bool(mul_sb or mul_sl or add_sb or add_sl),
         ROWS=rows, BLOCK_D=block_d,
-        OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps)
+        OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps,
+        **({"X_EVICT": "evict_first", "P_EVICT": PARAM_EVICT} if PARAM_EVICT and not (mul_sl or add_sl) else {}))
     return out.reshape(x.shape)
 
 
@@ -347,21 +301,22 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
         if out_dir:
             with open(os.path.join(out_dir, "bench_norms.json"), "w") as f:
                 json.dump(res, f, indent=1)
-    global PROGRAMS_PER_SM, NUM_WARPS
+    global PARAM_EVICT, NUM_WARPS
     res["sweep"] = []
     for l, d in [(32760, 1536), (32760, 5120), (75600, 5120)]:
         x = torch.randn(1, l, d, device=dev, dtype=torch.bfloat16)
         shift, scale = torch.randn(1, 1, d, device=dev), torch.randn(1, 1, d, device=dev)
-        for pps, warps in [(0, 0), (4, 0), (8, 0), (16, 0), (8, 8), (16, 8), (4, 4), (32, 0)]:
-            PROGRAMS_PER_SM, NUM_WARPS = pps, warps
+        for evict, warps in [("", 0), ("evict_last", 0), ("", 8), ("evict_last", 8)]:
+            PARAM_EVICT, NUM_WARPS = evict, warps
             ms = t(lambda: torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps))
             ms2 = t(lambda: torch.ops.turbocompile.layer_norm_affine(x, shift[0, 0], scale[0, 0], eps))
             bw, bw2 = 2 * x.numel() * 2 / ms / 1e9, 2 * x.numel() * 2 / ms2 / 1e9
-            res["sweep"].append({"L": l, "D": d, "programs_per_sm": pps, "warps": warps, "ms": ms, "TBps": bw,
+            res["sweep"].append({"L": l, "D": d, "param_evict": evict, "warps": warps, "ms": ms, "TBps": bw,
                                  "affine_TBps": bw2})
-            say(f"sweep L={l} D={d} programs/SM={pps} warps={warps or 'default'}: layernorm_modulate[B,1,D] "
-                f"{bw:.2f} TB/s ({bw / res['copy_TBps']:.0%}), layer_norm_affine {bw2:.2f}")
-    PROGRAMS_PER_SM, NUM_WARPS = 8, 0
+            say(f"sweep L={l} D={d} params {evict or 'default cache policy'} warps={warps or 'default'}: "
+                f"layernorm_modulate[B,1,D] {bw:.2f} TB/s ({bw / res['copy_TBps']:.0%}), "
+                f"layer_norm_affine {bw2:.2f} ({bw2 / res['copy_TBps']:.0%})")
+    PARAM_EVICT, NUM_WARPS = "evict_last", 0
     if out_dir:
         with open(os.path.join(out_dir, "bench_norms.log"), "w") as f:
             f.write("\n".join(lines) + "\n")

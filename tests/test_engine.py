@@ -85,7 +85,10 @@ def test_cuda_graph_engine_matches_compiled_and_returns_its_own_outputs(tmp_path
     from turbocompile.build import BuildOptions, build
     from turbocompile.targets import local_target
 
-    root = build(BuildOptions(model="wan-tiny", out=tmp_path / "art", gpu=local_target().name))
+    # without the sparse attention pass: its top-k block choice is discrete, so on this tiny random model a
+    # rounding difference between two compilations can flip a block and move the output by a percent
+    root = build(BuildOptions(model="wan-tiny", out=tmp_path / "art", gpu=local_target().name,
+                              skip_passes=["attention_to_sagesla"]))
     spec = get_model("wan-tiny")
     inputs = [tuple(v.cuda() for v in example_inputs(spec, 160, 96, 17, seed=s, dtype=torch.bfloat16))
               for s in (1, 2)]

@@ -132,12 +132,21 @@ def bench_gemms(report: Report, spec: ModelSpec, M: int, repeats: int, dry_run: 
         t0 = cuda_time(ref_fn, repeats)
         report.add(section, {"K": K_, "N": N, "scheme": "cuBLAS bf16", "ms": t0 * 1e3,
                              "TFLOP/s": flops / t0 / 1e12, "speedup": 1.0})
-        for scheme, op in linear_w8a8.SCHEMES.items():
+        variants = [(scheme, None) for scheme in linear_w8a8.SCHEMES]
+        if linear_w8a8.GEMM_BACKENDS["int8-block"] != "triton":
+            variants.insert(1, ("int8-block", "triton"))  # the all-Triton path, for comparison
+        for scheme, backend in variants:
             qw = linear_w8a8.quantize_weight(w, scheme)
-            fn = (lambda op=op, qw=qw: op(x, qw["w_q"], qw["w_scale"], bias))
+            if backend is None:
+                op = linear_w8a8.SCHEMES[scheme]
+                fn = (lambda op=op, qw=qw: op(x, qw["w_q"], qw["w_scale"], bias))
+            else:
+                fn = (lambda qw=qw, scheme=scheme, backend=backend: linear_w8a8.cuda_linear(
+                    x, qw["w_q"], qw["w_scale"], bias, scheme, backend=backend))
             out = fn()
             t = cuda_time(fn, repeats)
-            report.add(section, {"K": K_, "N": N, "scheme": scheme, "ms": t * 1e3, "TFLOP/s": flops / t / 1e12,
+            name = scheme if backend is None else f"{scheme} ({backend} GEMM)"
+            report.add(section, {"K": K_, "N": N, "scheme": name, "ms": t * 1e3, "TFLOP/s": flops / t / 1e12,
                                  "speedup": t0 / t, **rel_err(out, ref)})
         del x, w, ref
 
