@@ -359,7 +359,8 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
 @click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None, help="Write a markdown table.")
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Check the plan on the CPU without timing anything.")
-@click.option("--no-compile", is_flag=True, help="Leave out the torch.compile rung (it compiles for minutes).")
+@click.option("--no-compile", is_flag=True,
+              help="model/e2e: leave out the torch.compile rung; pipeline: run the engine uncompiled.")
 @click.option("--cuda-graphs", is_flag=True, help="After the compiled rung, add one compiled with mode=reduce-overhead (CUDA-graph replay).")
 @click.option("--profile", is_flag=True, help="model/e2e: per-op GPU time of the accelerated forward.")
 @click.option("--gpu-memory-budget", default=None, help="pipeline: cap GPU memory, e.g. 32GiB.")

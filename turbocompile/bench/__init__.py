@@ -154,7 +154,7 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
                                                            "rCM 4 steps", "VAE decode", "write mp4")]})
         from .pipeline import bench_pipeline
 
-        return bench_pipeline(spec, res, gpu_memory_budget, artifact)
+        return bench_pipeline(spec, res, gpu_memory_budget, artifact, compile=bool(compile))
     raise ValueError(f"unknown bench {what!r}")
 
 

@@ -59,7 +59,10 @@ def random_components(spec: ModelSpec):
     return PipelineComponents(text, vae)
 
 
-def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, artifact: Path | None) -> Report:
+def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, artifact: Path | None,
+                   compile: bool = True) -> Report:
+    """Build (unless ``artifact`` holds one), load under the cap and generate one 4-step video; ``compile``
+    False runs the rewritten graph without torch.compile (minutes less, a few percent slower per step)."""
     import turbocompile
     from ..build import BuildOptions, build
     from ..pipeline import generate
@@ -89,7 +92,9 @@ def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, a
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     # an artifact this run just wrote is not re-hashed (30 GB for A14B: minutes of reading it back)
-    engine = turbocompile.load(artifact, gpu_memory_budget=budget_bytes, verify_hashes=not built_here)
+    engine = turbocompile.load(artifact, gpu_memory_budget=budget_bytes, verify_hashes=not built_here,
+                               compile=compile)
+    report.header["torch.compile"] = "yes (step 1 of each expert includes compiling)" if compile else "no"
     report.add("stages", {"stage": "load (weights to host/GPU" + ("" if built_here else ", sha256 checks") + ")",
                           "s": time.perf_counter() - t0})
     image = None
