@@ -36,10 +36,10 @@ MAX_D = 16384  # one row is held in registers
 #: Launch shape (measured on an H200, docs/kernels-linear.md): rows per program and warps per program.
 ROWS_PER_PROGRAM = 1
 NUM_WARPS = 0  # 0: 2 warps for D <= 2048, else 4 (H200 sweep: 3.4 vs 3.0 TB/s at D=1536, 3.2 vs 2.5 at 5120)
-#: Cache hint for row-invariant parameters (a [D] weight, a [B, 1, D] shift/scale): every program re-reads
-#: them, so they are loaded "evict_last" and the streamed rows "evict_first" (H200 sweep in
-#: docs/kernels-linear.md). "" leaves the default policy.
-PARAM_EVICT = "evict_last"
+#: Cache hint for row-invariant parameters (a [D] weight, a [B, 1, D] shift/scale), which every program
+#: re-reads: "evict_last" for them and "evict_first" for the streamed rows. Measured on the H200 it was 1% faster
+#: at D=1536 and 3-4% slower at D=5120 (docs/kernels-linear.md), so it is off ("").
+PARAM_EVICT = ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +150,8 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
         add, add_sb, add_sl = mul, 0, 0
     block_d = triton.next_power_of_2(d)
     rows = ROWS_PER_PROGRAM
-    warps = NUM_WARPS or (2 if block_d <= 2048 else 4)
+    # measured (H200): 2 warps up to D=2048; above, 4 for the modulated and RMS norms, 8 for the affine one
+    warps = NUM_WARPS or (2 if block_d <= 2048 else (8 if center and not one_plus else 4))
     _norm_kernel[(triton.cdiv(x2.shape[0], rows),)](
         x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
         mul_sb, mul_sl, add_sb, add_sl, float(eps),
@@ -316,7 +317,7 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
             say(f"sweep L={l} D={d} params {evict or 'default cache policy'} warps={warps or 'default'}: "
                 f"layernorm_modulate[B,1,D] {bw:.2f} TB/s ({bw / res['copy_TBps']:.0%}), "
                 f"layer_norm_affine {bw2:.2f} ({bw2 / res['copy_TBps']:.0%})")
-    PARAM_EVICT, NUM_WARPS = "evict_last", 0
+    PARAM_EVICT, NUM_WARPS = "", 0
     if out_dir:
         with open(os.path.join(out_dir, "bench_norms.log"), "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -85,10 +85,11 @@ def test_cuda_graph_engine_matches_compiled_and_returns_its_own_outputs(tmp_path
     from turbocompile.build import BuildOptions, build
     from turbocompile.targets import local_target
 
-    # without the sparse attention pass: its top-k block choice is discrete, so on this tiny random model a
-    # rounding difference between two compilations can flip a block and move the output by a percent
+    # bf16 + fused norms only: with the 8-bit activations (e4m3 steps of ~6%) and the discrete top-k block
+    # choice, a one-ulp difference between two compilations of this tiny random model moved the output by
+    # 1.3-1.7% (measured on the H200), which would hide what this test is about: the replay itself
     root = build(BuildOptions(model="wan-tiny", out=tmp_path / "art", gpu=local_target().name,
-                              skip_passes=["attention_to_sagesla"]))
+                              skip_passes=["attention_to_sagesla", "linear_to_w8a8"]))
     spec = get_model("wan-tiny")
     inputs = [tuple(v.cuda() for v in example_inputs(spec, 160, 96, 17, seed=s, dtype=torch.bfloat16))
               for s in (1, 2)]
