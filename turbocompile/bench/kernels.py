@@ -135,6 +135,9 @@ def bench_gemms(report: Report, spec: ModelSpec, M: int, repeats: int, dry_run: 
         variants = [(scheme, None) for scheme in linear_w8a8.SCHEMES]
         if linear_w8a8.GEMM_BACKENDS["int8-block"] != "triton":
             variants.insert(1, ("int8-block", "triton"))  # the all-Triton path, for comparison
+        # PyTorch's own 8-bit GEMMs behind our quantizers: torch._int_mm (+ a torch epilogue for the scales)
+        # and torch._scaled_mm with per-row / per-channel scales
+        variants += [(s_, "cublas") for s_ in ("int8-row", "fp8-row") if linear_w8a8.GEMM_BACKENDS[s_] != "cublas"]
         for scheme, backend in variants:
             qw = linear_w8a8.quantize_weight(w, scheme)
             if backend is None:
@@ -145,7 +148,8 @@ def bench_gemms(report: Report, spec: ModelSpec, M: int, repeats: int, dry_run: 
                     x, qw["w_q"], qw["w_scale"], bias, scheme, backend=backend))
             out = fn()
             t = cuda_time(fn, repeats)
-            name = scheme if backend is None else f"{scheme} ({backend} GEMM)"
+            gemm = {"cublas": "torch._int_mm" if scheme.startswith("int8") else "torch._scaled_mm"}.get(backend, backend)
+            name = scheme if backend is None else f"{scheme} ({gemm} GEMM)"
             report.add(section, {"K": K_, "N": N, "scheme": name, "ms": t * 1e3, "TFLOP/s": flops / t / 1e12,
                                  "speedup": t0 / t, **rel_err(out, ref)})
         del x, w, ref
