@@ -111,6 +111,8 @@ class ResidentEngine:
                 + ("" if self.dynamic_frames else " (or with --dynamic-frames)"))
         view = copy.copy(self)
         view.frames = frames
+        # prefetch decisions use this clip's activations (residency was settled when the engine was made)
+        view.activation_bytes = forward_activation_bytes(self.spec, self.width, self.height, frames)
         return view
 
     def expert(self, name: str) -> Denoiser:
