@@ -82,3 +82,21 @@ def test_generate_other_frame_count_needs_a_dynamic_build(tiny_build_plain: Path
                              "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert iio.imread(out).shape[0] == 9
+
+
+def test_gpu_out_of_memory_is_one_line(tiny_build_plain: Path, tmp_path, monkeypatch):
+    """A CUDA OOM anywhere in a command becomes one line that says what to do, exit code 2, no mp4 left."""
+    import torch
+
+    import turbocompile.pipeline  # noqa: F401 - the package's `generate` function shadows the module's name
+    gen = sys.modules["turbocompile.pipeline.generate"]
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 MiB. GPU 0 has ...")
+
+    monkeypatch.setattr(gen, "sample_rcm", oom)
+    out = tmp_path / "x.mp4"
+    r = CliRunner().invoke(main, ["generate", str(tiny_build_plain), "--prompt", "a fox", "--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "the GPU ran out of memory (CUDA out of memory)" in r.output and "--gpu-memory-budget" in r.output
+    assert not out.exists()

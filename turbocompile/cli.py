@@ -55,6 +55,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
             sys.exit(130)
+        except Exception as exc:  # torch is imported lazily, so its OOM error is matched by name
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+            first = str(exc).split(". ")[0]
+            err_console.print(f"[bold red]error:[/] the GPU ran out of memory ({first}); pass --gpu-memory-budget "
+                              "with what the card can give (experts are then swapped and the VAE tiled), or use "
+                              "a lower resolution or frame count", highlight=False, soft_wrap=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
