@@ -36,6 +36,18 @@ def test_plain_build_reproduces_eager(tiny_build_plain: Path):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_program_file_holds_the_graph_not_the_weights(tiny_build_plain: Path):
+    """The weights live once, in weights.safetensors: program.pt2 must not carry them again as the export's
+    sample inputs (it did, doubling every artifact: 15 GB more per A14B expert)."""
+    import zipfile
+
+    folder = tiny_build_plain / "experts" / "main"
+    with zipfile.ZipFile(folder / "program.pt2") as z:
+        samples = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    weights = (folder / "weights.safetensors").stat().st_size
+    assert weights > 1_000_000 and samples < 1024, (samples, weights)
+
+
 def test_dumps_for_every_pass(tiny_build_plain: Path):
     manifest = json.loads((tiny_build_plain / "manifest.json").read_text())
     stages = sorted(p.name for p in (tiny_build_plain / "dumps" / "main").iterdir())
