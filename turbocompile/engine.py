@@ -99,6 +99,11 @@ class ResidentEngine:
     def expert_names(self) -> tuple[str, ...]:
         return tuple(self._experts)
 
+    @property
+    def all_resident(self) -> bool:
+        """True when every expert stays on the device for the engine's lifetime (nothing is swapped)."""
+        return self._all_resident
+
     def with_frames(self, frames: int) -> "ResidentEngine":
         """This engine at another pixel frame count (same experts), if it was built with dynamic frames."""
         if frames == self.frames:

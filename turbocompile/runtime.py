@@ -143,6 +143,9 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
     if device is not None and dev.type == "cuda":
         check_runnable(manifest["target"])
     backend = manifest.get("backend", "torch")
+    if cuda_graphs and backend != "torch":
+        raise InputError(f"--cuda-graphs applies to the torch backend; this artifact was lowered to {backend} "
+                         "(drop the flag)")
     if backend in ("onnx", "aoti", "tensorrt"):
         from .backends import open_engine
 
@@ -158,7 +161,7 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
                              "--dynamic-frames (rebuild without it, or drop --cuda-graphs)")
         mode = "reduce-overhead"
     engine = ProgramEngine(root, manifest, dev, gpu_memory_budget, mode)
-    if cuda_graphs and not engine._all_resident:
+    if cuda_graphs and not engine.all_resident:
         raise InputError("--cuda-graphs needs every expert resident on the GPU, and they do not all fit "
                          f"--gpu-memory-budget {gpu_memory_budget / 2**30:.1f}GiB; raise the budget or drop "
                          "--cuda-graphs")
