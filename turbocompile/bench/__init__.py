@@ -151,7 +151,8 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
         if dry_run:
             return Report(f"pipeline {spec.id}@{res} (dry run)", environment(True),
                           {"plan": [{"stage": s} for s in ("build (random weights)", "load", "text encode",
-                                                           "rCM 4 steps", "VAE decode", "write mp4")]})
+                                                           "rCM 4 steps", "VAE decode", "write mp4",
+                                                           "second video, warm")]})
         from .pipeline import bench_pipeline
 
         return bench_pipeline(spec, res, gpu_memory_budget, artifact, compile=bool(compile))

@@ -104,15 +104,18 @@ def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, a
         g = torch.Generator().manual_seed(0)
         image = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
     out = Path(tempfile.mkdtemp(prefix="tc-video-")) / "video.mp4"
-    result = generate(engine, "a long descriptive english prompt about a cat surfing a wave at sunset " * 3,
-                      image=image, steps=4, seed=0, out=out, components=comps, gpu_memory_budget=budget_bytes,
-                      progress=False)
-    for k, v in result.timings.items():
-        if isinstance(v, (list, tuple)):
-            for i, s in enumerate(v, 1):
-                report.add("stages", {"stage": f"{k} {i}", "s": s})
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            report.add("stages", {"stage": k, "s": float(v)})
+    prompt = "a long descriptive english prompt about a cat surfing a wave at sunset " * 3
+    # the first video pays the compiles (and encodes the prompt); the second, in the same process, is what a
+    # service making many videos sees: compiled programs and the cached prompt embedding are reused
+    for section in ("stages", "second video (warm: compiled, prompt cached)"):
+        result = generate(engine, prompt, image=image, steps=4, seed=0, out=out, components=comps,
+                          gpu_memory_budget=budget_bytes, progress=False)
+        for k, v in result.timings.items():
+            if isinstance(v, (list, tuple)):
+                for i, s in enumerate(v, 1):
+                    report.add(section, {"stage": f"{k} {i}", "s": s})
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                report.add(section, {"stage": k, "s": float(v)})
     report.add("memory", {"peak allocated GiB": torch.cuda.max_memory_allocated() / 2**30,
                           "peak reserved GiB": torch.cuda.max_memory_reserved() / 2**30, "cap": cap,
                           "experts": ", ".join(getattr(result, "experts", []) or [])})
