@@ -23,7 +23,7 @@ import torch
 
 from ..engine import Engine
 from ..errors import InputError, UnsupportedShapeError
-from ..sampling import WAN_NEGATIVE_PROMPT, check_rcm_steps, sample_original, sample_rcm
+from ..sampling import WAN_NEGATIVE_PROMPT, check_dense_steps, check_rcm_steps, sample_original, sample_rcm
 from .components import PipelineComponents, load_components
 from .conditioning import check_image_size, i2v_condition, load_image
 from .vae import decode_latents
@@ -164,11 +164,7 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
     steps = _validate(engine, image, sampler, steps, frames)
     if dense_steps and sampler != "rcm":
         raise InputError("--dense-steps applies to the rCM sampler; drop it for --sampler unipc")
-    if not 0 <= dense_steps <= steps:
-        raise InputError(f"--dense-steps must be between 0 and the {steps} steps, got {dense_steps}")
-    if dense_steps and not hasattr(engine, "dense_expert"):
-        raise InputError("--dense-steps needs the torch backend (it swaps the sparse attention for dense per "
-                         "step); drop it for this artifact")
+    check_dense_steps(engine, steps, dense_steps)
     if frames is not None and frames != engine.frames:
         if not hasattr(engine, "with_frames"):
             raise UnsupportedShapeError(f"this engine was built for {engine.frames} frames, not {frames}; "

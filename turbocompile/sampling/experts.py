@@ -11,7 +11,6 @@ import logging
 from typing import Sequence
 
 from ..engine import Denoiser, Engine
-from ..errors import InputError
 from ..zoo import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,7 @@ class ExpertStepper:
     def __init__(self, engine: Engine, plan: Sequence[str], dense_steps: int = 0):
         self.engine = engine
         self.plan = list(plan)
-        self.dense_steps = dense_steps
-        if dense_steps and not hasattr(engine, "dense_expert"):
-            raise InputError(f"--dense-steps needs an engine that can run its attention densely (the torch "
-                             f"backend); this one is {type(engine).__name__}: drop --dense-steps")
+        self.dense_steps = dense_steps  # validated by the caller (rcm.check_dense_steps)
 
     def denoiser(self, step: int) -> Denoiser:
         """Step ``step``'s denoiser; the first ``dense_steps`` steps get the dense-attention variant."""

@@ -63,6 +63,16 @@ def rcm_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise:
     return (1.0 - t_next) * x0 + t_next * noise
 
 
+def check_dense_steps(engine: Engine, steps: int, dense_steps: int) -> None:
+    """``dense_steps`` must lie in 0..steps, and any dense step needs an engine that can swap its sparse
+    attention for dense (``dense_expert``: the torch backend; lowered graphs are fixed)."""
+    if not 0 <= dense_steps <= steps:
+        raise InputError(f"--dense-steps must be between 0 and the {steps} steps, got {dense_steps}")
+    if dense_steps and not hasattr(engine, "dense_expert"):
+        raise InputError("--dense-steps needs the torch backend (it swaps the sparse attention for dense per "
+                         "step); drop it for this artifact")
+
+
 @torch.no_grad()
 def sample_rcm(engine: Engine, context: torch.Tensor, *, condition: torch.Tensor | None = None,
                steps: int = 4, sigma_max: float | None = None, ode: bool = False, seed: int = 0,
@@ -82,8 +92,7 @@ def sample_rcm(engine: Engine, context: torch.Tensor, *, condition: torch.Tensor
     draw = noise or NoiseSource(seed, engine.device, torch.float64)
     ctx = context.to(engine.device, engine.dtype)
     cond = condition.to(engine.device, engine.dtype) if condition is not None else None
-    if not 0 <= dense_steps <= steps:
-        raise InputError(f"--dense-steps must be between 0 and the {steps} steps, got {dense_steps}")
+    check_dense_steps(engine, steps, dense_steps)
     stepper = ExpertStepper(engine, expert_plan(spec, times[:-1], engine.expert_names), dense_steps)
 
     x = draw(shape).to(device=engine.device, dtype=torch.float64) * times[0]
