@@ -350,6 +350,11 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
             q2, s2 = quant_ref(x)
             same = torch.equal(q1.view(torch.int8), q2.view(torch.int8)) and torch.equal(s1, s2)
             res["check"][f"quant_bitexact/{scheme}/{k}"] = same
+        q2, s2 = qa.quant_int8_block_ref(x)
+        for cfg in qa.INT8_BLOCK_QUANT_SWEEP:
+            q1, s1 = qa.quant_int8_block(x, cfg)
+            res["check"][f"quant_bitexact/int8-block/{cfg[0]}x{cfg[1]}w/{k}"] = (
+                torch.equal(q1, q2) and torch.equal(s1, s2))
         for scheme, backend in BENCH_VARIANTS:
             d = quantize_weight(w, scheme)
             for mm in (m, m - m % 128):  # ragged M (cuBLAS blockwise falls back to Triton), then whole blocks
@@ -432,6 +437,8 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
             row["bf16"] = t(lambda: torch.nn.functional.linear(x, wb, b))
             for scheme, (quant, _) in qa.QUANTIZERS.items():
                 row[f"quant/{scheme}"] = t(lambda: quant(x))
+            for cfg in qa.INT8_BLOCK_QUANT_SWEEP:  # blocks per program x warps of the int8-block quantizer
+                row[f"quant/int8-block/{cfg[0]}x{cfg[1]}w"] = t(lambda: qa.quant_int8_block(x, cfg))
             bias32 = b.float()
             for scheme, backend in BENCH_VARIANTS:
                 d = quantize_weight(w, scheme)

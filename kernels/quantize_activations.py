@@ -145,18 +145,24 @@ if triton is not None:
 
     @triton.jit
     def _quant_int8_block_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-        """One program per 128x128 tile: load once, amax, scale, round, store."""
+                                 BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, INTERP: tl.constexpr):
+        """One program per 128 x (GROUPS x 128) slab: load once, amax per 128x128 block, scale, round, store.
+
+        More than one block per program puts more bytes in flight per program (the kernel is latency-bound at
+        one 32 KiB tile per program)."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = pid_k * (GROUPS * 128) + tl.arange(0, GROUPS * 128)
         x, rows, mask = load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
-        amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8)
-        inv = tl.math.div_rn(128.0, amax)
-        q = tl.minimum(tl.maximum(rne(x * inv, INTERP), -128.0), 127.0).to(tl.int8)
+        x3 = tl.reshape(x, [BLOCK_M, GROUPS, 128])
+        amax = tl.maximum(tl.max(tl.max(tl.abs(x3), axis=2), axis=0), 1e-8)  # [GROUPS]
+        inv = tl.math.div_rn(tl.full([GROUPS], 128.0, tl.float32), amax)
+        v = tl.reshape(x3 * inv[None, :, None], [BLOCK_M, GROUPS * 128])
+        q = tl.minimum(tl.maximum(rne(v, INTERP), -128.0), 127.0).to(tl.int8)
         tl.store(q_ptr + rows * stride_qm + offs_k[None, :], q, mask=mask)
-        tl.store(s_ptr + pid_m * stride_sm + pid_k, amax / 128.0)
+        offs_g = pid_k * GROUPS + tl.arange(0, GROUPS)
+        tl.store(s_ptr + pid_m * stride_sm + offs_g, amax / 128.0, mask=offs_g * 128 < K)
 
     @triton.jit
     def _quant_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
@@ -210,16 +216,25 @@ def _need_triton() -> None:
         raise BackendUnavailableError("Triton is not installed: install triton, or use the *_ref functions")
 
 
-def quant_int8_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`quant_int8_block_ref` (bit-identical): int8 [M, K], fp32 [ceil(M/128), ceil(K/128)]."""
+#: (128-channel blocks per program, warps) of the int8-block quantizer; the GPU benchmark sweeps
+#: ``INT8_BLOCK_QUANT_SWEEP`` and docs/kernels-linear.md has the numbers.
+INT8_BLOCK_QUANT_CONFIG = (1, 8)
+INT8_BLOCK_QUANT_SWEEP = [(1, 8), (1, 4), (2, 8), (2, 16), (4, 16)]
+
+
+def quant_int8_block(x: torch.Tensor, config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`quant_int8_block_ref` (bit-identical): int8 [M, K], fp32 [ceil(M/128), ceil(K/128)].
+
+    ``config`` = (128-channel blocks per program, warps), default ``INT8_BLOCK_QUANT_CONFIG``."""
     _need_triton()
+    groups, warps = config or INT8_BLOCK_QUANT_CONFIG
     x2 = as_2d(x)
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((math.ceil(m / BLOCK), math.ceil(k / BLOCK)), dtype=torch.float32, device=x.device)
-    grid = (s.shape[0], s.shape[1])
+    grid = (s.shape[0], triton.cdiv(s.shape[1], groups))
     _quant_int8_block_kernel[grid](x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0),
-                                   BLOCK_M=BLOCK, BLOCK_K=BLOCK, INTERP=INTERPRET, num_warps=8)
+                                   BLOCK_M=BLOCK, GROUPS=groups, INTERP=INTERPRET, num_warps=warps)
     return q, s
 
 

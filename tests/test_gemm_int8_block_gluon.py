@@ -99,7 +99,10 @@ def _need_hopper():
                                    (50, 256, 128),     # M smaller than one tile, 2 K blocks
                                    (130, 384, 256),    # 3 K blocks (odd tail)
                                    (7, 128, 128),      # one K block, no loop
-                                   (300, 1152, 640)])  # 9 K blocks: several trips round the 4 stages
+                                   (300, 1152, 640),   # 9 K blocks: several trips round the 4 stages
+                                   (4000, 384, 1280),  # 320 tiles > SMs: programs walk 2-3 tiles (odd stream)
+                                   (2200, 256, 2048),  # 288 tiles, 2 K blocks each (even stream, tile ends mid-pair)
+                                   (9000, 128, 640)])  # 355 tiles of one K block: an epilogue after every block
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_cuda_matches_reference(m, k, n, with_bias):
     _need_hopper()
@@ -121,12 +124,21 @@ def test_cuda_matches_reference(m, k, n, with_bias):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [{"rescale": 1}, {"num_stages": 3}, {"block_n": 64}, {"num_stages": 2}])
+@pytest.mark.parametrize("kw", [{"rescale": 1}, {"num_stages": 3}, {"block_n": 64}, {"num_stages": 2},
+                                {"num_stages": 5}, {"persistent": False}, {"persistent": False, "block_n": 64}])
 def test_cuda_variants_match_reference(kw):
     _need_hopper()
     a_q, a_s, w_q, w_s, b = _inputs(333, 1024, 256, seed=7, device="cuda")
-    out = G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.float32, **kw)
+    out = torch.full((333, 256), float("nan"), device="cuda")
+    G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.float32, out=out, **kw)
+    assert not torch.isnan(out).any()
     assert _rel(out, G.reference(a_q, a_s, w_q, w_s, b)) < 1e-6
+    # many tiles per program (persistent) or many programs (one-tile kernel), bf16 out, every element written
+    a_q, a_s, w_q, w_s, b = _inputs(3000, 512, 1024, seed=9, device="cuda")
+    out16 = torch.full((3000, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
+    G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.bfloat16, out=out16, **kw)
+    assert not torch.isnan(out16).any()
+    assert _rel(out16.float(), G.reference(a_q, a_s, w_q, w_s, b)) < 5e-3
 
 
 @pytest.mark.gpu

@@ -198,6 +198,10 @@ def _interpret_checks() -> dict:
             else:  # interpreter rounds e4m3 subnormals by its own rule: allow one subnormal step (2**-9)
                 same = torch.equal(s1, s2) and (q1.float() - q2.float()).abs().max().item() <= 2.0 ** -9
             report[f"quant/{scheme}/{m}x{k}"] = bool(same)
+        q2, s2 = qa.quant_int8_block_ref(x)
+        for groups, warps in qa.INT8_BLOCK_QUANT_SWEEP:  # K = 384 / 256: 3 / 2 blocks, so groups 2, 4 hit a tail
+            q1, s1 = qa.quant_int8_block(x, (groups, warps))
+            report[f"quantcfg/int8-block/{groups}x{warps}w/{m}x{k}"] = bool(torch.equal(q1, q2) and torch.equal(s1, s2))
         for scheme in qa.QUANTIZERS:
             d = L.quantize_weight(w, scheme)
             for dtype in (torch.float32, torch.bfloat16):
@@ -235,6 +239,11 @@ def interp_report(tmp_path_factory) -> dict:
 def test_interp_quantizers_match_references(interp_report):
     quant = {k: v for k, v in interp_report.items() if k.startswith("quant/")}
     assert len(quant) == 8 and all(quant.values()), quant
+
+
+def test_interp_int8_block_quantizer_configs_bit_identical(interp_report):
+    cfg = {k: v for k, v in interp_report.items() if k.startswith("quantcfg/")}
+    assert len(cfg) == 2 * len(qa.INT8_BLOCK_QUANT_SWEEP) and all(cfg.values()), cfg
 
 
 def test_interp_linear_kernels_match_references(interp_report):
