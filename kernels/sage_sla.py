@@ -260,7 +260,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             from . import sla as sla_mod
 
             if args.sweep:
-                for cfg in ((4, 64, 8), (2, 64, 4), (4, 128, 4)):
+                for cfg in ((3, 64, 4), (6, 64, 4), (8, 64, 4), (12, 64, 4), (4, 128, 4)):
                     sla_mod.LINEAR_STATS_CONFIG, keep = cfg, sla_mod.LINEAR_STATS_CONFIG
                     try:
                         record(shape, f"  (linear stats {cfg})", bench(lambda: linear_branch_stats(k, v, w, bias)),
@@ -274,6 +274,20 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     return torch.matmul(phi.transpose(-1, -2), v), phi.sum(2, dtype=torch.float32)
 
                 record(shape, "  (linear stats in torch, bf16 φ)", bench(torch_stats), dense_flops)
+                from . import sage_attention as sa_mod
+
+                for cfg in sa_mod.SAGE_QUANT_SWEEP:
+                    sa_mod.SAGE_QUANT_CONFIG, keep = cfg, sa_mod.SAGE_QUANT_CONFIG
+                    try:
+                        alt = sage_quantize_triton(q, k, v, *blk_sla, **moments)
+                        same = all(torch.equal(alt[key], quant[key]) for key in ("q", "k", "q_scale", "k_scale",
+                                                                                  "q_pool", "k_pool"))
+                        same = same and torch.equal(alt["v"].view(torch.uint8), quant["v"].view(torch.uint8))
+                        record(shape, f"  (quantize Q, K, V {cfg}{'' if same else ' MISMATCH'})",
+                               bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments)), dense_flops)
+                    except Exception as exc:  # noqa: BLE001
+                        log.info("quantize config %s failed: %s", cfg, exc)
+                    sa_mod.SAGE_QUANT_CONFIG = keep
                 _compile_report(sla_mod._linear_stats_kernel, "linear_stats")
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
