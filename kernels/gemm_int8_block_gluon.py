@@ -42,8 +42,6 @@ except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's
 NUM_STAGES = 4
 NUM_WARPS = 8
 GROUP_M = 8
-#: Default schedule: one program per SM walking tiles (see ``_gemm_int8_block_persistent_kernel``).
-PERSISTENT = True
 
 
 if gluon is not None:
@@ -59,28 +57,24 @@ if gluon is not None:
         return first + (pid % per_group) % height, (pid % per_group) // height
 
     @gluon.jit
-    def _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, slot, kb, off_m, off_n, pred, NUM_STAGES: gl.constexpr):
-        """TMA K block ``kb`` of A and W into stage ``slot % NUM_STAGES``; its barrier flips when both land.
-
-        ``slot`` counts every K block this program has loaded (across tiles in the persistent kernel), so stage and
-        barrier phase run on continuously; in the one-tile kernel it equals ``kb``."""
+    def _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, kb, off_m, off_n, pred, NUM_STAGES: gl.constexpr):
+        """TMA K block ``kb`` of A and W into stage ``kb % NUM_STAGES``; its barrier flips when both land."""
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        s = slot % NUM_STAGES
+        s = kb % NUM_STAGES
         bar = ready.index(s)
         mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(s), pred=pred)
         tma.async_copy_global_to_shared(b_desc, [off_n, kb * BLOCK_K], bar, b_bufs.index(s), pred=pred)
 
     @gluon.jit
-    def _start_block(a_bufs, b_bufs, ready, slot, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
+    def _start_block(a_bufs, b_bufs, ready, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
                      NUM_STAGES: gl.constexpr, RESCALE: gl.constexpr):
-        """Wait for K block ``kb`` (loaded as ``slot``) in shared memory and issue its wgmma into a fresh int32
-        accumulator.
+        """Wait for K block ``kb`` in shared memory and issue its wgmma into a fresh int32 accumulator.
 
         Returns the in-flight accumulator and the block's scale ``sa * sb`` (loaded now, used one block later,
         so the scalar loads' latency hides behind the wait)."""
-        s = slot % NUM_STAGES
-        mbarrier.wait(ready.index(s), (slot // NUM_STAGES) & 1)
+        s = kb % NUM_STAGES
+        mbarrier.wait(ready.index(s), (kb // NUM_STAGES) & 1)
         # W is stored [N, K] (K contiguous): the transposed view is the K-major B operand that int8 wgmma wants.
         # use_acc=False: the hardware starts from zero (``init`` only supplies the type and layout, ptxas reads RZ).
         acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), init, use_acc=False, is_async=True)
@@ -137,33 +131,33 @@ if gluon is not None:
 
         # Fill every stage (copies past the last K block are predicated off).
         for i in gl.static_range(NUM_STAGES):
-            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, i, i, off_m, off_n, i < n_kb, NUM_STAGES)
+            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, i, off_m, off_n, i < n_kb, NUM_STAGES)
 
         init = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_layout)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
 
         # Two int32 accumulators x and y alternate: while one block's wgmma runs, the previous block is folded.
         # Invariant at the top of each iteration: block kb - 1 is in flight in x, everything before it is folded.
-        x, sx = _start_block(a_bufs, b_bufs, ready, 0, 0, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
+        x, sx = _start_block(a_bufs, b_bufs, ready, 0, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
                              NUM_STAGES, RESCALE)
         for kb in range(1, n_kb - 1, 2):
-            y, sy = _start_block(a_bufs, b_bufs, ready, kb, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
+            y, sy = _start_block(a_bufs, b_bufs, ready, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
                                  NUM_STAGES, RESCALE)
             xd = warpgroup_mma_wait(num_outstanding=1, deps=[x])  # block kb - 1 done, its stage is free
-            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, kb - 1 + NUM_STAGES, kb - 1 + NUM_STAGES, off_m, off_n,
+            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, kb - 1 + NUM_STAGES, off_m, off_n,
                         kb - 1 + NUM_STAGES < n_kb, NUM_STAGES)
             acc = _fold(acc, xd, sx, RESCALE)
 
-            x, sx = _start_block(a_bufs, b_bufs, ready, kb + 1, kb + 1, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
+            x, sx = _start_block(a_bufs, b_bufs, ready, kb + 1, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
                                  NUM_STAGES, RESCALE)
             yd = warpgroup_mma_wait(num_outstanding=1, deps=[y])  # block kb done
-            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, kb + NUM_STAGES, kb + NUM_STAGES, off_m, off_n,
+            _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, kb + NUM_STAGES, off_m, off_n,
                         kb + NUM_STAGES < n_kb, NUM_STAGES)
             acc = _fold(acc, yd, sy, RESCALE)
 
         # The loop leaves block n_kb - 1 (odd count) or n_kb - 2 (even count) in flight in x.
         if n_kb % 2 == 0:
-            y, sy = _start_block(a_bufs, b_bufs, ready, n_kb - 1, n_kb - 1, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
+            y, sy = _start_block(a_bufs, b_bufs, ready, n_kb - 1, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,
                                  NUM_STAGES, RESCALE)
             xd = warpgroup_mma_wait(num_outstanding=1, deps=[x])
             acc = _fold(acc, xd, sx, RESCALE)
@@ -190,140 +184,6 @@ if gluon is not None:
         ptrs = c_ptr + gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1) + gl.expand_dims(offs_n, 0)
         mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
         gl.store(ptrs, out, mask=mask)
-
-
-    @gluon.jit
-    def _load_flat(a_desc, b_desc, a_bufs, b_bufs, ready, j, total, n_kb, pid, nprog, M, N,
-                   GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """Load this program's ``j``-th K block overall: tile ``pid + (j // n_kb) * nprog``, K block ``j % n_kb``.
-
-        Past the current tile this is the next tile's first blocks, so they are in flight during the epilogue."""
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        t = j // n_kb
-        pid_m, pid_n = _tile_coords(pid + t * nprog, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _load_stage(a_desc, b_desc, a_bufs, b_bufs, ready, j, j - t * n_kb, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                    j < total, NUM_STAGES)
-
-    @gluon.jit
-    def _start_flat(a_bufs, b_bufs, ready, g, n_kb, pid, nprog, M, N, init, sa_ptr, sb_ptr, stride_sam, stride_sak,
-                    stride_sbn, stride_sbk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                    NUM_STAGES: gl.constexpr, RESCALE: gl.constexpr):
-        """``_start_block`` for this program's ``g``-th K block overall (finds its tile's scale rows first)."""
-        t = g // n_kb
-        kb = g - t * n_kb
-        pid_m, pid_n = _tile_coords(pid + t * nprog, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        return _start_block(a_bufs, b_bufs, ready, g, kb, init, sa_ptr + pid_m * stride_sam,
-                            sb_ptr + (pid_n * BLOCK_N // 128) * stride_sbn, stride_sak, stride_sbk,
-                            NUM_STAGES, RESCALE)
-
-    @gluon.jit
-    def _finish_tile(acc, g, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS: gl.constexpr,
-                     GROUP_M: gl.constexpr):
-        """If K block ``g`` was its tile's last: add bias, TMA-store the tile, return a zeroed sum; else ``acc``.
-
-        The store is asynchronous; only the next tile's store waits for it (the buffer is reused)."""
-        BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-        if (g + 1) % n_kb == 0:
-            pid_m, pid_n = _tile_coords(pid + (g // n_kb) * nprog, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            off_n = pid_n * BLOCK_N
-            if HAS_BIAS:
-                offs_bn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
-                bias = gl.load(bias_ptr + offs_bn, mask=offs_bn < N, other=0.0).to(gl.float32)
-                acc = acc + gl.expand_dims(bias, 0)
-            tma.store_wait(0)  # the previous tile's store has left c_smem
-            c_smem.store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [pid_m * BLOCK_M, off_n], c_smem)  # rows past M: clipped
-            acc = gl.zeros_like(acc)
-        return acc
-
-    @gluon.jit
-    def _gemm_int8_block_persistent_kernel(
-        a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr,
-        M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk,
-        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, RESCALE: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        """The K loop of ``_gemm_int8_block_kernel`` flattened over all the tiles of one program per SM.
-
-        Why: with one 128 KiB CTA per SM, the one-tile kernel exposes the pipeline fill (first TMA latency) and the
-        epilogue of every tile; at K = 1536 a tile is only 12 K blocks. Here the program walks tiles
-        ``pid, pid + nprog, ...`` as one stream of K blocks: loads run ahead across tile boundaries, and when a
-        tile's last block is folded the next tile's first block is already on the tensor cores, so the epilogue
-        (bias, shared-memory staging, asynchronous TMA store) overlaps it. The two int32 accumulators keep
-        alternating across tiles, so the stream needs one tail, not one per tile."""
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        gl.static_assert(BLOCK_M == 128 and BLOCK_K == 128, "one 128x128 scale block per A tile and K step")
-        gl.static_assert(BLOCK_N <= 128 and 128 % BLOCK_N == 0, "the W tile must sit inside one scale block")
-
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
-        n_kb = K // BLOCK_K
-        total = ((num_tiles - pid + nprog - 1) // nprog) * n_kb  # K blocks of all this program's tiles
-
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, BLOCK_N, 32])
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        fence_async_shared()
-
-        for i in gl.static_range(NUM_STAGES):
-            _load_flat(a_desc, b_desc, a_bufs, b_bufs, ready, i, total, n_kb, pid, nprog, M, N, GROUP_M, NUM_STAGES)
-
-        init = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_layout)
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
-        # Invariant at the top of each iteration: block g is in flight in x, every block before it is folded.
-        x, sx = _start_flat(a_bufs, b_bufs, ready, 0, n_kb, pid, nprog, M, N, init, sa_ptr, sb_ptr, stride_sam,
-                            stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, RESCALE)
-        for g in range(0, total - 2, 2):
-            y, sy = _start_flat(a_bufs, b_bufs, ready, g + 1, n_kb, pid, nprog, M, N, init, sa_ptr, sb_ptr,
-                                stride_sam, stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, GROUP_M,
-                                NUM_STAGES, RESCALE)
-            xd = warpgroup_mma_wait(num_outstanding=1, deps=[x])  # block g done, its stage is free
-            _load_flat(a_desc, b_desc, a_bufs, b_bufs, ready, g + NUM_STAGES, total, n_kb, pid, nprog, M, N,
-                       GROUP_M, NUM_STAGES)
-            acc = _fold(acc, xd, sx, RESCALE)
-            acc = _finish_tile(acc, g, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS, GROUP_M)
-
-            x, sx = _start_flat(a_bufs, b_bufs, ready, g + 2, n_kb, pid, nprog, M, N, init, sa_ptr, sb_ptr,
-                                stride_sam, stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, GROUP_M,
-                                NUM_STAGES, RESCALE)
-            yd = warpgroup_mma_wait(num_outstanding=1, deps=[y])  # block g + 1 done
-            _load_flat(a_desc, b_desc, a_bufs, b_bufs, ready, g + 1 + NUM_STAGES, total, n_kb, pid, nprog, M, N,
-                       GROUP_M, NUM_STAGES)
-            acc = _fold(acc, yd, sy, RESCALE)
-            acc = _finish_tile(acc, g + 1, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS, GROUP_M)
-
-        # The loop leaves block total - 1 (odd total) or total - 2 (even total) in flight in x.
-        if total % 2 == 0:
-            y, sy = _start_flat(a_bufs, b_bufs, ready, total - 1, n_kb, pid, nprog, M, N, init, sa_ptr, sb_ptr,
-                                stride_sam, stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, GROUP_M,
-                                NUM_STAGES, RESCALE)
-            xd = warpgroup_mma_wait(num_outstanding=1, deps=[x])
-            acc = _fold(acc, xd, sx, RESCALE)
-            acc = _finish_tile(acc, total - 2, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS, GROUP_M)
-            yd = warpgroup_mma_wait(num_outstanding=0, deps=[y])
-            acc = _fold(acc, yd, sy, RESCALE)
-            acc = _finish_tile(acc, total - 1, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS, GROUP_M)
-        else:
-            xd = warpgroup_mma_wait(num_outstanding=0, deps=[x])
-            acc = _fold(acc, xd, sx, RESCALE)
-            acc = _finish_tile(acc, total - 1, n_kb, pid, nprog, M, N, c_desc, c_smem, bias_ptr, HAS_BIAS, GROUP_M)
-        tma.store_wait(0)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(ready.index(i))
-
-
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32} if gluon else {}
 
 
 def available() -> bool:
@@ -378,16 +238,14 @@ def check_inputs(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_
 def gemm_int8_block_gluon(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
                           out: torch.Tensor | None = None, rescale: int = 0, num_stages: int = NUM_STAGES,
-                          block_n: int = 128, persistent: bool = PERSISTENT) -> torch.Tensor:
+                          block_n: int = 128) -> torch.Tensor:
     """Block-scaled int8 GEMM ``[M, K] x [N, K]^T -> [M, N]`` in ``out_dtype`` (scales as in ``gemm_block_scaled``).
 
     ``a_scale`` is float32 ``[ceil(M/128), K/128]``, ``w_scale`` float32 ``[N/128, K/128]``; K and N must be
     multiples of 128 (M is free: TMA zero-fills the tail rows and the store masks them). ``out`` is written in
     place when given. Tuning knobs: ``rescale`` 0 converts each block's int32 result with the convert instruction,
     1 with the exact magic-number trick (integer add, float subtract); ``block_n`` 64 runs 4 warps on 128 x 64
-    tiles; ``num_stages`` shared-memory stages of 16 KiB per 64 columns of the tile plus 16 KiB;
-    ``persistent`` runs one program per SM over many tiles (loads run ahead across tiles, TMA-store epilogue)
-    instead of one program per tile.
+    tiles; ``num_stages`` shared-memory stages of 16 KiB per 64 columns of the tile plus 16 KiB.
     """
     check_inputs(a_q, a_scale, w_q, w_scale, bias, out_dtype, out, rescale, num_stages, block_n)
     if gluon is None or not a_q.is_cuda:
@@ -405,34 +263,14 @@ def gemm_int8_block_gluon(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.T
     b_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK], gl.int8)
     a_desc = TensorDescriptor.from_tensor(a_q, [BLOCK, BLOCK], a_layout)
     b_desc = TensorDescriptor.from_tensor(w_q, [block_n, BLOCK], b_layout)
-    tiles = triton.cdiv(m, BLOCK) * (n // block_n)
-    warps = NUM_WARPS if block_n == 128 else 4
+    grid = (triton.cdiv(m, BLOCK) * (n // block_n),)
     global LAST_COMPILED
-    if persistent:
-        c_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, block_n], _GL_DTYPES[out_dtype])
-        c_desc = TensorDescriptor.from_tensor(out, [BLOCK, block_n], c_layout)
-        grid = (min(tiles, _sm_count(a_q.device)),)
-        LAST_COMPILED = _gemm_int8_block_persistent_kernel[grid](
-            a_desc, b_desc, c_desc, a_scale, w_scale, bias if bias is not None else out,
-            m, n, k, a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
-            HAS_BIAS=bias is not None, GROUP_M=GROUP_M, NUM_STAGES=num_stages, RESCALE=rescale, num_warps=warps)
-        return out
-    LAST_COMPILED = _gemm_int8_block_kernel[(tiles,)](
+    LAST_COMPILED = _gemm_int8_block_kernel[grid](
         a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, out.stride(0), a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
-        HAS_BIAS=bias is not None, GROUP_M=GROUP_M, NUM_STAGES=num_stages, RESCALE=rescale, num_warps=warps)
+        HAS_BIAS=bias is not None, GROUP_M=GROUP_M, NUM_STAGES=num_stages, RESCALE=rescale,
+        num_warps=NUM_WARPS if block_n == 128 else 4)
     return out
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(dev: torch.device) -> int:
-    """Streaming multiprocessors of ``dev`` (cached: the property query is slow next to a kernel launch)."""
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -462,8 +300,7 @@ def reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_sca
 BENCH_SHAPES = [(32760, 1536, 1536), (32760, 1536, 8960), (32760, 8960, 1536),
                 (75600, 5120, 5120), (75600, 5120, 13824), (75600, 13824, 5120)]
 #: Gluon variants timed beside the default (name -> wrapper keywords).
-BENCH_VARIANTS = {"gluon": {}, "gluon_tile": {"persistent": False}, "gluon_s3": {"num_stages": 3},
-                  "gluon_s5": {"num_stages": 5}, "gluon_magic": {"rescale": 1},
+BENCH_VARIANTS = {"gluon": {}, "gluon_s3": {"num_stages": 3}, "gluon_magic": {"rescale": 1},
                   "gluon_n64": {"block_n": 64}}
 
 

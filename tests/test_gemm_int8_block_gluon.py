@@ -100,9 +100,8 @@ def _need_hopper():
                                    (130, 384, 256),    # 3 K blocks (odd tail)
                                    (7, 128, 128),      # one K block, no loop
                                    (300, 1152, 640),   # 9 K blocks: several trips round the 4 stages
-                                   (4000, 384, 1280),  # 320 tiles > SMs: programs walk 2-3 tiles (odd stream)
-                                   (2200, 256, 2048),  # 288 tiles, 2 K blocks each (even stream, tile ends mid-pair)
-                                   (9000, 128, 640)])  # 355 tiles of one K block: an epilogue after every block
+                                   (4000, 384, 1280),  # 320 tiles: more programs than SMs
+                                   (9000, 128, 640)])  # 355 tiles of one K block
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_cuda_matches_reference(m, k, n, with_bias):
     _need_hopper()
@@ -125,7 +124,7 @@ def test_cuda_matches_reference(m, k, n, with_bias):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{"rescale": 1}, {"num_stages": 3}, {"block_n": 64}, {"num_stages": 2},
-                                {"num_stages": 5}, {"persistent": False}, {"persistent": False, "block_n": 64}])
+                                {"num_stages": 5}])
 def test_cuda_variants_match_reference(kw):
     _need_hopper()
     a_q, a_s, w_q, w_s, b = _inputs(333, 1024, 256, seed=7, device="cuda")
@@ -133,7 +132,7 @@ def test_cuda_variants_match_reference(kw):
     G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.float32, out=out, **kw)
     assert not torch.isnan(out).any()
     assert _rel(out, G.reference(a_q, a_s, w_q, w_s, b)) < 1e-6
-    # many tiles per program (persistent) or many programs (one-tile kernel), bf16 out, every element written
+    # many programs, bf16 out, every element written
     a_q, a_s, w_q, w_s, b = _inputs(3000, 512, 1024, seed=9, device="cuda")
     out16 = torch.full((3000, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
     G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.bfloat16, out=out16, **kw)
