@@ -1,0 +1,162 @@
+"""Top-k LUT selection: the Triton radix-select kernel (``topk_lut_triton``) under TRITON_INTERPRET=1 in a
+subprocess against ``torch.topk`` + ``torch.sort``, on random scores (exact equality), ties, NaN, ±0 and ±inf; and
+the CUDA path of ``lut_from_pooled`` where a GPU exists. The checks run in well under a second of interpreter time."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from turbocompile.kernels.block_map import compare_luts, lut_from_pooled, num_kept_blocks, topk_lut_reference
+
+POISON = -7
+
+#: (rows, Nk, T): Nk not a power of two, Nk = 1, T = 1, T = Nk - 1, T = Nk, rows not a multiple of BLOCK_R
+RANDOM_CASES = [(37, 100, 10), (5, 1, 1), (3, 17, 1), (9, 33, 32), (4, 17, 17), (6, 600, 60), (13, 256, 25),
+                (2, 5, 4), (1, 1000, 999)]
+#: (rows, Nk, T, distinct values): many equal scores per row
+TIE_CASES = [(11, 64, 7, 3), (7, 100, 30, 5), (5, 40, 39, 2), (3, 50, 10, 1), (9, 300, 31, 11)]
+
+
+def check_kept_set(scores: torch.Tensor, lut: torch.Tensor, t: int) -> list[str]:
+    """What is wrong with ``lut`` [rows, t] as the t best columns of ``scores`` [rows, Nk], ties lowest-index first.
+
+    Each row: t distinct in-range indices, ascending; every kept score >= every dropped score; among the columns
+    equal to the smallest kept score, the kept ones are the lowest-indexed.
+    """
+    errs = []
+    nk = scores.shape[-1]
+    for r in range(scores.shape[0]):
+        idx = lut[r].long()
+        if not (idx.min() >= 0 and idx.max() < nk):
+            errs.append(f"row {r}: index out of range {idx.tolist()}")
+            continue
+        if t > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            errs.append(f"row {r}: not strictly ascending {idx.tolist()}")
+            continue
+        kept = torch.zeros(nk, dtype=torch.bool)
+        kept[idx] = True
+        if (~kept).any():
+            lo, hi = scores[r][kept].min(), scores[r][~kept].max()
+            if lo < hi:
+                errs.append(f"row {r}: kept score {lo} < dropped score {hi}")
+            tied = (scores[r] == lo).nonzero().flatten()
+            n_tied_kept = int(kept[tied].sum())
+            if not bool(kept[tied[:n_tied_kept]].all()):
+                errs.append(f"row {r}: ties not taken lowest index first")
+    return errs
+
+
+def _interpret_checks() -> dict:
+    from turbocompile.kernels.block_map import topk_lut_triton
+
+    def run(scores, t, config=None):
+        out = torch.full(scores.shape[:-1] + (t,), POISON, dtype=torch.int32)
+        res = topk_lut_triton(scores, t, config, out=out)
+        assert res.data_ptr() == out.data_ptr()
+        return out
+
+    rep: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for rows, nk, t in RANDOM_CASES:
+        s = torch.randn(rows, nk, generator=g) * 3 + 0.5  # both signs
+        for config in (None, (4, 4), (1, 2)):
+            o = run(s, t, config)
+            rep[f"random/{rows}x{nk}/t{t}/{config}"] = {
+                "equal": bool(torch.equal(o, topk_lut_reference(s, t))), "poison": bool((o == POISON).any())}
+    # [B, H, Mq, Nk] scores as lut_from_pooled makes them, and a non-contiguous view
+    pq, pk = torch.randn(2, 3, 7, 64, generator=g), torch.randn(2, 3, 45, 64, generator=g)
+    s4 = torch.matmul(pq, pk.transpose(-1, -2)) * 64 ** -0.5
+    t4 = num_kept_blocks(0.1, 45)
+    rep["4d"] = {"equal": bool(torch.equal(run(s4, t4), topk_lut_reference(s4, t4))), "poison": False}
+    sv = s4.transpose(2, 3)
+    rep["non_contiguous"] = {"equal": bool(torch.equal(run(sv, 3), topk_lut_reference(sv, 3))), "poison": False}
+    for rows, nk, t, distinct in TIE_CASES:
+        s = torch.randint(-(distinct // 2), distinct - distinct // 2, (rows, nk), generator=g).float() * 0.25
+        o = run(s, t, (4, 4))
+        rep[f"ties/{rows}x{nk}/t{t}/v{distinct}"] = {"errors": check_kept_set(s, o, t),
+                                                      "poison": bool((o == POISON).any())}
+    # special values: ±inf and ±0 rank like torch (-0 == +0, ties lowest index); NaN ranks below -inf
+    inf, nan = float("inf"), float("nan")
+    s = torch.tensor([[0.0, -0.0, 1.0, -inf, inf, -1.0, 0.0, -0.0],
+                      [nan, -inf, nan, -1e38, 3e-45, -3e-45, nan, 2.0]])
+    rep["special"] = {"lut": run(s, 4).tolist()}
+    rep["nan_row"] = {"lut": run(torch.full((1, 6), nan), 3).tolist()}
+    return rep
+
+
+@pytest.fixture(scope="module")
+def interp_report(tmp_path_factory) -> dict:
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from interp_subprocess import run_interpreted
+
+    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "topk.json", timeout=300)
+
+
+def test_interp_topk_random_scores_equal_torch(interp_report):
+    rows = {k: r for k, r in interp_report.items() if k.startswith("random/")}
+    assert len(rows) == 3 * len(RANDOM_CASES)
+    for key, r in {**rows, "4d": interp_report["4d"], "non_contiguous": interp_report["non_contiguous"]}.items():
+        assert r["equal"] and not r["poison"], (key, r)
+
+
+def test_interp_topk_ties_lowest_index_first(interp_report):
+    rows = {k: r for k, r in interp_report.items() if k.startswith("ties/")}
+    assert len(rows) == len(TIE_CASES)
+    for key, r in rows.items():
+        assert not r["errors"] and not r["poison"], (key, r)
+
+
+def test_interp_topk_special_values(interp_report):
+    # row 0: +inf, 1.0, then the first two of the four zeros (-0 == +0); row 1: 2.0, 3e-45, -3e-45, -1e38
+    assert interp_report["special"]["lut"] == [[0, 1, 2, 4], [3, 4, 5, 7]]
+    assert interp_report["nan_row"]["lut"] == [[0, 1, 2]]  # all NaN: still t indices, lowest first
+
+
+def test_check_kept_set_catches_wrong_luts():
+    s = torch.tensor([[3.0, 1.0, 1.0, 2.0, 1.0]])
+    assert check_kept_set(s, torch.tensor([[0, 1, 3]]), 3) == []
+    assert check_kept_set(s, torch.tensor([[0, 2, 3]]), 3)  # tie not lowest index first
+    assert check_kept_set(s, torch.tensor([[0, 1, 2]]), 3)  # dropped 2.0 > kept 1.0
+    assert check_kept_set(s, torch.tensor([[3, 0, 1]]), 3)  # not ascending
+
+
+def test_compare_luts_tells_tie_choices_from_wrong_sets():
+    s = torch.tensor([[3.0, 1.0, 1.0, 2.0, 1.0]])
+    ref = torch.tensor([[0, 1, 3]], dtype=torch.int32)
+    assert compare_luts(s, ref, ref) == {"equal": True, "rows_differ": 0, "same_scores": True}
+    assert compare_luts(s, torch.tensor([[0, 3, 4]], dtype=torch.int32), ref) == {
+        "equal": False, "rows_differ": 1, "same_scores": True}
+    assert not compare_luts(s, torch.tensor([[0, 1, 2]], dtype=torch.int32), ref)["same_scores"]
+
+
+def test_lut_from_pooled_cpu_uses_torch_and_keeps_all_shortcut():
+    g = torch.Generator().manual_seed(1)
+    pq, pk = torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)) * 16 ** -0.5
+    assert torch.equal(lut_from_pooled(pq, pk, 0.5), topk_lut_reference(scores, num_kept_blocks(0.5, 9)))
+    assert torch.equal(lut_from_pooled(pq, pk, 1.0), torch.arange(9, dtype=torch.int32).expand(1, 2, 5, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mq,nk,topk", [(512, 256, 0.1), (1182, 591, 0.1), (7, 3000, 0.05), (3, 5, 0.5)])
+def test_cuda_lut_from_pooled_equals_torch(mq, nk, topk):
+    g = torch.Generator(device="cuda").manual_seed(nk)
+    pq = torch.randn(1, 4, mq, 128, device="cuda", generator=g)
+    pk = torch.randn(1, 4, nk, 128, device="cuda", generator=g)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)) * 128 ** -0.5
+    lut = lut_from_pooled(pq, pk, topk)
+    ref = topk_lut_reference(scores, num_kept_blocks(topk, nk))
+    if not torch.equal(lut, ref):  # matmul scores may tie; then only the kept-set rules must hold
+        bad = (lut != ref).any(-1).flatten()
+        t = ref.shape[-1]
+        assert not check_kept_set(scores.reshape(-1, nk)[bad].cpu(), lut.reshape(-1, t)[bad].cpu(), t)
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    rep = _interpret_checks()
+    with open(sys.argv[1], "w") as f:
+        json.dump(rep, f, indent=1)
