@@ -40,6 +40,11 @@ NUM_WARPS = 0  # 0: 2 warps for D <= 2048, else 4 (H200 sweep: 3.4 vs 3.0 TB/s a
 #: re-reads: "evict_last" for them and "evict_first" for the streamed rows. Measured on the H200 it was 1% faster
 #: at D=1536 and 3-4% slower at D=5120 (docs/kernels-linear.md), so it is off ("").
 PARAM_EVICT = ""
+#: 0: the whole row in registers (``_norm_kernel``); else the chunk width of ``_norm_chunked_kernel`` (two passes
+#: over the row, no padded lanes). Swept by the GPU benchmark (``NORM_SWEEP``).
+CHUNK = 0
+#: (CHUNK, warps) pairs the benchmark tries on the per-sample modulation and the affine LayerNorm.
+NORM_SWEEP = [(0, 0), (0, 8), (512, 2), (512, 4), (1024, 4), (1024, 8), (256, 1), (256, 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,6 +122,60 @@ if triton is not None:
         tl.store(out_ptr + r64[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _norm_chunked_kernel(x_ptr, mul_ptr, add_ptr, out_ptr, R, L, D, stride_x, stride_o,
+                             mul_sb, mul_sl, add_sb, add_sl, eps,
+                             CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_ADD: tl.constexpr,
+                             PARAM_ROWS: tl.constexpr, CHUNK: tl.constexpr, OUT_ROUND: tl.constexpr):
+        """One row per program in ``CHUNK``-wide pieces: a pass for the moments, a second (L1/L2-resident) pass
+        that normalizes and writes. Why: the whole-row kernel pads D to a power of two (D = 5120 runs 8192 lanes)
+        and holds the row in registers, which limits how many rows each SM keeps in flight; chunks that divide D
+        waste no lanes and need few registers. Same math as ``_norm_kernel`` (moments shifted by the first
+        element), summed in another order."""
+        row = tl.program_id(0)
+        r64 = row.to(tl.int64)
+        cols = tl.arange(0, CHUNK)
+        x_row = x_ptr + r64 * stride_x
+        if CENTER:
+            c = tl.load(x_row).to(tl.float32)
+        else:
+            c = 0.0
+        s1 = tl.zeros([CHUNK], tl.float32)
+        s2 = tl.zeros([CHUNK], tl.float32)
+        for k0 in range(0, D, CHUNK):
+            ok = k0 + cols < D
+            xc = tl.where(ok, tl.load(x_row + k0 + cols, mask=ok, other=0.0).to(tl.float32) - c, 0.0)
+            s1 += xc
+            s2 += xc * xc
+        if CENTER:
+            m1 = tl.sum(s1, 0) / D
+            rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, 0) / D - m1 * m1, 0.0) + eps)
+        else:
+            m1 = 0.0
+            rstd = 1.0 / tl.sqrt(tl.sum(s2, 0) / D + eps)
+        if PARAM_ROWS:
+            b = (row // L).to(tl.int64)
+            l = (row % L).to(tl.int64)
+        else:
+            b = r64 * 0
+            l = b
+        mul_row = mul_ptr + b * mul_sb + l * mul_sl
+        add_row = add_ptr + b * add_sb + l * add_sl
+        for k0 in range(0, D, CHUNK):
+            ok = k0 + cols < D
+            x = tl.load(x_row + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+            y = (x - c - m1) * rstd
+            m = tl.load(mul_row + k0 + cols, mask=ok, other=0.0)
+            if ONE_PLUS:
+                y = y * (1.0 + m)
+            else:
+                y = y * m
+            if HAS_ADD:
+                y += tl.load(add_row + k0 + cols, mask=ok, other=0.0)
+            y = round_bits(y, OUT_ROUND)
+            tl.store(out_ptr + r64 * stride_o + k0 + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def _bl_strides(p: torch.Tensor, b: int, l: int, d: int, name: str) -> tuple[torch.Tensor, int, int]:
     """Expand a parameter to [B, L, D] (as a view) and return it with its batch and token strides."""
     try:
@@ -148,6 +207,14 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
         add, add_sb, add_sl = _bl_strides(add, bsz, seq, d, "shift/bias")
     else:
         add, add_sb, add_sl = mul, 0, 0
+    param_rows = bool(mul_sb or mul_sl or add_sb or add_sl)
+    if CHUNK:
+        _norm_chunked_kernel[(x2.shape[0],)](
+            x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
+            mul_sb, mul_sl, add_sb, add_sl, float(eps),
+            CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=param_rows, CHUNK=CHUNK,
+            OUT_ROUND=interp_round_bits(x.dtype), num_warps=NUM_WARPS or max(1, min(8, CHUNK // 256)))
+        return out.reshape(x.shape)
     block_d = triton.next_power_of_2(d)
     rows = ROWS_PER_PROGRAM
     # measured (H200): 2 warps up to D=2048; above, 4 for the modulated and RMS norms, 8 for the affine one
@@ -155,7 +222,7 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     _norm_kernel[(triton.cdiv(x2.shape[0], rows),)](
         x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
         mul_sb, mul_sl, add_sb, add_sl, float(eps),
-        CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=bool(mul_sb or mul_sl or add_sb or add_sl),
+        CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=param_rows,
         ROWS=rows, BLOCK_D=block_d,
         OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps,
         **({"X_EVICT": "evict_first", "P_EVICT": PARAM_EVICT} if PARAM_EVICT and not (mul_sl or add_sl) else {}))
@@ -302,31 +369,41 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
         if out_dir:
             with open(os.path.join(out_dir, "bench_norms.json"), "w") as f:
                 json.dump(res, f, indent=1)
-    global PARAM_EVICT, NUM_WARPS
+    global CHUNK, NUM_WARPS
     res["sweep"] = []
     for l, d in [(32760, 1536), (32760, 5120), (75600, 5120)]:
         x = torch.randn(1, l, d, device=dev, dtype=torch.bfloat16)
         shift, scale = torch.randn(1, 1, d, device=dev), torch.randn(1, 1, d, device=dev)
-        for evict, warps in [("", 0), ("evict_last", 0), ("", 8), ("evict_last", 8)]:
-            PARAM_EVICT, NUM_WARPS = evict, warps
+        want = layernorm_modulate_ref(x, shift, scale, eps)
+        want2 = layer_norm_affine_ref(x, shift[0, 0], scale[0, 0], eps)
+        for chunk, warps in NORM_SWEEP:
+            CHUNK, NUM_WARPS = chunk, warps
+            got = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps)
+            got2 = torch.ops.turbocompile.layer_norm_affine(x, shift[0, 0], scale[0, 0], eps)
+            ulp = max(_max_ulps(got, want), _max_ulps(got2, want2))
             ms = t(lambda: torch.ops.turbocompile.layernorm_modulate(x, shift, scale, eps))
             ms2 = t(lambda: torch.ops.turbocompile.layer_norm_affine(x, shift[0, 0], scale[0, 0], eps))
             bw, bw2 = 2 * x.numel() * 2 / ms / 1e9, 2 * x.numel() * 2 / ms2 / 1e9
-            res["sweep"].append({"L": l, "D": d, "param_evict": evict, "warps": warps, "ms": ms, "TBps": bw,
-                                 "affine_TBps": bw2})
-            say(f"sweep L={l} D={d} params {evict or 'default cache policy'} warps={warps or 'default'}: "
+            res["sweep"].append({"L": l, "D": d, "chunk": chunk, "warps": warps, "ms": ms, "TBps": bw,
+                                 "affine_TBps": bw2, "max_ulps": ulp})
+            say(f"sweep L={l} D={d} chunk={chunk or 'whole row'} warps={warps or 'default'}: "
                 f"layernorm_modulate[B,1,D] {bw:.2f} TB/s ({bw / res['copy_TBps']:.0%}), "
-                f"layer_norm_affine {bw2:.2f} ({bw2 / res['copy_TBps']:.0%})")
-    PARAM_EVICT, NUM_WARPS = "", 0
+                f"layer_norm_affine {bw2:.2f} ({bw2 / res['copy_TBps']:.0%}), max err {ulp:.2f} bf16 ulp")
+    CHUNK, NUM_WARPS = 0, 0
     if out_dir:
         with open(os.path.join(out_dir, "bench_norms.log"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return res
 
 
-def _row(res, say, t, name, l, d, got, want, nbytes, fused, eager) -> None:  # pragma: no cover - GPU only
+def _max_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error in units of bf16 spacing at the reference value (floored at 1e-3)."""
     spacing = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-3)
-    ulps = ((got.float() - want.float()).abs() / spacing).max().item()
+    return ((got.float() - want.float()).abs() / spacing).max().item()
+
+
+def _row(res, say, t, name, l, d, got, want, nbytes, fused, eager) -> None:  # pragma: no cover - GPU only
+    ulps = _max_ulps(got, want)
     ms_f, ms_e = t(fused), t(eager)
     bw = nbytes / ms_f / 1e9
     row = {"op": name, "L": l, "D": d, "ms": ms_f, "eager_ms": ms_e, "TBps": bw,

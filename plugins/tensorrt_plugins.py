@@ -117,7 +117,7 @@ if triton is not None:
     @triton.jit
     def quant_int8_block_aot(x_ptr, M, K, KB, q_ptr, s_ptr, INTERP: tl.constexpr):
         """x [M, K] -> int8 q [M, K], fp32 scales [ceil(M/128), KB]; one program per 128x128 tile."""
-        _quant_int8_block_kernel(x_ptr, q_ptr, s_ptr, M, K, K, K, KB, BLOCK_M=128, BLOCK_K=128, INTERP=INTERP)
+        _quant_int8_block_kernel(x_ptr, q_ptr, s_ptr, M, K, K, K, KB, BLOCK_M=128, GROUPS=1, INTERP=INTERP)
 
     @triton.jit
     def gemm_int8_block_aot(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, M, N, K, KB, c_ptr,

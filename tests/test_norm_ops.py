@@ -125,6 +125,20 @@ def _interpret_checks() -> dict:
             rep[f"{mode}/affine/{b}x{l}x{d}"] = _cmp(N.launch_triton("layer_norm_affine", x, w, bias, EPS),
                                                      N.layer_norm_affine_ref(x, w, bias, EPS))
     N.PARAM_EVICT = real_evict
+    # the chunked two-pass kernel (CHUNK > 0): D a multiple of the chunk and not, per-sample and per-token params
+    for chunk in (128,):
+        N.CHUNK = chunk
+        for b, l, d in [(2, 37, 384), (1, 20, 200)]:
+            x = _x(b, l, d, seed=chunk + d)
+            shift, scale = torch.randn(b, 1, d, generator=g), torch.randn(b, l, d, generator=g) * 0.3
+            rep[f"chunk{chunk}/mod/{b}x{l}x{d}"] = _cmp(N.launch_triton("layernorm_modulate", x, shift, scale, EPS),
+                                                       N.layernorm_modulate_ref(x, shift, scale, EPS))
+            w, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+            rep[f"chunk{chunk}/affine/{b}x{l}x{d}"] = _cmp(N.launch_triton("layer_norm_affine", x, w, bias, EPS),
+                                                          N.layer_norm_affine_ref(x, w, bias, EPS))
+            rep[f"chunk{chunk}/rms/{b}x{l}x{d}"] = _cmp(N.launch_triton("rms_norm", x, w, EPS),
+                                                       N.rms_norm_ref(x, w, EPS))
+    N.CHUNK = 0
     torch.empty = real_empty
     return rep
 
@@ -144,7 +158,7 @@ def interp_report(tmp_path_factory) -> dict:
 
 
 def test_interp_norm_kernel_matches_references(interp_report):
-    assert len(interp_report) == 3 * 2 * 6 + 2 * 2 * 2
+    assert len(interp_report) == 3 * 2 * 6 + 2 * 2 * 2 + 2 * 3
     for key, r in interp_report.items():
         assert r["finite"] and r["shape"] and r["dtype"], key
         if key.startswith("offset/"):  # rows of mean 40, std 0.5: no worse than PyTorch's own fp32 LayerNorm
