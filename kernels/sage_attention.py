@@ -274,34 +274,41 @@ if HAS_TRITON:
     @triton.jit
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                           BLOCKS: tl.constexpr):
-        """``BLOCKS`` consecutive token blocks: subtract the token mean (K), pool, scale by ``mul``, quantize each
-        block to int8 with one scale (several blocks per program keep more loads in flight)."""
-        bh = tl.program_id(1)
-        for i in tl.static_range(BLOCKS):
-            pid = tl.program_id(0) * BLOCKS + i
-            if pid * BLK < L_PAD:
-                x, rows, cols = _load_block(X, pid, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
-                if HAS_MEAN:
-                    x = tl.where((rows < L)[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
-                if pid < NBLK:
-                    n_valid = tl.minimum(L - pid * BLK, BLK).to(tl.float32)
-                    tl.store(POOL + (bh * NBLK + pid) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
-                x = x * mul
-                scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-6) / 127.0
-                y = x / scale
-                y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
-                y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-                tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(tl.int8))
-                if pid < NBLK:
-                    tl.store(SCALE + bh * NBLK + pid, scale)
+                           HEADS_FIRST: tl.constexpr):
+        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale.
+
+        ``HEADS_FIRST``: program_id(0) is the head, so programs that run together read every head of the same
+        tokens (whole 2·H·D-byte token rows of the (B, L, H, D) input) instead of one head's 256-byte slices."""
+        pid, bh = _block_and_head(HEADS_FIRST)
+        x, rows, cols = _load_block(X, pid, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
+        if HAS_MEAN:
+            x = tl.where((rows < L)[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
+        if pid < NBLK:
+            n_valid = tl.minimum(L - pid * BLK, BLK).to(tl.float32)
+            tl.store(POOL + (bh * NBLK + pid) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
+        x = x * mul
+        scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-6) / 127.0
+        y = x / scale
+        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(tl.int8))
+        if pid < NBLK:
+            tl.store(SCALE + bh * NBLK + pid, scale)
+
+    @triton.jit
+    def _block_and_head(HEADS_FIRST: tl.constexpr):
+        """(token block, batch·head) of this program for either grid order."""
+        if HEADS_FIRST:
+            return tl.program_id(1), tl.program_id(0)
+        return tl.program_id(0), tl.program_id(1)
 
     @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
-                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr):
+                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
+                            HEADS_FIRST: tl.constexpr):
         """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD]."""
-        bh = tl.program_id(1)
-        x, rows, cols = _load_block(V, tl.program_id(0), bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
+        pid, bh = _block_and_head(HEADS_FIRST)
+        x, rows, cols = _load_block(V, pid, bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
         x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
         tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE, True))
 
@@ -456,24 +463,27 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
         "v_scale": v_scale, "k_mean": k_mean,
     }
-    blocks, warps, v_blk, v_warps = SAGE_QUANT_CONFIG
-    _quant_int8_kernel[(triton.cdiv(lq_pad // blk_q, blocks), b * h)](
+    hf = QUANT_HEADS_FIRST
+
+    def grid(blocks: int) -> tuple[int, int]:
+        return (b * h, blocks) if hf else (blocks, b * h)
+
+    _quant_int8_kernel[grid(lq_pad // blk_q)](
         q, k_mean, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
-        d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, BLOCKS=blocks, num_warps=warps)
-    _quant_int8_kernel[(triton.cdiv(lk_pad // blk_k, blocks), b * h)](
+        d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, HEADS_FIRST=hf, num_warps=4)
+    _quant_int8_kernel[grid(lk_pad // blk_k)](
         k, k_mean, out["k"], out["k_scale"], out["k_pool"], k.stride(0), k.stride(1), k.stride(2), h, lk, lk_pad, nk,
-        1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, BLOCKS=blocks, num_warps=warps)
-    _quant_v_fp8_kernel[(lk_pad // v_blk, b * h)](
-        v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=v_blk, HEAD_DIM=d,
-        EMULATE=_interpreting(), num_warps=v_warps)
+        1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, HEADS_FIRST=hf, num_warps=4)
+    _quant_v_fp8_kernel[grid(lk_pad // 64)](
+        v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
+        EMULATE=_interpreting(), HEADS_FIRST=hf, num_warps=4)
     return out
 
 
-#: (token blocks per program and warps of the Q/K int8 quantizer, tokens per program and warps of the V FP8
-#: quantizer). V's token count must divide 128 (the padding). The GPU benchmark's ``--sweep`` tries
-#: ``SAGE_QUANT_SWEEP``.
-SAGE_QUANT_CONFIG: tuple[int, int, int, int] = (1, 4, 64, 4)
-SAGE_QUANT_SWEEP = [(2, 4, 128, 4), (4, 8, 128, 8), (2, 8, 64, 4)]
+#: Grid order of the Sage quantizers: head-major (True) or token-block-major (False); the GPU benchmark's
+#: ``--sweep`` times both. (Several token blocks per program, 8 warps and 128-token V programs were measured on
+#: the H200 and were 1-20% slower; docs/kernels-attention.md.)
+QUANT_HEADS_FIRST = False
 
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (sage, sparse, blk_q, blk_k); for tuning.

@@ -138,7 +138,7 @@ def _interpret_checks() -> dict:
                                                           N.layer_norm_affine_ref(x, w, bias, EPS))
             rep[f"chunk{chunk}/rms/{b}x{l}x{d}"] = _cmp(N.launch_triton("rms_norm", x, w, EPS),
                                                        N.rms_norm_ref(x, w, EPS))
-    N.CHUNK = 0
+    N.CHUNK = None
     torch.empty = real_empty
     return rep
 
@@ -184,6 +184,15 @@ def test_cuda_norms_match_references():
     bias = torch.randn(1536, device="cuda")
     got = torch.ops.turbocompile.layer_norm_affine(x, w, bias, EPS)
     assert _ulps_bf16(got, N.layer_norm_affine_ref(x, w, bias, EPS)) <= 1
+    # D = 5120 (14B): the per-sample modulation and the affine LayerNorm take the chunked two-pass kernel
+    assert N.chunk_for(5120, True, True, False) and N.chunk_for(5120, True, False, False)
+    x = _x(1, 777, 5120, seed=10).cuda()
+    shift, scale = torch.randn(1, 1, 5120, device="cuda"), torch.randn(1, 1, 5120, device="cuda") * 0.3
+    got = torch.ops.turbocompile.layernorm_modulate(x, shift, scale, EPS)
+    assert not got.isnan().any() and _ulps_bf16(got, N.layernorm_modulate_ref(x, shift, scale, EPS)) <= 1
+    w, bias = torch.randn(5120, device="cuda"), torch.randn(5120, device="cuda")
+    got = torch.ops.turbocompile.layer_norm_affine(x, w, bias, EPS)
+    assert not got.isnan().any() and _ulps_bf16(got, N.layer_norm_affine_ref(x, w, bias, EPS)) <= 1
 
 
 if __name__ == "__main__":  # the interpreter subprocess
