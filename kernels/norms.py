@@ -224,7 +224,7 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
             x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
             mul_sb, mul_sl, add_sb, add_sl, float(eps),
             CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=param_rows, CHUNK=chunk,
-            OUT_ROUND=interp_round_bits(x.dtype), num_warps=NUM_WARPS or max(1, min(4, chunk // 256)))
+            OUT_ROUND=interp_round_bits(x.dtype), num_warps=NUM_WARPS or 4)
         return out.reshape(x.shape)
     block_d = triton.next_power_of_2(d)
     rows = ROWS_PER_PROGRAM

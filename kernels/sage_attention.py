@@ -263,9 +263,9 @@ if HAS_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
-    def _load_block(X, blk, bh, H, stride_xb, stride_xh, stride_xl, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, L):
-        """Token block ``blk`` of head ``bh`` as fp32 [BLK, D] (rows past L read as 0), its rows, cols."""
-        rows = blk * BLK + tl.arange(0, BLK)
+    def _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, L):
+        """Token block ``program_id(0)`` of head ``bh`` as fp32 [BLK, D] (rows past L read as 0), its rows, cols."""
+        rows = tl.program_id(0) * BLK + tl.arange(0, BLK)
         cols = tl.arange(0, HEAD_DIM)
         x = tl.load(X + (bh // H) * stride_xb + (bh % H) * stride_xh + rows[:, None] * stride_xl + cols[None, :],
                     mask=(rows < L)[:, None], other=0.0).to(tl.float32)
@@ -273,14 +273,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
-                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                           HEADS_FIRST: tl.constexpr):
-        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale.
-
-        ``HEADS_FIRST``: program_id(0) is the head, so programs that run together read every head of the same
-        tokens (whole 2·H·D-byte token rows of the (B, L, H, D) input) instead of one head's 256-byte slices."""
-        pid, bh = _block_and_head(HEADS_FIRST)
-        x, rows, cols = _load_block(X, pid, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
+                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr):
+        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        x, rows, cols = _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
         if HAS_MEAN:
             x = tl.where((rows < L)[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
         if pid < NBLK:
@@ -296,19 +293,11 @@ if HAS_TRITON:
             tl.store(SCALE + bh * NBLK + pid, scale)
 
     @triton.jit
-    def _block_and_head(HEADS_FIRST: tl.constexpr):
-        """(token block, batch·head) of this program for either grid order."""
-        if HEADS_FIRST:
-            return tl.program_id(1), tl.program_id(0)
-        return tl.program_id(0), tl.program_id(1)
-
-    @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
-                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
-                            HEADS_FIRST: tl.constexpr):
+                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr):
         """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD]."""
-        pid, bh = _block_and_head(HEADS_FIRST)
-        x, rows, cols = _load_block(V, pid, bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
+        bh = tl.program_id(1)
+        x, rows, cols = _load_block(V, bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
         x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
         tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE, True))
 
@@ -463,27 +452,16 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
         "v_scale": v_scale, "k_mean": k_mean,
     }
-    hf = QUANT_HEADS_FIRST
-
-    def grid(blocks: int) -> tuple[int, int]:
-        return (b * h, blocks) if hf else (blocks, b * h)
-
-    _quant_int8_kernel[grid(lq_pad // blk_q)](
+    _quant_int8_kernel[(lq_pad // blk_q, b * h)](
         q, k_mean, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
-        d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, HEADS_FIRST=hf, num_warps=4)
-    _quant_int8_kernel[grid(lk_pad // blk_k)](
+        d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, num_warps=4)
+    _quant_int8_kernel[(lk_pad // blk_k, b * h)](
         k, k_mean, out["k"], out["k_scale"], out["k_pool"], k.stride(0), k.stride(1), k.stride(2), h, lk, lk_pad, nk,
-        1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, HEADS_FIRST=hf, num_warps=4)
-    _quant_v_fp8_kernel[grid(lk_pad // 64)](
+        1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, num_warps=4)
+    _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
         v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
-        EMULATE=_interpreting(), HEADS_FIRST=hf, num_warps=4)
+        EMULATE=_interpreting(), num_warps=4)
     return out
-
-
-#: Grid order of the Sage quantizers: head-major (True) or token-block-major (False); the GPU benchmark's
-#: ``--sweep`` times both. (Several token blocks per program, 8 warps and 128-token V programs were measured on
-#: the H200 and were 1-20% slower; docs/kernels-attention.md.)
-QUANT_HEADS_FIRST = False
 
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (sage, sparse, blk_q, blk_k); for tuning.

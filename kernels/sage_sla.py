@@ -274,20 +274,6 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     return torch.matmul(phi.transpose(-1, -2), v), phi.sum(2, dtype=torch.float32)
 
                 record(shape, "  (linear stats in torch, bf16 φ)", bench(torch_stats), dense_flops)
-                from . import sage_attention as sa_mod
-
-                keep = sa_mod.QUANT_HEADS_FIRST
-                sa_mod.QUANT_HEADS_FIRST = not keep
-                try:
-                    alt = sage_quantize_triton(q, k, v, *blk_sla, **moments)
-                    same = all(torch.equal(alt[key], quant[key]) for key in ("q", "k", "q_scale", "k_scale",
-                                                                              "q_pool", "k_pool"))
-                    same = same and torch.equal(alt["v"].view(torch.uint8), quant["v"].view(torch.uint8))
-                    record(shape, f"  (quantize Q, K, V heads_first={not keep}{'' if same else ' MISMATCH'})",
-                           bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments)), dense_flops)
-                except Exception as exc:  # noqa: BLE001
-                    log.info("quantize grid order failed: %s", exc)
-                sa_mod.QUANT_HEADS_FIRST = keep
                 _compile_report(sla_mod._linear_stats_kernel, "linear_stats")
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)

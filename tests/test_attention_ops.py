@@ -269,16 +269,6 @@ _INTERP_SCRIPT = textwrap.dedent("""
             o2 = sla_triton(q, k, v, w, b, 0.2, 64, 128, lut=lut, out=nan())
             r["sla"] = rel(o2, sla_reference(q, k, v, w, b, 0.2, 64, 128, lut=lut))
             r["sparse_nan"] = bool(o.isnan().any() or o2.isnan().any())
-        if n in (129, 300):  # the quantizer's grid order must not change a single bit
-            import turbocompile.kernels.sage_attention as sa
-            base = sa.sage_quantize_triton(q, k, v, 64, 128)
-            sa.QUANT_HEADS_FIRST = not sa.QUANT_HEADS_FIRST
-            alt = sa.sage_quantize_triton(q, k, v, 64, 128)
-            sa.QUANT_HEADS_FIRST = not sa.QUANT_HEADS_FIRST
-            r["quant_configs_same"] = [all(
-                torch.equal(alt[key].view(torch.uint8) if alt[key].dtype == torch.float8_e4m3fn else alt[key],
-                            base[key].view(torch.uint8) if base[key].dtype == torch.float8_e4m3fn else base[key])
-                for key in ("q", "k", "v", "q_scale", "k_scale", "q_pool", "k_pool"))]
         out.append(r)
     print("RESULT" + json.dumps(out))
 """)
@@ -308,8 +298,6 @@ def test_triton_kernels_match_references_interpreted(interpreted, case):
     if "sage_sla" in r:
         assert not r["sparse_nan"], r
         assert r["sage_sla"] <= tol and r["sla"] <= 1e-2, r
-    if r["n"] in (129, 300):
-        assert r["quant_configs_same"] and all(r["quant_configs_same"]), r
 
 
 # ------------------------------------------------------------------------------------------------ GPU
