@@ -370,7 +370,8 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
 @click.option("--no-compile", is_flag=True,
               help="model/e2e: leave out the torch.compile rung; pipeline: run the engine uncompiled.")
 @click.option("--cuda-graphs", is_flag=True, help="After the compiled rung, add one compiled with mode=reduce-overhead (CUDA-graph replay).")
-@click.option("--profile", is_flag=True, help="model/e2e: per-op GPU time of the accelerated forward.")
+@click.option("--profile", is_flag=True, help="model/e2e: per-op GPU time of the accelerated forward; pipeline: "
+              "GPU and host time of one warm expert call and its per-op GPU time.")
 @click.option("--gpu-memory-budget", default=None, help="pipeline: cap GPU memory, e.g. 32GiB.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
               help="pipeline: reuse (or keep) this artifact instead of a temporary build.")

@@ -155,7 +155,7 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
                                                            "second video, warm")]})
         from .pipeline import bench_pipeline
 
-        return bench_pipeline(spec, res, gpu_memory_budget, artifact, compile=bool(compile))
+        return bench_pipeline(spec, res, gpu_memory_budget, artifact, compile=bool(compile), profile=profile)
     raise ValueError(f"unknown bench {what!r}")
 
 

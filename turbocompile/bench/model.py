@@ -109,7 +109,8 @@ def _profile(fn, report: Report, section: str, forward_s: float, top: int = 15) 
         fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("ProfilerStep")]
-    ops = [e for e in events if e.key.startswith(("turbocompile::", "aten::"))]
+    # custom ops, aten ops, and under torch.compile the generated Triton kernels and the compiled region itself
+    ops = [e for e in events if e.key.startswith(("turbocompile::", "aten::", "triton_", "Torch-Compiled Region"))]
     for e in sorted(ops, key=lambda e: e.device_time_total, reverse=True)[:top]:
         report.add(section, {"op": e.key, "calls": e.count, "GPU ms (incl. children)": e.device_time_total / 1e3,
                              "share of forward %": 100 * e.device_time_total / 1e6 / forward_s})

@@ -60,9 +60,11 @@ def random_components(spec: ModelSpec):
 
 
 def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, artifact: Path | None,
-                   compile: bool = True) -> Report:
+                   compile: bool = True, profile: bool = False) -> Report:
     """Build (unless ``artifact`` holds one), load under the cap and generate one 4-step video; ``compile``
-    False runs the rewritten graph without torch.compile (minutes less, a few percent slower per step)."""
+    False runs the rewritten graph without torch.compile (minutes less, a few percent slower per step).
+    ``profile``: afterwards, time one warm call of the first expert on GPU events and on the host clock (the
+    sampler's step times are host-clock) and list its ops under torch.profiler."""
     import turbocompile
     from ..build import BuildOptions, build
     from ..pipeline import generate
@@ -116,9 +118,37 @@ def bench_pipeline(spec: ModelSpec, resolution: str, budget_bytes: int | None, a
                     report.add(section, {"stage": f"{k} {i}", "s": s})
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 report.add(section, {"stage": k, "s": float(v)})
+    if profile:
+        _profile_expert(engine, spec, report)
     report.add("memory", {"peak allocated GiB": torch.cuda.max_memory_allocated() / 2**30,
                           "peak reserved GiB": torch.cuda.max_memory_reserved() / 2**30, "cap": cap,
                           "experts": ", ".join(getattr(result, "experts", []) or [])})
     if tmp is not None:
         tmp.cleanup()
     return report
+
+
+def _profile_expert(engine, spec: ModelSpec, report: Report) -> None:
+    """One expert of the loaded engine on the sampler's input shapes: GPU-event time, host time per call with a
+    sync (what a sampler step sees), and the per-op GPU time table."""
+    from ..modeling import example_inputs
+    from . import cuda_time
+    from .model import _profile
+
+    name = engine.expert_names[0]
+    expert = engine.expert(name)
+    x, t, c = example_inputs(spec, engine.width, engine.height, engine.frames, dtype=engine.dtype,
+                             device=engine.device)
+    section = f"one warm call of expert {name!r} (the sampler's shapes)"
+    with torch.no_grad():
+        gpu_s = cuda_time(lambda: expert(x, t, c), 5, warmup=1)
+        host = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            expert(x, t, c)
+            torch.cuda.synchronize()
+            host.append(time.perf_counter() - t0)
+    report.add(section, {"op": "GPU events (back to back)", "ms": gpu_s * 1e3})
+    report.add(section, {"op": "host clock, synchronized, median of 5", "ms": sorted(host)[2] * 1e3})
+    _profile(lambda: expert(x, t, c), report, section, gpu_s, top=25)
