@@ -281,7 +281,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
 
             _compile_report(_attn_fwd_kernel, "attn_fwd")
             if args.sweep:
-                for cfg in ((64, 64, 4, 2),):
+                for cfg in ((64, 64, 4, 2), (64, 128, 4, 2), (64, 128, 8, 3), (64, 128, 8, 2)):
                     try:
                         fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin,  # noqa
                                                             quant=quant, config=cfg)
