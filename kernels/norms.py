@@ -176,14 +176,36 @@ if triton is not None:
             tl.store(out_ptr + r64 * stride_o + k0 + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def chunk_for(d: int, center: bool, one_plus: bool, per_token: bool) -> int:
-    """Chunk width for ``_norm_chunked_kernel``, or 0 for the whole-row kernel: measured on the H200 (D = 5120,
-    docs/kernels-linear.md), chunks of 1024 (4 warps) lift the per-sample modulated LayerNorm from 73-74% to
-    81-84% of copy bandwidth and chunks of 512 (4 warps) the affine LayerNorm from 79-82% to 83-85%; the
-    per-token modulation (already at 97-99%), RMSNorm (94-97%) and rows up to 2048 keep the whole-row kernel."""
+#: Chunk widths of the two-pass kernel per GPU (a substring of the device name) for the centred norms above
+#: D = 2048, from the sweeps in docs/kernels-linear.md. On the H200 the whole-row kernel leaves bandwidth unused
+#: (modulated LayerNorm 73-74% of copy, affine 79-82%) and chunks recover it (1024: 81-84%; 512: 83-86%); on the
+#: H100, whose copy bandwidth is lower (3.0 against 4.25 TB/s), the whole row already reaches 92-96% and chunks
+#: of 512 fall to 71-74%, so it keeps the whole-row kernel (no entry).
+CHUNKS_BY_GPU: dict[str, dict[str, int]] = {"H200": {"modulate": 1024, "affine": 512}}
+
+
+def chunk_for(d: int, center: bool, one_plus: bool, per_token: bool, device_name: str = "") -> int:
+    """Chunk width for ``_norm_chunked_kernel`` on ``device_name``, or 0 for the whole-row kernel. The per-token
+    modulation (97-99% of copy), RMSNorm (94-97%) and rows up to 2048 always keep the whole-row kernel."""
     if d <= 2048 or not center or per_token:
         return 0
-    return 1024 if one_plus else 512
+    for key, table in CHUNKS_BY_GPU.items():
+        if key in device_name:
+            return table["modulate" if one_plus else "affine"]
+    return 0
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(dev: torch.device) -> str:
+    """Cached ``torch.cuda.get_device_name`` ("" off CUDA)."""
+    if dev.type != "cuda":
+        return ""
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return _DEVICE_NAMES[idx]
 
 
 def _bl_strides(p: torch.Tensor, b: int, l: int, d: int, name: str) -> tuple[torch.Tensor, int, int]:
@@ -218,7 +240,8 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     else:
         add, add_sb, add_sl = mul, 0, 0
     param_rows = bool(mul_sb or mul_sl or add_sb or add_sl)
-    chunk = chunk_for(d, center, one_plus, per_token=bool(mul_sl or add_sl)) if CHUNK is None else CHUNK
+    chunk = (chunk_for(d, center, one_plus, bool(mul_sl or add_sl), _device_name(x.device)) if CHUNK is None
+             else CHUNK)
     if chunk:
         _norm_chunked_kernel[(x2.shape[0],)](
             x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
