@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "sage_attention", "sage_attention_reference", "attention_fp32_reference", "sage_quantize_reference",
-    "block_attention_reference", "sage_quantize_triton", "quantize_q_triton", "quantize_k_triton",
-    "quantize_v_triton", "block_attention_triton", "triton_supported", "structured_qkv",
+    "block_attention_reference", "sage_quantize_triton", "block_attention_triton", "triton_supported",
+    "structured_qkv",
 ]
 
 LOG2E = 1.4426950408889634
@@ -428,52 +428,36 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
-    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come
-    out padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks. The three parts are
-    also callable one by one (:func:`quantize_q_triton`, :func:`quantize_k_triton`, :func:`quantize_v_triton`), so
-    ``sage_sla`` can run the independent ones on a second stream.
+    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks.
     """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    dev = q.device
+    lq_pad, lk_pad = -(-lq // _PAD) * _PAD, -(-lk // _PAD) * _PAD
+    nq, nk = -(-lq // blk_q), -(-lk // blk_k)
     if k_mean is None:
         k_mean = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
+    k_mean = k_mean.contiguous()
     if v_amax is None:
         vmin, vmax = torch.aminmax(v, dim=2)
         v_amax = torch.maximum(vmax.float(), -vmin.float())
-    return {**quantize_q_triton(q, blk_q), **quantize_k_triton(k, k_mean, blk_k), **quantize_v_triton(v, v_amax)}
-
-
-def quantize_q_triton(q: torch.Tensor, blk_q: int) -> dict:
-    """Q -> int8 ``q`` [B, H, Lpad, D] (pre-scaled by log2(e)/sqrt(D)), ``q_scale`` per block, ``q_pool`` means."""
-    b, h, lq, d = q.shape
-    lq_pad, nq = -(-lq // _PAD) * _PAD, -(-lq // blk_q)
-    out = {"q": torch.empty((b, h, lq_pad, d), dtype=torch.int8, device=q.device),
-           "q_scale": torch.empty((b, h, nq), dtype=torch.float32, device=q.device),
-           "q_pool": torch.empty((b, h, nq, d), dtype=torch.float32, device=q.device)}
+    v_scale = (v_amax.float().clamp_min(_SCALE_FLOOR) / FP8_MAX).contiguous()
+    out = {
+        "q": torch.empty((b, h, lq_pad, d), dtype=torch.int8, device=dev),
+        "q_scale": torch.empty((b, h, nq), dtype=torch.float32, device=dev),
+        "q_pool": torch.empty((b, h, nq, d), dtype=torch.float32, device=dev),
+        "k": torch.empty((b, h, lk_pad, d), dtype=torch.int8, device=dev),
+        "k_scale": torch.empty((b, h, nk), dtype=torch.float32, device=dev),
+        "k_pool": torch.empty((b, h, nk, d), dtype=torch.float32, device=dev),
+        "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
+        "v_scale": v_scale, "k_mean": k_mean,
+    }
     _quant_int8_kernel[(lq_pad // blk_q, b * h)](
-        q, q, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
+        q, k_mean, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
         d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, num_warps=4)
-    return out
-
-
-def quantize_k_triton(k: torch.Tensor, k_mean: torch.Tensor, blk_k: int) -> dict:
-    """K - mean(K) -> int8 ``k`` [B, H, Lpad, D], ``k_scale`` per block, ``k_pool`` means (and ``k_mean``)."""
-    b, h, lk, d = k.shape
-    lk_pad, nk = -(-lk // _PAD) * _PAD, -(-lk // blk_k)
-    k_mean = k_mean.contiguous()
-    out = {"k": torch.empty((b, h, lk_pad, d), dtype=torch.int8, device=k.device),
-           "k_scale": torch.empty((b, h, nk), dtype=torch.float32, device=k.device),
-           "k_pool": torch.empty((b, h, nk, d), dtype=torch.float32, device=k.device), "k_mean": k_mean}
     _quant_int8_kernel[(lk_pad // blk_k, b * h)](
         k, k_mean, out["k"], out["k_scale"], out["k_pool"], k.stride(0), k.stride(1), k.stride(2), h, lk, lk_pad, nk,
         1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, num_warps=4)
-    return out
-
-
-def quantize_v_triton(v: torch.Tensor, v_amax: torch.Tensor) -> dict:
-    """V -> FP8 e4m3 ``v`` stored transposed [B, H, D, Lpad] with the per-channel ``v_scale`` = amax/448."""
-    b, h, lk, d = v.shape
-    lk_pad = -(-lk // _PAD) * _PAD
-    v_scale = (v_amax.float().clamp_min(_SCALE_FLOOR) / FP8_MAX).contiguous()
-    out = {"v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=v.device), "v_scale": v_scale}
     _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
         v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
         EMULATE=_interpreting(), num_warps=4)

@@ -28,9 +28,6 @@ from .block_map import lut_from_pooled, sla_block_map
 from .sage_attention import (
     attention_fp32_reference,
     block_attention_triton,
-    quantize_k_triton,
-    quantize_q_triton,
-    quantize_v_triton,
     sage_quantize_triton,
     structured_qkv,
 )
@@ -60,47 +57,12 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     lut: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
-    if q.is_cuda and OVERLAP_PROLOGUE:
-        lin, quant, lut = _prologue_two_streams(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k, lut)
-    else:
-        lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
-        quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments)
-        if lut is None:
-            lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments)
+    if lut is None:
+        lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
-
-
-#: Run the independent prologue steps of ``sage_sla`` on a second CUDA stream (see ``_prologue_two_streams``).
-OVERLAP_PROLOGUE = True
-_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
-
-
-def _prologue_two_streams(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k, lut):
-    """The prologue as two streams: Q's quantization beside the K/V linear statistics (it needs neither the K
-    mean nor the V amax they produce), and the top-k LUT beside V's quantization. Why: the statistics pass and
-    the LUT selection are latency-bound (1.4 and 0.7 ms at 14B@720p, far from the copy bandwidth), so the
-    quantization passes they do not depend on fit in beside them. Tensors made on the side stream and used on
-    the main one are recorded on the main stream, so the allocator does not hand their memory out early."""
-    main = torch.cuda.current_stream(q.device)
-    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    side = _SIDE_STREAMS.get(idx)
-    if side is None:
-        side = _SIDE_STREAMS[idx] = torch.cuda.Stream(q.device)
-    side.wait_stream(main)  # q, k, v are ready
-    with torch.cuda.stream(side):
-        qq = quantize_q_triton(q, blk_q)
-    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)
-    kq = quantize_k_triton(k, moments["k_mean"], blk_k)
-    if lut is None:
-        side.wait_stream(main)  # k_pool is ready
-        with torch.cuda.stream(side):
-            lut = lut_from_pooled(qq["q_pool"], kq["k_pool"], topk)
-    vq = quantize_v_triton(v, moments["v_amax"])
-    main.wait_stream(side)
-    for t in (*qq.values(), lut):
-        t.record_stream(main)
-    return lin, {**qq, **kq, **vq}, lut
 
 
 @torch.library.custom_op("turbocompile::sage_sla", mutates_args=())
