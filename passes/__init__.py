@@ -13,6 +13,7 @@ from .attention_to_sagesla import attention_to_sagesla
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_constants import fold_constants
 from .fuse_norms import fuse_norms
+from .fuse_projections import fuse_projections
 from .linear_to_w8a8 import linear_to_w8a8
 from .remove_noop_ops import remove_noop_ops
 
@@ -25,6 +26,8 @@ PASSES: list[PassInfo] = [
     PassInfo("attention_to_sagesla", attention_to_sagesla,
              "self-attention SDPA -> sage_sla / sage_attention / sla; cross-attention -> sage_attention",
              options={"method": "sagesla", "topk": 0.1, "cross": "sage", "dense_first": 0, "dense_last": 0}),
+    PassInfo("fuse_projections", fuse_projections,
+             "Linear layers of a block that read the same input (q/k/v, context k/v) -> one GEMM + split"),
     PassInfo("linear_to_w8a8", linear_to_w8a8,
              "Linear layers inside the blocks -> W8A8 quantized GEMMs (except proj_l)",
              options={"scheme": "auto"}),

@@ -129,8 +129,12 @@ def test_dense_steps_run_the_dense_attention_program(tmp_path):
     assert "sage_sla" in engine.expert("main").module.code  # the view is a copy
     dense_out = dense_view(x, t, c)
     want = turbocompile.load(dense_art).expert("main")(x, t, c)
-    assert torch.allclose(dense_out, want, rtol=1e-5, atol=1e-5)
-    assert (dense_out - sparse_out).abs().max() > 1e-3  # top-k 0.2 of 5 key blocks drops most of them
+    # Two builds: their fp32 GEMMs may round the last bit differently (the weights sit at other offsets), and
+    # the INT8 quantization of Q/K can turn that into one quantization step, so compare to 1e-3, not bitwise;
+    # the sparse program is further away by orders of magnitude (top-k 0.2 of 5 key blocks drops most of them).
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(dense_out, want) < 1e-3
+    assert rel(sparse_out, want) > 30 * max(rel(dense_out, want), 1e-4)
 
     calls = []
     real_dense = engine.dense_expert
