@@ -18,8 +18,8 @@ from . import Report, cuda_time, environment, rel_err
 
 log = logging.getLogger(__name__)
 
-RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms", "+ W8A8 (auto scheme)",
-         "+ SageSLA (topk 0.1)", "+ torch.compile"]
+RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
+         "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ SageSLA (topk 0.1)", "+ torch.compile"]
 RUNG_GRAPHS = "+ CUDA graphs (compile mode reduce-overhead)"
 
 
@@ -75,16 +75,18 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     rung(RUNGS[1], lambda: prog(x, t, c))
     apply("fuse_norms")
     rung(RUNGS[2], lambda: prog(x, t, c))
+    apply("fuse_projections")
+    rung(RUNGS[3], lambda: prog(x, t, c))
     apply("linear_to_w8a8")
     del model  # the bf16 block weights are no longer referenced by the program
     if on_gpu:
         torch.cuda.empty_cache()
-    rung(RUNGS[3], lambda: prog(x, t, c))
+    rung(RUNGS[4], lambda: prog(x, t, c))
     apply("attention_to_sagesla")
-    final = rung(RUNGS[4], lambda: prog(x, t, c))
+    final = rung(RUNGS[5], lambda: prog(x, t, c))
     if profile and on_gpu:
-        _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[4]} ({spec.id}@{resolution})",
-                 times[RUNGS[4]])
+        _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[5]} ({spec.id}@{resolution})",
+                 times[RUNGS[5]])
     if compile:
         compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section, None)
         if compiled_s is not None:
@@ -94,7 +96,7 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
             if graphs_s is not None:
                 report.header[f"{section}: first CUDA-graph call s"] = round(graphs_s, 1)
     else:
-        report.add(section, {"rung": RUNGS[5], "note": "skipped (--no-compile)"})
+        report.add(section, {"rung": RUNGS[6], "note": "skipped (--no-compile)"})
     report.header[f"{section}: capture s"] = round(capture_s, 1)
     del final, base
     return {"times": times, "tokens": L, "flops": flops}
@@ -123,7 +125,7 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
     ``mode="reduce-overhead"`` also replays the forward as a CUDA graph (static shapes): its rung is named
     ``+ CUDA graphs``. A graph replay reuses its output buffer, so each call marks a new step and the
     output is cloned (one latent, a few MB) before the next replay can overwrite it."""
-    name = RUNGS[5] if mode is None else RUNG_GRAPHS
+    name = RUNGS[6] if mode is None else RUNG_GRAPHS
     try:
         weights = prog.ordered_weights()
         torch._dynamo.reset()
@@ -218,7 +220,7 @@ def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, com
                      profile=profile)
     times = ladder["times"]
     base = times[RUNGS[0]]
-    best_name = min((r for r in RUNGS[4:] if r in times), key=lambda r: times[r])
+    best_name = min((r for r in RUNGS[5:] if r in times), key=lambda r: times[r])
     best = times[best_name]
     te = _text_encoder_time(spec, repeats)
     vae = _vae_decode_time(spec, resolution)
