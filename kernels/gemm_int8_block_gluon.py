@@ -357,11 +357,9 @@ def _check(m: int, k: int, n: int, gen: torch.Generator, dev: torch.device, vari
 
 def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True) -> dict:  # pragma: no cover
     import datetime
-    import json
-    import os
-
     from triton.testing import do_bench
 
+    from turbocompile.kernels.benchlog import BenchLog
     from turbocompile.kernels.gemm_int8_block import gemm_block_scaled
 
     if not available():
@@ -371,19 +369,8 @@ def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "check": {}, "time": []}
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        lines.append(msg)
-        print(msg, flush=True)  # noqa: T201 - benchmark entry point
-
-    def dump() -> None:
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "bench_gluon_int8.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            with open(os.path.join(out_dir, "bench_gluon_int8.log"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+    log = BenchLog(out_dir, "bench_gluon_int8", res)
+    say, dump = log.say, log.dump
 
     vs = BENCH_VARIANTS if variants else {"gluon": {}}
     say(f"# {res['device']}  torch {res['torch']}  triton {res['triton']}  {res['date']}")

@@ -281,8 +281,6 @@ BENCH_VARIANTS = [("int8-block", "gluon"), ("int8-block", "triton"), ("int8-row"
 
 def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cover - needs a GPU
     import datetime
-    import json
-    import os
     import platform
 
     import triton
@@ -290,23 +288,14 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
 
     from turbocompile.kernels import gemm_int8_block as gib
     from turbocompile.kernels import gemm_scaled as gs
+    from turbocompile.kernels.benchlog import BenchLog
 
     dev = torch.device("cuda")
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node()}
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        lines.append(msg)
-        print(msg, flush=True)  # noqa: T201 - benchmark entry point
-
-    def dump() -> None:
-        if out_dir:
-            with open(os.path.join(out_dir, "bench_linear.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            with open(os.path.join(out_dir, "bench_linear.log"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+    log = BenchLog(out_dir, "bench_linear", res)
+    say, dump = log.say, log.dump
 
     def t(fn) -> float:
         return do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -358,18 +358,14 @@ def launch_triton(op: str, *args) -> torch.Tensor:
 # GPU benchmark: python -m turbocompile.kernels.norms --bench [--out DIR]
 # ----------------------------------------------------------------------------------------------------------------
 def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
-    import json
-    import os
-
     from triton.testing import do_bench
+
+    from turbocompile.kernels.benchlog import BenchLog
 
     dev = torch.device("cuda")
     res: dict = {"device": torch.cuda.get_device_name(0), "rows": []}
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        lines.append(msg)
-        print(msg, flush=True)  # noqa: T201 - benchmark entry point
+    log = BenchLog(out_dir, "bench_norms", res)
+    say, dump = log.say, log.dump
 
     def t(fn) -> float:
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -401,9 +397,7 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
              lambda: layer_norm_affine_ref(x, w, bias, eps))
         _row(res, say, t, "rms_norm", l, d, torch.ops.turbocompile.rms_norm(x, w, eps), rms_norm_ref(x, w, eps),
              2 * x.numel() * 2, lambda: torch.ops.turbocompile.rms_norm(x, w, eps), lambda: rms_norm_ref(x, w, eps))
-        if out_dir:
-            with open(os.path.join(out_dir, "bench_norms.json"), "w") as f:
-                json.dump(res, f, indent=1)
+        dump()
     global CHUNK, NUM_WARPS
     res["sweep"] = []
     keep_chunk = CHUNK
@@ -425,10 +419,8 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
             say(f"sweep L={l} D={d} chunk={chunk or 'whole row'} warps={warps or 'default'}: "
                 f"layernorm_modulate[B,1,D] {bw:.2f} TB/s ({bw / res['copy_TBps']:.0%}), "
                 f"layer_norm_affine {bw2:.2f} ({bw2 / res['copy_TBps']:.0%}), max err {ulp:.2f} bf16 ulp")
+            dump()
     CHUNK, NUM_WARPS = keep_chunk, 0
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_norms.log"), "w") as f:
-            f.write("\n".join(lines) + "\n")
     return res
 
 

@@ -70,3 +70,23 @@ def test_flex_baseline_is_masked_attention_over_the_lut():
                 mask[0, h, qb * 128:(qb + 1) * 128, kb * 128:(kb + 1) * 128] = True
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_log_keeps_lines_and_rewrites_json_at_each_dump(tmp_path, capsys):
+    """Every dump leaves a complete JSON + log, so a benchmark killed by a time limit keeps what it measured."""
+    from turbocompile.kernels.benchlog import BenchLog
+
+    res = {"rows": []}
+    log = BenchLog(str(tmp_path / "out"), "bench_x", res)
+    log.say("first")
+    res["rows"].append(1)
+    log.dump()
+    assert json.loads((tmp_path / "out" / "bench_x.json").read_text()) == {"rows": [1]}
+    log.say("second")
+    res["sweep"] = [2]
+    log.dump()
+    assert json.loads((tmp_path / "out" / "bench_x.json").read_text()) == {"rows": [1], "sweep": [2]}
+    assert (tmp_path / "out" / "bench_x.log").read_text() == "first\nsecond\n"
+    assert capsys.readouterr().out == "first\nsecond\n"
+    BenchLog(None, "bench_y", {}).dump()  # no folder: nothing written, no error
+    assert not list(tmp_path.glob("**/bench_y*"))
