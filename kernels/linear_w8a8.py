@@ -206,13 +206,14 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     quant, _ = qa.QUANTIZERS[scheme]
     q, s = quant(x2)
     if scheme == "int8-block":
-        if backend == "gluon" and gluon_int8.available():
+        use_gluon = backend == "gluon" and gluon_int8.available()
+        if use_gluon:
             try:
                 gluon_int8.check_inputs(q, s, w_q, w_scale, bias, x.dtype)
             except UnsupportedShapeError:  # K or N not a multiple of 128, a strided view: the Triton kernel takes it
-                backend = "triton"
-        out = (gluon_int8.gemm_int8_block_gluon(q, s, w_q, w_scale, bias, x.dtype)
-               if backend == "gluon" and gluon_int8.available() else gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype))
+                use_gluon = False
+        out = (gluon_int8.gemm_int8_block_gluon(q, s, w_q, w_scale, bias, x.dtype) if use_gluon
+               else gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype))
     elif scheme == "fp8-block":
         if backend == "cublas" and fp8_block_cublas_ok(m, n, k):
             out = fp8_block_scaled_mm(q, s, w_q, w_scale, bias, x.dtype)

@@ -77,6 +77,15 @@ if triton is not None:
         return a0 + b0, a1 + b1
 
     @triton.jit
+    def _param_index(rows, L, PARAM_ROWS: tl.constexpr):
+        """(b, l) of row(s) ``rows`` = divmod(rows, L) for per-sample/per-token parameters (32-bit divide:
+        R < 2**31); zeros for one weight/bias vector shared by all rows (no index arithmetic)."""
+        if PARAM_ROWS:
+            return (rows // L).to(tl.int64), (rows % L).to(tl.int64)
+        zero = rows.to(tl.int64) * 0
+        return zero, zero
+
+    @triton.jit
     def _norm_kernel(x_ptr, mul_ptr, add_ptr, out_ptr, R, L, D, stride_x, stride_o,
                      mul_sb, mul_sl, add_sb, add_sl, eps,
                      CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_ADD: tl.constexpr, PARAM_ROWS: tl.constexpr,
@@ -103,12 +112,7 @@ if triton is not None:
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         y = x * rstd[:, None]
-        if PARAM_ROWS:  # shift/scale vary per sample or token: (b, l) of the row (32-bit divide: R < 2**31)
-            b = (rows // L).to(tl.int64)
-            l = (rows % L).to(tl.int64)
-        else:  # one weight/bias vector for all rows: skip the index arithmetic
-            b = rows.to(tl.int64) * 0
-            l = b
+        b, l = _param_index(rows, L, PARAM_ROWS)
         m = tl.load(mul_ptr + (b * mul_sb + l * mul_sl)[:, None] + cols[None, :], mask=mask, other=0.0,
                     eviction_policy=P_EVICT)
         if ONE_PLUS:
@@ -153,12 +157,7 @@ if triton is not None:
         else:
             m1 = 0.0
             rstd = 1.0 / tl.sqrt(tl.sum(s2, 0) / D + eps)
-        if PARAM_ROWS:
-            b = (row // L).to(tl.int64)
-            l = (row % L).to(tl.int64)
-        else:
-            b = r64 * 0
-            l = b
+        b, l = _param_index(row, L, PARAM_ROWS)
         mul_row = mul_ptr + b * mul_sb + l * mul_sl
         add_row = add_ptr + b * add_sb + l * add_sl
         for k0 in range(0, D, CHUNK):

@@ -62,12 +62,12 @@ def _bias(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _fusable(prog: Program, nodes: list[torch.fx.Node]) -> bool:
-    """Same block, same weight dtype/device, all with or all without a weight bias, and every piece's output
-    count a multiple of 128 (so the 128x128-block schemes quantize the fused weight exactly as the pieces)."""
-    blocks = {_module(prog, n).split(".")[1] for n in nodes}
+    """Same weight dtype/device, all with or all without a weight bias, and every piece's output count a
+    multiple of 128 (so the 128x128-block schemes quantize the fused weight exactly as the pieces). The nodes
+    come grouped by input and block already."""
     ws = [prog.weight_of(n.args[1]) for n in nodes]
     biases = [_bias(n) for n in nodes]
-    if len(blocks) != 1 or len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
         return False
     if any(b is None for b in biases) != all(b is None for b in biases):
         return False
