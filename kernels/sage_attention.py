@@ -294,12 +294,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
-                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr):
-        """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD]."""
+                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
+                            WGMMA_ORDER: tl.constexpr):
+        """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD].
+
+        WGMMA_ORDER stores key ``32a + 16b + 8e + 2q + i`` at ``32a + 16b + 4q + 2e + i`` (the order in which the
+        Gluon kernel's P registers arrive, see ``sage_attention_gluon.wgmma_key_order``)."""
         bh = tl.program_id(1)
         x, rows, cols = _load_block(V, bh, H, stride_vb, stride_vh, stride_vl, BLK, HEAD_DIM, L)
         x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
-        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + rows[:, None], _fp8_e4m3(x, EMULATE, True))
+        if WGMMA_ORDER:
+            pos = (rows & -16) | (((rows >> 1) & 3) << 2) | (((rows >> 3) & 1) << 1) | (rows & 1)
+        else:
+            pos = rows
+        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + pos[:, None], _fp8_e4m3(x, EMULATE, True))
 
     @triton.jit
     def _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk, stride_kl, stride_vl, stride_vd,
@@ -424,12 +432,17 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 
 def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
-                         k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None) -> dict:
+                         k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None,
+                         v_order: str = "natural") -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
-    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks.
+    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out
+    padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks. ``v_order="wgmma"`` stores
+    Vᵀ's keys permuted within each 32-key group for the Gluon kernel (``out["v_wgmma_order"]`` says which).
     """
+    if v_order not in ("natural", "wgmma"):
+        raise ValueError(f"v_order must be 'natural' or 'wgmma', not {v_order!r}")
     b, h, lq, d = q.shape
     lk = k.shape[2]
     dev = q.device
@@ -450,7 +463,7 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "k_scale": torch.empty((b, h, nk), dtype=torch.float32, device=dev),
         "k_pool": torch.empty((b, h, nk, d), dtype=torch.float32, device=dev),
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
-        "v_scale": v_scale, "k_mean": k_mean,
+        "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
     }
     _quant_int8_kernel[(lq_pad // blk_q, b * h)](
         q, k_mean, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
@@ -460,7 +473,7 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, num_warps=4)
     _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
         v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
-        EMULATE=_interpreting(), num_warps=4)
+        EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma", num_warps=4)
     return out
 
 
@@ -478,18 +491,43 @@ def _default_config(sage: bool, sparse: bool, blk_q: int, blk_k: int) -> tuple:
     return block_m, block_n, warps, 3
 
 
+def sage_kernel_for(q: torch.Tensor, blk_q: int, blk_k: int, config: tuple | None = None) -> str:
+    """Which Sage attention kernel runs this call: "gluon" (Hopper, async wgmma) where it can, else "triton".
+    An explicit Triton ``config`` (benchmarks, tuning) or ``TURBOCOMPILE_SAGE_KERNEL=triton`` picks Triton."""
+    if config is not None or os.environ.get("TURBOCOMPILE_SAGE_KERNEL", "auto") == "triton":
+        return "triton"
+    from . import sage_attention_gluon
+
+    return "gluon" if sage_attention_gluon.supported(q, blk_q, blk_k) is None else "triton"
+
+
 def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor | None,
                            blk_q: int, blk_k: int, sage: bool, linear: tuple | None = None,
                            quant: dict | None = None, config: tuple | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
     """Launch the attention kernel: dense (lut None) or block-sparse, Sage (INT8/FP8) or plain (input dtype).
 
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) fuses the SLA linear branch into the epilogue.
     ``quant`` reuses a :func:`sage_quantize_triton` result. ``config`` = (BLOCK_M, BLOCK_N, warps, stages).
-    ``out`` is written in place when given (tests poison it to prove every element is written).
+    ``out`` is written in place when given (tests poison it to prove every element is written). ``kernel`` picks
+    the Sage kernel ("triton" or "gluon"; default :func:`sage_kernel_for`); a given ``quant`` must carry Vᵀ in the
+    order that kernel reads.
     """
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    if sage:
+        kernel = kernel or (("gluon" if quant["v_wgmma_order"] else "triton") if quant is not None
+                            else sage_kernel_for(q, blk_q, blk_k, config))
+        if quant is None:
+            quant = sage_quantize_triton(q, k, v, blk_q, blk_k, v_order="wgmma" if kernel == "gluon" else "natural")
+        if quant["v_wgmma_order"] != (kernel == "gluon"):
+            raise UnsupportedShapeError(f"the {kernel} attention kernel cannot read V quantized in "
+                                        f"{'wgmma' if quant['v_wgmma_order'] else 'natural'} key order")
+        if kernel == "gluon":
+            from .sage_attention_gluon import sage_attention_gluon
+
+            o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
+            return sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear)
     cfg = config or _default_config(sage, lut is not None, blk_q, blk_k)
     block_m, block_n, warps, stages = cfg
     if lut is not None and (blk_q % block_m or blk_k % block_n):

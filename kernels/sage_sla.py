@@ -28,6 +28,7 @@ from .block_map import lut_from_pooled, sla_block_map
 from .sage_attention import (
     attention_fp32_reference,
     block_attention_triton,
+    sage_kernel_for,
     sage_quantize_triton,
     structured_qkv,
 )
@@ -58,7 +59,8 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
     lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
-    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments)
+    kernel = sage_kernel_for(q, blk_q, blk_k, config)
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if kernel == "gluon" else "natural")
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
@@ -122,7 +124,13 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also time several kernel configs")
     ap.add_argument("--quick", action="store_true", help="skip the odd-length checks")
+    ap.add_argument("--kernels", default="gluon,triton",
+                    help="Sage kernels to time and check: gluon (Hopper only) and/or triton")
+    ap.add_argument("--only", choices=["sage_attention", "sage_sla", "sla"], help="time one op family")
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline (slow to compile)")
+    ap.add_argument("--topk", default="0.05,0.1,0.15", help="top-k fractions to time")
     args = ap.parse_args(argv)
+    only = args.only or only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -143,7 +151,10 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
         results.append(r)
         rows_out.append((shape, name, f"{ms:.3f}", f"{tf:.0f}", f"{r.get('cos', float('nan')):.5f}",
                          f"{r.get('rel_l1', float('nan')):.4f}"))
-        log.info("%s", r)
+        log.debug("%s", r)
+        print(f"{shape:10} {name:52} {ms:9.3f} ms {tf:7.0f} TF/s  cos {r.get('cos', float('nan')):.5f}"
+              f"  relL1 {r.get('rel_l1', float('nan')):.4f}  own_relL2 {r.get('own_rel_l2', float('nan')):.4f}",
+              flush=True)
 
     # 1. correctness at odd lengths, one head, all three kernels, poisoned outputs (NaN = unwritten)
     if not args.quick:
@@ -151,23 +162,26 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
             q, k, v = structured_qkv(1, 1, n, 128, torch.bfloat16, dev, seed=n)
             w = torch.randn(128, 128, device=dev) * 0.05
             bias = torch.randn(128, device=dev) * 0.05
-            o_sa = block_attention_triton(q, k, v, None, 128, 64, sage=True, out=torch.full_like(q, float("nan")))
-            o_ss = sage_sla_triton(q, k, v, w, bias, 0.1, *blk_sla, out=torch.full_like(q, float("nan")))
             o_sl = sla_triton(q, k, v, w, bias, 0.1, *blk_sla, out=torch.full_like(q, float("nan")))
             rows = torch.randperm(n, device=dev)[:256]
             ref = attention_fp32_reference(q, k, v, rows)
             lut = sla_block_map(q, k, 0.1, *blk_sla)
             ref_s = _sparse_rows_reference(q, k, v, lut, rows, *blk_sla) + linear_branch_reference(
                 q[:, :, rows], k, v, w, bias)
-            chk = {"L": n, "sage_attention": _rel(o_sa[:, :, rows], ref), "sage_sla_vs_sparse_fp32": _rel(
-                o_ss[:, :, rows], ref_s), "sla_vs_sparse_fp32": _rel(o_sl[:, :, rows], ref_s),
-                "any_nan": bool(torch.isnan(o_sa).any() or torch.isnan(o_ss).any() or torch.isnan(o_sl).any())}
-            if n <= 4097:  # the Sage-emulating reference of the same block map, whole tensor
-                chk["sage_sla_vs_own_ref"] = _rel(o_ss, sage_sla_reference(q, k, v, w, bias, 0.1, *blk_sla,
-                                                                           lut=lut_from_pooled(*_pools(q, k, blk_sla),
-                                                                                               0.1)))
-            log.info("check %s", chk)
-            results.append({"check": chk})
+            for kern in args.kernels.split(","):
+                with sage_kernel_env(kern):
+                    o_sa = block_attention_triton(q, k, v, None, 128, 64, sage=True,
+                                                  out=torch.full_like(q, float("nan")))
+                    o_ss = sage_sla_triton(q, k, v, w, bias, 0.1, *blk_sla, out=torch.full_like(q, float("nan")))
+                chk = {"L": n, "kernel": kern, "sage_attention": _rel(o_sa[:, :, rows], ref),
+                       "sage_sla_vs_sparse_fp32": _rel(o_ss[:, :, rows], ref_s),
+                       "sla_vs_sparse_fp32": _rel(o_sl[:, :, rows], ref_s),
+                       "any_nan": bool(torch.isnan(o_sa).any() or torch.isnan(o_ss).any() or torch.isnan(o_sl).any())}
+                if n <= 4097:  # the Sage-emulating reference of the same block map, whole tensor
+                    chk["sage_sla_vs_own_ref"] = _rel(o_ss, sage_sla_reference(
+                        q, k, v, w, bias, 0.1, *blk_sla, lut=lut_from_pooled(*_pools(q, k, blk_sla), 0.1)))
+                log.info("check %s", chk)
+                results.append({"check": chk})
             del q, k, v
 
     # 2. speed at the Wan shapes
@@ -210,13 +224,14 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                 fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
                 o = fn()
                 record(shape, label, bench(fn), dense_flops, err(o))
+        kernels = args.kernels.split(",")
         if only in (None, "sage_attention"):
-            fn = lambda: torch.ops.turbocompile.sage_attention(q, k, v, 128, 64)  # noqa: E731
-            o = fn()
-            record(shape, "sage_attention 128x64", bench(fn), dense_flops, err(o))
-            fn = lambda: torch.ops.turbocompile.sage_attention(q, k, v, 64, 128)  # noqa: E731
-            o = fn()
-            record(shape, "sage_attention 64x128", bench(fn), dense_flops, err(o))
+            for kern in kernels:
+                with sage_kernel_env(kern):
+                    for blks in ((128, 64), (64, 128)):
+                        fn = lambda: torch.ops.turbocompile.sage_attention(q, k, v, *blks)  # noqa: E731
+                        o = fn()
+                        record(shape, f"sage_attention {blks[0]}x{blks[1]} [{kern}]", bench(fn), dense_flops, err(o))
             if args.sweep:
                 for blks, cfg in (((64, 128), (128, 128, 8, 3)),):
                     try:
@@ -226,18 +241,19 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
                         log.info("config %s %s failed: %s", blks, cfg, exc)
         if only in (None, "sage_sla", "sla"):
-            for topk in (0.05, 0.1, 0.15):
+            for topk in [float(t) for t in args.topk.split(",")]:
                 t_kept = max(1, int(topk * -(-n // blk_sla[1])))
                 lut = sla_block_map(q, k, topk, *blk_sla)
                 sub = rows[:96]
                 ref_s = _sparse_rows_reference(q, k, v, lut, sub, *blk_sla) + linear_branch_reference(
                     q[:, :, sub], k, v, w, bias)
                 extra = {"topk": topk, "T": t_kept, "density": t_kept / -(-n // blk_sla[1])}
-                if only in (None, "sage_sla"):
-                    fn = lambda: torch.ops.turbocompile.sage_sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
-                    o = fn()
-                    e = {**err(o), **{f"own_{kk}": vv for kk, vv in _rel(o[:, :, sub], ref_s).items()}}
-                    record(shape, f"sage_sla top{topk} (all stages)", bench(fn), dense_flops, e, extra)
+                for kern in kernels if only in (None, "sage_sla") else ():
+                    with sage_kernel_env(kern):
+                        fn = lambda: torch.ops.turbocompile.sage_sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
+                        o = fn()
+                        e = {**err(o), **{f"own_{kk}": vv for kk, vv in _rel(o[:, :, sub], ref_s).items()}}
+                        record(shape, f"sage_sla top{topk} (all stages) [{kern}]", bench(fn), dense_flops, e, extra)
                 if only in (None, "sla"):
                     fn = lambda: torch.ops.turbocompile.sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
                     o = fn()
@@ -276,7 +292,27 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                 record(shape, "  (linear stats in torch, bf16 φ)", bench(torch_stats), dense_flops)
                 _compile_report(sla_mod._linear_stats_kernel, "linear_stats")
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
-            record(shape, "  stage: sparse kernel+lin epilogue", bench(fn), dense_flops)
+            record(shape, "  stage: sparse kernel+lin epilogue [triton]", bench(fn), dense_flops)
+            if "gluon" in kernels:
+                quant_g = sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma")
+                record(shape, "  stage: quantize+pool Q, K, V (wgmma V order)",
+                       bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma")),
+                       dense_flops)
+                fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin,  # noqa: E731
+                                                    quant=quant_g)
+                o = fn()
+                record(shape, "  stage: sparse kernel+lin epilogue [gluon]", bench(fn), dense_flops, err(o))
+                for stages in (2, 3):
+                    from .sage_attention_gluon import sage_attention_gluon
+
+                    ob = torch.empty_like(q)
+                    fn = lambda: sage_attention_gluon(quant_g, n, n, ob, lut, *blk_sla, q_raw=q,  # noqa: E731
+                                                      linear=lin, num_stages=stages)
+                    fn()
+                    record(shape, f"  (sparse kernel [gluon] {stages} stages)", bench(fn), dense_flops, err(ob))
+                from .sage_attention_gluon import _sage_attn_fwd_gluon
+
+                _compile_report(_sage_attn_fwd_gluon, "sage_attn_fwd_gluon")
             from .sage_attention import _attn_fwd_kernel
 
             _compile_report(_attn_fwd_kernel, "attn_fwd")
@@ -299,6 +335,8 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                     except Exception as exc:  # noqa: BLE001
                         log.info("config %s failed: %s", cfg, exc)
             try:
+                if args.no_flex:
+                    raise RuntimeError("skipped (--no-flex)")
                 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
                 flex = torch.compile(flex_attention, dynamic=False)
@@ -316,6 +354,25 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                 log.info("flex attention baseline failed: %s", exc)
         del q, k, v
 
+
+
+class sage_kernel_env:  # pragma: no cover - bench helper
+    """``with sage_kernel_env("triton"):`` makes the ops pick that Sage kernel (through TURBOCOMPILE_SAGE_KERNEL)."""
+
+    def __init__(self, kernel: str):
+        if kernel not in ("gluon", "triton"):
+            raise ValueError(f"unknown Sage kernel {kernel!r}: gluon or triton")
+        self.value = "auto" if kernel == "gluon" else "triton"
+
+    def __enter__(self):
+        self.keep = os.environ.get("TURBOCOMPILE_SAGE_KERNEL")
+        os.environ["TURBOCOMPILE_SAGE_KERNEL"] = self.value
+
+    def __exit__(self, *exc):
+        if self.keep is None:
+            os.environ.pop("TURBOCOMPILE_SAGE_KERNEL", None)
+        else:
+            os.environ["TURBOCOMPILE_SAGE_KERNEL"] = self.keep
 
 
 def _compile_report(kernel, name: str) -> None:  # pragma: no cover - bench helper

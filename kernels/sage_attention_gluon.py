@@ -1,0 +1,363 @@
+"""Sage attention forward for Hopper in Gluon: the softmax of one key tile runs while the tensor cores work.
+
+Same function as the Triton ``_attn_fwd_kernel`` of :mod:`.sage_attention` on its Sage path (INT8 QKᵀ with block
+scales, FP8 P·V with a per-channel V scale, a fresh fp32 accumulator per key tile), dense or block-sparse over a
+LUT, with the optional SLA linear branch in the epilogue. What differs is the schedule. Triton 3.6 waits for every
+wgmma right after issuing it and sends P to the FP8 wgmma through shared memory, one byte per store (128 ``STS.U8``
+per thread and tile in its SASS), so tensor cores, exp2 unit and FP32 pipes take turns. Here one warpgroup per
+program (64 query rows) keeps the tensor cores fed while it computes:
+
+* the scores of tile j+1 (``Q·K_{j+1}ᵀ``) are issued before the softmax of tile j and run under it;
+* ``P_j·V_j`` is issued right after that softmax and runs under the wait for tile j+1's scores and the next
+  softmax; its int-free fp32 result is folded into the running output one tile later;
+* P never leaves the registers: the wgmma accumulator layout of the scores and the register A-operand layout of
+  the FP8 P·V differ only in which of 32 keys a thread holds, so V is stored with its keys permuted inside every
+  32-key group (:func:`wgmma_key_order`, applied by the V quantizer) and P is relabelled, not moved.
+
+Key tiles are 64 wide (``BLOCK_N``): the in-flight accumulators (next scores, previous P·V) and the running output
+then fit in 255 registers. K/V tiles arrive by TMA into a ring of ``NUM_STAGES`` shared-memory stages; LUT entries
+and K scales are loaded one iteration ahead so no load latency sits in front of a copy or a softmax.
+
+Needs sm_90 (wgmma, TMA) and Triton's Gluon as of 3.6. ``python -m turbocompile.kernels.sage_sla --bench`` times it
+against the Triton kernel and cuDNN.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_init,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
+    gluon = None
+
+BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M
+BLOCK_N = 64  # keys per tile
+NUM_STAGES = 4  # K/V shared-memory stages (16 KiB each at head_dim 128)
+NUM_WARPS = 4
+UNROLL2 = False  # main loop unrolled by two: spills (1.3 KB) in ptxas 3.6; kept as a knob for the benchmark
+
+
+def wgmma_key_order(n: int, device=None) -> torch.Tensor:
+    """Storage position of each key of a length-``n`` block (n a multiple of 32) in the Vᵀ the kernel reads.
+
+    In a wgmma accumulator thread q (lane % 4) holds columns 2q, 2q+1, 2q+8, 2q+9 (+16) of each 32-column group;
+    an 8-bit register A operand wants k = 4q..4q+3 (+16). Key ``c = 32a + 16b + 8e + 2q + i`` is therefore stored at
+    ``32a + 16b + 4q + 2e + i``, which makes the scores' registers the P·V operand's registers."""
+    c = torch.arange(n, device=device)
+    return (c & -16) | (((c >> 1) & 3) << 2) | (((c >> 3) & 1) << 1) | (c & 1)
+
+
+if gluon is not None:
+    LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2 448: P is computed as P·448, using e4m3's whole range
+    MAGIC = gl.constexpr(12582912.0)  # 1.5·2^23: bits 0x4B400000 plus an int |s| < 2^22 are the float MAGIC + s
+
+    @gluon.jit
+    def _tile_start(lut_base, j, n_tiles, SPARSE: gl.constexpr, BLKK: gl.constexpr, BLOCK_N: gl.constexpr):
+        """First key of tile ``j``: the j-th 64-key slice of the LUT's key blocks (sparse) or j·64 (dense).
+        Tiles past the end map to 0 (their copies are predicated off, their softmax never runs)."""
+        if SPARSE:
+            SUB: gl.constexpr = BLKK // BLOCK_N
+            kb = gl.load(lut_base + j // SUB, mask=j < n_tiles, other=0)
+            return kb * BLKK + (j % SUB) * BLOCK_N
+        else:
+            return j * BLOCK_N
+
+    @gluon.jit
+    def _load_kv(k_desc, v_desc, k_s, v_s, ready, t, start, k_row0, v_row0, pred, NUM_STAGES: gl.constexpr):
+        """TMA tile ``t`` (keys ``start`` .. +BLOCK_N) of K and Vᵀ into stage ``t % NUM_STAGES``."""
+        s = t % NUM_STAGES
+        bar = ready.index(s)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
+
+    @gluon.jit
+    def _issue_scores(q_s, k_s, ready, t, s_init, NUM_STAGES: gl.constexpr):
+        """Wait for tile ``t`` in shared memory and issue its int8 ``Q·Kᵀ`` wgmma (asynchronous)."""
+        s = t % NUM_STAGES
+        mbarrier.wait(ready.index(s), (t // NUM_STAGES) & 1)
+        return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
+
+        ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in). The int32 -> fp32
+        conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
+        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument."""
+        x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
+        if start + BLOCK_N > Lk:
+            cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+        m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
+        bias = MAGIC * c + m_new - LOG2_FP8_MAX
+        p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _as_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+        """P·448 -> FP8, relabelled from the score accumulator layout to the P·V register operand layout.
+
+        Swapping the "which 8-column group" and "which lane of the quad" digits of the key index turns the one
+        layout into the other, so the conversion moves no data (``assert_trivial``); V is stored in the same
+        permuted key order (:func:`wgmma_key_order`)."""
+        p8 = p.to(gl.float8e4nv)
+        p8 = p8.reshape([BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([BLOCK_M, BLOCK_N])
+        return gl.convert_layout(p8, p_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _step(j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
+              q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
+              k_row0, v_row0, BLKK: gl.constexpr, SPARSE: gl.constexpr, NUM_STAGES: gl.constexpr,
+              s_layout: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+        """Tile j of the main loop (a next tile exists). In: the scores of tile j, the P·V of tile j-1 in flight.
+        Out: the scores of tile j+1, the P·V of tile j in flight, everything else advanced by one tile."""
+        BM: gl.constexpr = s_init.shape[0]
+        BN: gl.constexpr = s_init.shape[1]
+        # (A) the next tile's scores go to the tensor cores first
+        s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
+        nxt_c = qs * gl.load(KS + bh * NKS + nxt_start // BLKK)
+        nn_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
+        # (B) softmax of tile j on the CUDA cores
+        p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+        # (C) fold the previous tile's P·V; its stage takes tile j + STAGES - 1. The wait also covers the next
+        # scores, issued a whole softmax ago (so it costs nothing): ptxas cannot prove a wait that leaves one
+        # group in flight here safe and would serialize every wgmma of the kernel (C7514). The wait sits in a
+        # branch that is always taken: ptxas otherwise schedules it above the softmax (no data dependence stops
+        # it), and the softmax would wait for the tensor cores after all. The row sums pass through the wait so
+        # the compiler cannot sink the softmax below it either.
+        if qs > 0.0:
+            pv, l_i = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok, l_i])
+            acc = gl.fma(acc, gl.expand_dims(alpha_prev, 1), pv)
+        _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
+                 j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
+        fill_start = _tile_start(lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN)
+        # (D) this tile's P·V into a fresh fp32 accumulator (two-level accumulation). P is packed to FP8 only
+        # here: packed bytes kept live across the branch above get unpacked and repacked (PRMT/LOP3 per byte).
+        p_op = _as_pv_operand(p, BM, BN, p_layout)
+        pv_tok = warpgroup_mma(p_op, v_s.index(j % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
+                               is_async=True, max_num_imprecise_acc=BN)
+        alpha_prev = gl.convert_layout(alpha, row_o)
+        # (E) the next tile's scores (already done), leaving this P·V in flight
+        s_next = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        return s_next, pv_tok, acc, m_i, l_i, alpha_prev, nxt_start, nxt_c, nn_start, fill_start
+
+    @gluon.jit
+    def _sage_attn_fwd_gluon(
+        q_desc, k_desc, v_desc, m_desc,
+        QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+        stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+        BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
+        NUM_STAGES: gl.constexpr, UNROLL2: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(BM == 64 and num_warps == 4, "one warpgroup of 64 query rows")
+        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
+
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
+        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(aux.index(0), count=1)
+        mbarrier.init(aux.index(1), count=1)
+        fence_async_shared()
+
+        if SPARSE:
+            n_tiles = T * (BLKK // BN)
+        else:
+            n_tiles = gl.cdiv(Lk, BN)
+        lut_base = LUT + (bh * MQ_LUT + (pid_m * BM) // BLKQ) * T
+        k_row0 = bh * LKP
+        v_row0 = bh * HEAD_DIM
+
+        mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
+        for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
+            _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
+                     k_row0, v_row0, i < n_tiles, NUM_STAGES)
+        if LINEAR:
+            m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+            mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+
+        qs = gl.load(QS + bh * NQS + (pid_m * BM) // BLKQ)  # one scale: a 64-row tile sits inside one Q block
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        alpha_prev = gl.full([BM], 1.0, gl.float32, row_o)
+
+        # Scalars carried one iteration ahead: start/scale of the current and next tile, start of the next copy.
+        cur_start = _tile_start(lut_base, 0, n_tiles, SPARSE, BLKK, BN)
+        cur_c = qs * gl.load(KS + bh * NKS + cur_start // BLKK)
+        nxt_start = _tile_start(lut_base, 1, n_tiles, SPARSE, BLKK, BN)
+        fill_start = _tile_start(lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN)
+
+        mbarrier.wait(aux.index(0), 0)
+        s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
+        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        pv_tok = warpgroup_mma_init(o_init)  # "P·V of tile -1": zeros, folded with alpha 1
+        # Every tile but the last has a next tile (one _step each); the last is peeled below. UNROLL2 runs the
+        # steps in pairs: the scores then alternate between two register sets instead of being copied back into
+        # the loop-carried set after every step (32 moves per tile).
+        n_steps = n_tiles - 1
+        if UNROLL2:
+            for j in range(0, n_steps - 1, 2):
+                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
+                    j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
+                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
+                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
+                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
+                    j + 1, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
+                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
+                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
+            if n_steps % 2 == 1:
+                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
+                    n_steps - 1, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
+                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
+                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
+        else:
+            for j in range(n_steps):
+                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
+                    j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
+                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
+                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
+        # the last tile
+        last = n_tiles - 1
+        p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+        p_op = _as_pv_operand(p, BM, BN, p_layout)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
+        acc = gl.fma(acc, gl.expand_dims(alpha_prev, 1), pv)
+        pv = warpgroup_mma(p_op, v_s.index(last % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
+                           max_num_imprecise_acc=BN)
+        acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(ready.index(i))
+
+        offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
+        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
+        offs_m = pid_m * BM + gl.arange(0, BM, layout=row_o)
+        row_ok = gl.expand_dims(offs_m < Lq, 1)
+        if LINEAR:
+            # o += (φ(q)·M) / (φ(q)·z + 1e-5) + bias, φ = softmax over head_dim of the raw (bf16) query
+            r = gl.load(QRAW + b * stride_rb + h * stride_rh + gl.expand_dims(offs_m, 1) * stride_rl
+                        + gl.expand_dims(offs_d, 0), mask=row_ok, other=0.0).to(gl.float32)
+            e = gl.exp2((r - gl.expand_dims(gl.max(r, axis=1), 1)) * 1.4426950408889634)
+            phi = e / gl.expand_dims(gl.sum(e, axis=1), 1)
+            den = gl.sum(phi * gl.expand_dims(gl.load(LIN_Z + bh * HEAD_DIM + offs_d), 0), axis=1) + 1e-5
+            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                 instr_shape=[16, HEAD_DIM, 16])
+            phi_op = gl.convert_layout(phi.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=lin_layout,
+                                                                                 k_width=2))
+            mbarrier.wait(aux.index(1), 0)
+            lin = warpgroup_mma(phi_op, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
+            lin = gl.convert_layout(lin, o_layout)
+            o = o + lin / gl.expand_dims(den, 1) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+        mbarrier.invalidate(aux.index(0))
+        mbarrier.invalidate(aux.index(1))
+
+        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (HEAD_DIM // 8),
+                                                    HEAD_DIM // 8], warps_per_cta=[num_warps, 1], order=[1, 0])
+        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
+        rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+        ptrs = O + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ol + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+
+
+def available() -> bool:
+    """True when the kernel can run here: Gluon's Hopper API imports, the GPU is sm_90, not the CPU interpreter."""
+    if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
+    """None if this kernel takes the call, else why not (the caller then runs the Triton kernel)."""
+    if not available():
+        return "Gluon's Hopper kernel needs an sm_90 GPU"
+    if q.shape[-1] not in (64, 128):
+        return f"head_dim {q.shape[-1]} is not 64 or 128"
+    if blk_q not in (64, 128) or blk_k not in (64, 128):
+        return f"blocks {blk_q}x{blk_k} are not 64/128"
+    return None
+
+
+def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
+                         blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
+                         num_stages: int = NUM_STAGES, unroll2: bool = UNROLL2) -> torch.Tensor:
+    """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
+
+    ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
+    ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
+    linear branch."""
+    if not quant.get("v_wgmma_order"):
+        raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
+                                    "(sage_quantize_triton(..., v_order='wgmma'))")
+    qa, ka, va = quant["q"], quant["k"], quant["v"]
+    b, h, lqp, d = qa.shape
+    lkp = ka.shape[2]
+    q2, k2, v2 = qa.view(b * h * lqp, d), ka.view(b * h * lkp, d), va.view(b * h * d, lkp)
+    lay = gl.NVMMASharedLayout.get_default_for
+    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
+    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
+    v_desc = TensorDescriptor.from_tensor(v2, [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    if linear is not None:
+        lin_m, lin_z, lin_b = linear
+        m_desc = TensorDescriptor.from_tensor(lin_m.reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
+        qr = q_raw
+    else:
+        lin_z = lin_b = quant["v_scale"]  # unused
+        m_desc = q_desc
+        qr = out
+    lut_t = lut if lut is not None else quant["q_scale"]
+    t = lut.shape[-1] if lut is not None else 0
+    mq_lut = lut.shape[2] if lut is not None else 0
+    grid = (-(-lq // BLOCK_M), b * h)
+    _sage_attn_fwd_gluon[grid](
+        q_desc, k_desc, v_desc, m_desc,
+        quant["q_scale"], quant["k_scale"], quant["v_scale"], lut_t, out, qr, lin_z, lin_b,
+        out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
+        BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
+        UNROLL2=unroll2, num_warps=NUM_WARPS)
+    return out

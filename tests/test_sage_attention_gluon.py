@@ -1,0 +1,154 @@
+"""Gluon Sage attention kernel: the V key order it relies on (CPU, Triton interpreter) and its accuracy on Hopper.
+
+The kernel reads P straight from the score registers as the FP8 P·V operand, which is only right if V's keys are
+stored in the matching order; the CPU tests pin that order (a permutation inside each 32-key group, written by the
+V quantizer). The GPU tests compare the kernel with the Triton kernel and the Sage-emulating PyTorch reference,
+dense and block-sparse with the SLA linear branch, at lengths that are not multiples of any tile, with outputs
+poisoned with NaN so an unwritten element fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+from turbocompile.kernels import load_ops
+from turbocompile.kernels import sage_attention_gluon as G
+from turbocompile.kernels.sage_attention import (
+    attention_fp32_reference,
+    block_attention_reference,
+    block_attention_triton,
+    structured_qkv,
+)
+
+load_ops()
+ON_HOPPER = G.available()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+# --------------------------------------------------------------------------------------------------------- CPU
+def test_wgmma_key_order_is_a_permutation_inside_each_32_key_group():
+    pos = G.wgmma_key_order(128)
+    assert sorted(pos.tolist()) == list(range(128))
+    assert torch.equal(pos // 32, torch.arange(128) // 32)  # no key leaves its group
+    # the four keys thread q holds in one group (2q, 2q+1, 2q+8, 2q+9) land on its operand bytes 4q .. 4q+3
+    for q in range(4):
+        assert pos[[2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9]].tolist() == [4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3]
+        assert pos[[16 + 2 * q, 17 + 2 * q, 24 + 2 * q, 25 + 2 * q]].tolist() == [16 + 4 * q + i for i in range(4)]
+
+
+_QUANT_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
+    from turbocompile.kernels.sage_attention_gluon import wgmma_key_order
+    out = []
+    for n in (1, 45, 200):
+        q, k, v = structured_qkv(1, 2, n, 64, torch.bfloat16, seed=n)
+        nat = sage_quantize_triton(q, k, v, 64, 128)
+        wg = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+        pos = wgmma_key_order(nat["v"].shape[-1])
+        moved = torch.empty_like(nat["v"].view(torch.uint8))
+        moved[..., pos] = nat["v"].view(torch.uint8)
+        out.append({"n": n, "flags": [nat["v_wgmma_order"], wg["v_wgmma_order"]],
+                    "same_bytes": bool(torch.equal(moved, wg["v"].view(torch.uint8))),
+                    "changed": bool(not torch.equal(nat["v"].view(torch.uint8), wg["v"].view(torch.uint8))),
+                    "q_same": bool(torch.equal(nat["q"], wg["q"]) and torch.equal(nat["k"], wg["k"]))})
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_v_quantizer_writes_the_wgmma_key_order_interpreted():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", _QUANT_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    for r in res:
+        assert r["flags"] == [False, True] and r["same_bytes"] and r["q_same"], r
+        if r["n"] > 1:
+            assert r["changed"], r  # the permutation really moved bytes (one token leaves only zeros to move)
+
+
+def test_bad_v_order_is_rejected():
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+
+    q, k, v = structured_qkv(1, 1, 8, 64)
+    with pytest.raises(ValueError, match="v_order must be 'natural' or 'wgmma'"):
+        sage_quantize_triton(q, k, v, 64, 128, v_order="transposed")
+
+
+def test_gluon_kernel_refuses_natural_order_v():
+    quant = {"v_wgmma_order": False}
+    with pytest.raises(UnsupportedShapeError, match="needs V quantized in wgmma key order"):
+        G.sage_attention_gluon(quant, 8, 8, torch.empty(1), None, 64, 128)
+
+
+def test_supported_says_why_not_without_hopper():
+    q = torch.empty(1, 1, 8, 128)
+    why = G.supported(q, 64, 128)
+    if not ON_HOPPER:
+        assert why == "Gluon's Hopper kernel needs an sm_90 GPU"
+
+
+# --------------------------------------------------------------------------------------------------------- GPU
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (Hopper) and Triton's Gluon")
+
+
+@pytest.mark.parametrize("lq,lk,d,blk_q,blk_k,dtype", [
+    (1, 1, 128, 64, 128, torch.bfloat16), (63, 63, 128, 64, 128, torch.bfloat16),
+    (65, 200, 64, 128, 64, torch.float16), (1000, 1000, 128, 64, 128, torch.bfloat16),
+    (4097, 4097, 128, 128, 64, torch.bfloat16), (300, 77, 128, 64, 128, torch.bfloat16)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_dense_matches_triton_and_reference(lq, lk, d, blk_q, blk_k, dtype):
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(2, 3, lq, d, dtype, dev, seed=lq + lk, nk=lk)
+    o_g = block_attention_triton(q, k, v, None, blk_q, blk_k, sage=True, kernel="gluon",
+                                 out=torch.full_like(q, float("nan")))
+    o_t = block_attention_triton(q, k, v, None, blk_q, blk_k, sage=True, kernel="triton")
+    assert not o_g.isnan().any()
+    ref = block_attention_reference(q, k, v, None, blk_q, blk_k, sage=True)
+    exact = attention_fp32_reference(q, k, v)
+    # 64-key tiles (the reference emulates blk_k-wide running maxima) change P's FP8 rounding, nothing else
+    assert _rel(o_g, ref) <= 1e-2, _rel(o_g, ref)
+    assert _cos(o_g, exact) >= 0.999
+    assert _rel(o_g, o_t) <= 1e-2
+
+
+@pytest.mark.parametrize("n,d,blk_q,blk_k,topk", [(1, 128, 64, 128, 0.1), (129, 128, 64, 128, 0.2),
+                                                  (1000, 64, 64, 128, 0.1), (4097, 128, 64, 128, 0.1),
+                                                  (3000, 128, 128, 64, 0.15)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_sparse_with_linear_branch_matches_reference(n, d, blk_q, blk_k, topk, monkeypatch):
+    from turbocompile.kernels.block_map import sla_block_map
+    from turbocompile.kernels.sage_sla import sage_sla_reference, sage_sla_triton
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 4, n, d, torch.bfloat16, dev, seed=n)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(d, d, generator=g) * 0.05).to(dev), (torch.randn(d, generator=g) * 0.05).to(dev)
+    lut = sla_block_map(q, k, topk, blk_q, blk_k)
+    assert G.supported(q, blk_q, blk_k) is None
+    o_g = sage_sla_triton(q, k, v, w, b, topk, blk_q, blk_k, lut=lut, out=torch.full_like(q, float("nan")))
+    monkeypatch.setenv("TURBOCOMPILE_SAGE_KERNEL", "triton")
+    o_t = sage_sla_triton(q, k, v, w, b, topk, blk_q, blk_k, lut=lut)
+    assert not o_g.isnan().any()
+    ref = sage_sla_reference(q, k, v, w, b, topk, blk_q, blk_k, lut=lut)
+    assert _rel(o_g, ref) <= 1e-2, _rel(o_g, ref)
+    assert _rel(o_g, o_t) <= 1e-2
