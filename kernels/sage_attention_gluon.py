@@ -45,9 +45,12 @@ except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's
     gluon = None
 
 BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M
-BLOCK_N = 64  # keys per tile
-NUM_STAGES = 4  # K/V shared-memory stages (16 KiB each at head_dim 128)
+BLOCK_N = 128  # keys per tile where the K block allows (else 64)
+NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
+PIPELINE = False  # next scores and previous P·V in flight during the softmax (else one tile at a time)
+MAXNREG = None  # register cap per thread (168 lets three programs share an SM)
+M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 UNROLL2 = False  # main loop unrolled by two: spills (1.3 KB) in ptxas 3.6; kept as a knob for the benchmark
 
 
@@ -165,7 +168,8 @@ if gluon is not None:
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, UNROLL2: gl.constexpr, num_warps: gl.constexpr,
+        NUM_STAGES: gl.constexpr, PIPELINE: gl.constexpr, UNROLL2: gl.constexpr, M_IN_STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -173,6 +177,8 @@ if gluon is not None:
         BN: gl.constexpr = k_desc.block_type.shape[0]
         gl.static_assert(BM == 64 and num_warps == 4, "one warpgroup of 64 query rows")
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
+        gl.static_assert(NUM_STAGES >= 3 or not PIPELINE, "the pipelined loop refills a stage after it waits on it")
+        gl.static_assert(not M_IN_STAGES or NUM_STAGES * BN >= 2 * HEAD_DIM, "M (bf16 DxD) must fit K's stages")
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
@@ -212,9 +218,12 @@ if gluon is not None:
             _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
                      k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
-            m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
-            mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+            if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
+                m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+            else:
+                m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+                mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         qs = gl.load(QS + bh * NQS + (pid_m * BM) // BLKQ)  # one scale: a 64-row tile sits inside one Q block
         s_init = gl.zeros([BM, BN], gl.int32, s_layout)
@@ -238,7 +247,24 @@ if gluon is not None:
         # steps in pairs: the scores then alternate between two register sets instead of being copied back into
         # the loop-carried set after every step (32 moves per tile).
         n_steps = n_tiles - 1
-        if UNROLL2:
+        if not PIPELINE:
+            # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, so the
+            # kernel needs fewer registers and three programs share an SM (their phases interleave instead).
+            for j in range(n_tiles):
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                                   o_init, use_acc=False, max_num_imprecise_acc=BN)
+                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+                _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
+                         j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
+                fill_start = _tile_start(lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN)
+                if j + 1 < n_tiles:
+                    s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
+                    cur_c = qs * gl.load(KS + bh * NKS + nxt_start // BLKK)
+                    cur_start = nxt_start
+                    nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
+                    s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        elif UNROLL2:
             for j in range(0, n_steps - 1, 2):
                 s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
                     j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
@@ -259,18 +285,22 @@ if gluon is not None:
                     j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
                     q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
                     k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
-        # the last tile
-        last = n_tiles - 1
-        p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
-        p_op = _as_pv_operand(p, BM, BN, p_layout)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
-        acc = gl.fma(acc, gl.expand_dims(alpha_prev, 1), pv)
-        pv = warpgroup_mma(p_op, v_s.index(last % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
-                           max_num_imprecise_acc=BN)
-        acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        if PIPELINE:  # the last tile
+            last = n_tiles - 1
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+            p_op = _as_pv_operand(p, BM, BN, p_layout)
+            pv = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
+            acc = gl.fma(acc, gl.expand_dims(alpha_prev, 1), pv)
+            pv = warpgroup_mma(p_op, v_s.index(last % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
+                               max_num_imprecise_acc=BN)
+            acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
 
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
+        if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
+            fence_async_shared()
+            mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
         inv_l = 1.0 / gl.convert_layout(l_i, row_o)
@@ -324,7 +354,9 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
-                         num_stages: int = NUM_STAGES, unroll2: bool = UNROLL2) -> torch.Tensor:
+                         num_stages: int = NUM_STAGES, unroll2: bool = UNROLL2, pipeline: bool = PIPELINE,
+                         maxnreg: int | None = MAXNREG, block_n: int | None = None,
+                         m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -339,8 +371,11 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     q2, k2, v2 = qa.view(b * h * lqp, d), ka.view(b * h * lkp, d), va.view(b * h * d, lkp)
     lay = gl.NVMMASharedLayout.get_default_for
     q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
-    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
-    v_desc = TensorDescriptor.from_tensor(v2, [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    block_n = block_n or (BLOCK_N if blk_k % BLOCK_N == 0 else 64)
+    if block_n not in (64, 128) or blk_k % block_n:
+        raise UnsupportedShapeError(f"key tile {block_n} must be 64 or 128 and divide the K block {blk_k}")
+    k_desc = TensorDescriptor.from_tensor(k2, [block_n, d], lay([block_n, d], gl.int8))
+    v_desc = TensorDescriptor.from_tensor(v2, [d, block_n], lay([d, block_n], gl.float8e4nv))
     if linear is not None:
         lin_m, lin_z, lin_b = linear
         m_desc = TensorDescriptor.from_tensor(lin_m.reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
@@ -359,5 +394,92 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        UNROLL2=unroll2, num_warps=NUM_WARPS)
+        PIPELINE=pipeline, UNROLL2=unroll2, M_IN_STAGES=m_in_stages, num_warps=NUM_WARPS, maxnreg=maxnreg)
     return out
+
+
+#: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n).
+BENCH_VARIANTS = [(False, 3, None, 128), (False, 2, None, 128), (False, 4, None, 128), (True, 4, None, 64)]
+
+
+def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
+    """Time the kernel alone (dense and block-sparse with the linear branch) in each variant against the Triton
+    kernel on the same quantized inputs; check each against the Triton result."""
+    import argparse
+    import json
+    import time
+
+    import triton
+
+    from .block_map import lut_from_pooled
+    from .sage_attention import block_attention_triton, sage_quantize_triton, structured_qkv
+    from .sla import linear_branch_stats
+
+    ap = argparse.ArgumentParser(description="Gluon Sage attention kernel variants vs the Triton kernel")
+    ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
+    ap.add_argument("--modes", default="dense,sparse0.1")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
+    dev = torch.device("cuda")
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(meta, flush=True)
+    rows = []
+
+    def bench(fn):
+        fn()
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    for shape in args.shapes.split(","):
+        b, h, n, d = shapes[shape]
+        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
+        w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
+        lin, moments = linear_branch_stats(k, v, w, bias)
+        flops = 4.0 * b * h * n * n * d
+        for mode in args.modes.split(","):
+            blks = (64, 128)
+            qt = sage_quantize_triton(q, k, v, *blks, **moments)
+            qg = sage_quantize_triton(q, k, v, *blks, **moments, v_order="wgmma")
+            lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], 0.1) if mode != "dense" else None
+            li = lin if lut is not None else None
+            ref = torch.empty_like(q)
+            # Triton baseline: its best configs (dense 64x128 blocks, sparse the op's), same quantized inputs
+            if lut is None:
+                qt64 = sage_quantize_triton(q, k, v, 64, 128, **moments)
+                fn_t = lambda: block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=qt64,  # noqa: E731
+                                                      out=ref)
+            else:
+                fn_t = lambda: block_attention_triton(q, k, v, lut, *blks, sage=True, linear=li,  # noqa: E731
+                                                      quant=qt, out=ref)
+            t_ms = bench(fn_t)
+            rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
+            print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
+            for pipe, stages, nreg, bn in BENCH_VARIANTS:
+                if blks[1] % bn:
+                    continue
+                o = torch.full_like(q, float("nan"))
+                fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=li,  # noqa: E731
+                                                  num_stages=stages, pipeline=pipe, maxnreg=nreg,
+                                                  block_n=bn)
+                try:
+                    ms = bench(fn)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
+                    print(f"{shape:10} {mode:10} gluon pipe={pipe} st={stages} reg={nreg}: failed {exc}", flush=True)
+                    continue
+                err = float((o.float() - ref.float()).norm() / ref.float().norm())
+                rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "pipeline": pipe, "stages": stages,
+                             "block_n": bn,
+                             "maxnreg": nreg, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
+                             "nan": bool(o.isnan().any())})
+                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} {ms:8.3f} ms  "
+                      f"x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sage_attention_gluon_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    bench_main()
