@@ -178,7 +178,8 @@ if gluon is not None:
         gl.static_assert(BM == 64 and num_warps == 4, "one warpgroup of 64 query rows")
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
         gl.static_assert(NUM_STAGES >= 3 or not PIPELINE, "the pipelined loop refills a stage after it waits on it")
-        gl.static_assert(not M_IN_STAGES or NUM_STAGES * BN >= 2 * HEAD_DIM, "M (bf16 DxD) must fit K's stages")
+        gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
+                         "M (bf16 DxD) must fit K's stages")
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
@@ -374,6 +375,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     block_n = block_n or (BLOCK_N if blk_k % BLOCK_N == 0 else 64)
     if block_n not in (64, 128) or blk_k % block_n:
         raise UnsupportedShapeError(f"key tile {block_n} must be 64 or 128 and divide the K block {blk_k}")
+    m_in_stages = m_in_stages and num_stages * block_n >= 2 * d  # else M gets its own buffer
     k_desc = TensorDescriptor.from_tensor(k2, [block_n, d], lay([block_n, d], gl.int8))
     v_desc = TensorDescriptor.from_tensor(v2, [d, block_n], lay([d, block_n], gl.float8e4nv))
     if linear is not None:
