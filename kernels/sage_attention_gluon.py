@@ -50,7 +50,6 @@ NUM_WARPS = 4
 PIPELINE = False  # next scores and previous P·V in flight during the softmax (else one tile at a time)
 MAXNREG = None  # register cap per thread (168 lets three programs share an SM)
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
-ROWSUM_MMA = True  # P's row sums by a [64, BN] x [BN, 8] wgmma against ones instead of FADDs
 UNROLL2 = False  # main loop unrolled by two: spills (1.3 KB) in ptxas 3.6; kept as a knob for the benchmark
 
 
@@ -96,8 +95,7 @@ if gluon is not None:
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SUM: gl.constexpr = True):
+    def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in). The int32 -> fp32
@@ -111,8 +109,7 @@ if gluon is not None:
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
-        if ROW_SUM:
-            l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
     @gluon.jit
@@ -171,7 +168,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, PIPELINE: gl.constexpr, UNROLL2: gl.constexpr, M_IN_STAGES: gl.constexpr,
-        ROWSUM_MMA: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -253,31 +250,10 @@ if gluon is not None:
         if not PIPELINE:
             # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, so the
             # kernel needs fewer registers and three programs share an SM (their phases interleave instead).
-            if ROWSUM_MMA:
-                # P's row sums from the tensor cores: P [64, BN] x ones [BN, 8] (all 8 columns equal) replaces one
-                # FADD per score on the CUDA cores; it sums the FP8-rounded P the numerator uses.
-                rs_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                    instr_shape=[16, 8, 32])
-                ones_s = gl.allocate_shared_memory(gl.float8e4nv, [8, BN], gl.NVMMASharedLayout(
-                    swizzle_byte_width=min(BN, 128), element_bitwidth=8, rank=2))
-                ones_s.store(gl.full([8, BN], 1.0, gl.float32,
-                                     gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])).to(gl.float8e4nv))
-                fence_async_shared()
-                rs_init = gl.zeros([BM, 8], gl.float32, rs_layout)
             for j in range(n_tiles):
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout,
-                                                   not ROWSUM_MMA)
-                p_op = _as_pv_operand(p, BM, BN, p_layout)
-                pv_tok = warpgroup_mma(p_op, v_s.index(j % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
-                                       max_num_imprecise_acc=BN, is_async=True)
-                if ROWSUM_MMA:
-                    rs_tok = warpgroup_mma(gl.convert_layout(p_op, gl.DotOperandLayout(
-                        operand_index=0, parent=rs_layout, k_width=4), assert_trivial=True),
-                        ones_s.permute((1, 0)), rs_init, use_acc=False, max_num_imprecise_acc=BN, is_async=True)
-                pv = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
-                if ROWSUM_MMA:
-                    rs = warpgroup_mma_wait(num_outstanding=0, deps=[rs_tok])
-                    l_i = l_i * alpha + gl.convert_layout(gl.max(rs, axis=1), gl.SliceLayout(1, s_layout))
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                                   o_init, use_acc=False, max_num_imprecise_acc=BN)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
                 _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
                          j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
@@ -380,7 +356,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, unroll2: bool = UNROLL2, pipeline: bool = PIPELINE,
                          maxnreg: int | None = MAXNREG, block_n: int | None = None,
-                         m_in_stages: bool = M_IN_STAGES, rowsum_mma: bool = ROWSUM_MMA) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -419,13 +395,14 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        PIPELINE=pipeline, UNROLL2=unroll2, M_IN_STAGES=m_in_stages, ROWSUM_MMA=rowsum_mma,
+        PIPELINE=pipeline, UNROLL2=unroll2, M_IN_STAGES=m_in_stages,
         num_warps=NUM_WARPS, maxnreg=maxnreg)
     return out
 
 
-#: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n, rowsum_mma).
-BENCH_VARIANTS = [(False, 3, None, 128, False), (False, 3, None, 128, True)]
+#: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n). The measured table is in
+#: docs/kernels-attention.md; the first row is the default.
+BENCH_VARIANTS = [(False, 3, None, 128), (False, 2, None, 128), (False, 4, None, 128), (True, 4, None, 64)]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -481,13 +458,13 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             t_ms = bench(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
-            for pipe, stages, nreg, bn, rsum in BENCH_VARIANTS:
+            for pipe, stages, nreg, bn in BENCH_VARIANTS:
                 if blks[1] % bn:
                     continue
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=li,  # noqa: E731
                                                   num_stages=stages, pipeline=pipe, maxnreg=nreg,
-                                                  block_n=bn, rowsum_mma=rsum)
+                                                  block_n=bn)
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
@@ -495,10 +472,10 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "pipeline": pipe, "stages": stages,
-                             "block_n": bn, "rowsum_mma": rsum,
+                             "block_n": bn,
                              "maxnreg": nreg, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
                              "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} rs={rsum!s:5} {ms:8.3f} ms  "
+                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} {ms:8.3f} ms  "
                       f"x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
