@@ -35,6 +35,9 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # The TMA load is async_copy_global_to_shared in Triton 3.6 (the GPU image) and async_load in later versions.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
     gluon = None
 
@@ -63,8 +66,8 @@ if gluon is not None:
         s = kb % NUM_STAGES
         bar = ready.index(s)
         mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(s), pred=pred)
-        tma.async_copy_global_to_shared(b_desc, [off_n, kb * BLOCK_K], bar, b_bufs.index(s), pred=pred)
+        _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(s), pred=pred)
+        _tma_load(b_desc, [off_n, kb * BLOCK_K], bar, b_bufs.index(s), pred=pred)
 
     @gluon.jit
     def _start_block(a_bufs, b_bufs, ready, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,

@@ -40,6 +40,10 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Names that changed after Triton 3.6 (the GPU image; 3.9 here on the CPU): the TMA load was
+    # async_copy_global_to_shared and is async_load; a shared-memory view's _reinterpret became reinterpret.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
     gluon = None
 
@@ -50,7 +54,6 @@ NUM_WARPS = 4
 PIPELINE = False  # next scores and previous P·V in flight during the softmax (else one tile at a time)
 MAXNREG = None  # register cap per thread (168 lets three programs share an SM)
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
-UNROLL2 = False  # main loop unrolled by two: spills (1.3 KB) in ptxas 3.6; kept as a knob for the benchmark
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -84,8 +87,8 @@ if gluon is not None:
         s = t % NUM_STAGES
         bar = ready.index(s)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
-        tma.async_copy_global_to_shared(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
+        _tma_load(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
+        _tma_load(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
 
     @gluon.jit
     def _issue_scores(q_s, k_s, ready, t, s_init, NUM_STAGES: gl.constexpr):
@@ -167,7 +170,7 @@ if gluon is not None:
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, PIPELINE: gl.constexpr, UNROLL2: gl.constexpr, M_IN_STAGES: gl.constexpr,
+        NUM_STAGES: gl.constexpr, PIPELINE: gl.constexpr, M_IN_STAGES: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
@@ -213,17 +216,20 @@ if gluon is not None:
         v_row0 = bh * HEAD_DIM
 
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
+        _tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
         for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
             _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
                      k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
-                m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+                if _PUBLIC_REINTERPRET:
+                    m_s = k_s.reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+                else:
+                    m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
             else:
                 m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+                _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         qs = gl.load(QS + bh * NQS + (pid_m * BM) // BLKQ)  # one scale: a 64-row tile sits inside one Q block
         s_init = gl.zeros([BM, BN], gl.int32, s_layout)
@@ -243,13 +249,11 @@ if gluon is not None:
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         pv_tok = warpgroup_mma_init(o_init)  # "P·V of tile -1": zeros, folded with alpha 1
-        # Every tile but the last has a next tile (one _step each); the last is peeled below. UNROLL2 runs the
-        # steps in pairs: the scores then alternate between two register sets instead of being copied back into
-        # the loop-carried set after every step (32 moves per tile).
+        # PIPELINE: every tile but the last has a next tile (one _step each); the last is peeled below.
         n_steps = n_tiles - 1
         if not PIPELINE:
-            # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, so the
-            # kernel needs fewer registers and three programs share an SM (their phases interleave instead).
+            # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which
+            # leaves room for 128-key tiles; the two programs on an SM interleave their phases instead.
             for j in range(n_tiles):
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
                 pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
@@ -264,21 +268,6 @@ if gluon is not None:
                     cur_start = nxt_start
                     nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
                     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        elif UNROLL2:
-            for j in range(0, n_steps - 1, 2):
-                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
-                    j, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
-                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
-                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
-                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
-                    j + 1, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
-                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
-                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
-            if n_steps % 2 == 1:
-                s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
-                    n_steps - 1, s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start,
-                    q_s, k_s, v_s, ready, k_desc, v_desc, s_init, o_init, KS, lut_base, qs, bh, NKS, n_tiles, Lk,
-                    k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
         else:
             for j in range(n_steps):
                 s_cur, pv_tok, acc, m_i, l_i, alpha_prev, cur_start, cur_c, nxt_start, fill_start = _step(
@@ -300,7 +289,7 @@ if gluon is not None:
         if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
             fence_async_shared()
             mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+            _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
         inv_l = 1.0 / gl.convert_layout(l_i, row_o)
@@ -354,7 +343,7 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
-                         num_stages: int = NUM_STAGES, unroll2: bool = UNROLL2, pipeline: bool = PIPELINE,
+                         num_stages: int = NUM_STAGES, pipeline: bool = PIPELINE,
                          maxnreg: int | None = MAXNREG, block_n: int | None = None,
                          m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
@@ -395,9 +384,36 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        PIPELINE=pipeline, UNROLL2=unroll2, M_IN_STAGES=m_in_stages,
+        PIPELINE=pipeline, M_IN_STAGES=m_in_stages,
         num_warps=NUM_WARPS, maxnreg=maxnreg)
     return out
+
+
+def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
+                     block_n: int = BLOCK_N, pipeline: bool = PIPELINE):
+    """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
+    registers, spills and wgmma-serialization warnings before any device time is spent)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    lay = gl.NVMMASharedLayout.get_default_for
+    d, bn = head_dim, block_n
+    q_desc = f"tensordesc<i8[{BLOCK_M}, {d}],{lay([BLOCK_M, d], gl.int8)!r}>"
+    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
+           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
+           "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc}
+    ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
+            "LIN_Z": "*fp32", "LIN_B": "*fp32"}
+    consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
+              "PIPELINE": pipeline, "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": NUM_WARPS}
+    names = _sage_attn_fwd_gluon.arg_names
+    for name in names:
+        sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
+    aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = GluonASTSource(_sage_attn_fwd_gluon, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
 
 
 #: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n). The measured table is in

@@ -105,6 +105,40 @@ def test_supported_says_why_not_without_hopper():
         assert why == "Gluon's Hopper kernel needs an sm_90 GPU"
 
 
+@pytest.mark.parametrize("sparse,linear", [(True, True), (False, False)])
+def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, linear):
+    """Compiled for sm_90a on the CPU: the FP8 P·V wgmma takes P from registers (no byte stores of P to shared
+    memory, the Triton kernel's bottleneck), and the registers suffice (no stack frame, i.e. no spills)."""
+    import re
+
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if G.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    import triton
+
+    kernel = G.compile_for_sm90(sparse=sparse, linear=linear)
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90a" in ptx
+    pv = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3 \{[^}]*\}, \{", ptx)
+    assert pv, "the FP8 P·V wgmma does not read its A operand from registers"
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx  # the INT8 scores
+    assert not re.search(r"st\.shared(\.v\d)?\.(u8|b8|s8)", ptx), "P goes through shared memory byte by byte"
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
+    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sage_attn_{os.getpid()}_{int(sparse)}.cubin")
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        res = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True,
+                             timeout=120).stdout
+    finally:
+        os.unlink(cubin)
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    stack = int(re.search(r"STACK:(\d+)", res).group(1))
+    assert regs <= 255 and stack == 0, res  # a stack frame means spills
+
+
 # --------------------------------------------------------------------------------------------------------- GPU
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU (Hopper) and Triton's Gluon")
 
