@@ -518,6 +518,14 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
     if sage:
         kernel = kernel or (("gluon" if quant["v_wgmma_order"] else "triton") if quant is not None
                             else sage_kernel_for(q, blk_q, blk_k, config))
+        if kernel not in ("gluon", "triton"):
+            raise InputError(f"unknown Sage attention kernel {kernel!r}: use 'gluon' or 'triton'")
+        if kernel == "gluon":
+            from .sage_attention_gluon import supported
+
+            why = supported(q, blk_q, blk_k)
+            if why is not None:
+                raise UnsupportedShapeError(f"the Gluon attention kernel cannot run this call: {why}")
         if quant is None:
             quant = sage_quantize_triton(q, k, v, blk_q, blk_k, v_order="wgmma" if kernel == "gluon" else "natural")
         if quant["v_wgmma_order"] != (kernel == "gluon"):

@@ -334,6 +334,8 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
     """None if this kernel takes the call, else why not (the caller then runs the Triton kernel)."""
     if not available():
         return "Gluon's Hopper kernel needs an sm_90 GPU"
+    if not q.is_cuda:
+        return f"tensors are on {q.device.type}"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} is not 64 or 128"
     if blk_q not in (64, 128) or blk_k not in (64, 128):

@@ -57,7 +57,8 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
                     lut: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """SageSLA on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
+    """SageSLA on the GPU kernels (the Gluon attention kernel on sm_90, the Triton one elsewhere and on the CPU
+    under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
     lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
     quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if kernel == "gluon" else "natural")

@@ -98,11 +98,27 @@ def test_gluon_kernel_refuses_natural_order_v():
         G.sage_attention_gluon(quant, 8, 8, torch.empty(1), None, 64, 128)
 
 
-def test_supported_says_why_not_without_hopper():
+def test_kernel_choice_env_config_and_refusals(monkeypatch):
+    from turbocompile.errors import InputError
+    from turbocompile.kernels.sage_attention import sage_kernel_for
+
+    q, k, v = structured_qkv(1, 1, 8, 128)
+    assert sage_kernel_for(q, 64, 128) == "triton"  # CPU tensors (interpreter or reference), on any machine
+    assert sage_kernel_for(q, 64, 128, config=(64, 128, 4, 3)) == "triton"  # an explicit Triton config wins
+    monkeypatch.setenv("TURBOCOMPILE_SAGE_KERNEL", "triton")
+    assert sage_kernel_for(q, 64, 128) == "triton"
+    with pytest.raises(InputError, match="unknown Sage attention kernel 'cuda'"):
+        block_attention_triton(q, k, v, None, 64, 128, sage=True, kernel="cuda")
+    with pytest.raises(UnsupportedShapeError, match="cannot read V quantized in wgmma key order"):
+        block_attention_triton(q, k, v, None, 64, 128, sage=True, quant={"v_wgmma_order": True}, kernel="triton")
+    with pytest.raises(UnsupportedShapeError, match="Gluon attention kernel cannot run this call"):
+        block_attention_triton(q, k, v, None, 64, 128, sage=True, kernel="gluon")
+
+
+def test_supported_says_why_not():
     q = torch.empty(1, 1, 8, 128)
     why = G.supported(q, 64, 128)
-    if not ON_HOPPER:
-        assert why == "Gluon's Hopper kernel needs an sm_90 GPU"
+    assert why == ("tensors are on cpu" if ON_HOPPER else "Gluon's Hopper kernel needs an sm_90 GPU")
 
 
 @pytest.mark.parametrize("sparse,linear", [(True, True), (False, False)])
