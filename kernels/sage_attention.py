@@ -471,10 +471,25 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     _quant_int8_kernel[(lk_pad // blk_k, b * h)](
         k, k_mean, out["k"], out["k_scale"], out["k_pool"], k.stride(0), k.stride(1), k.stride(2), h, lk, lk_pad, nk,
         1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, num_warps=4)
-    _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
-        v, v_scale, out["v"], v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
-        EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma", num_warps=4)
+    _quantize_v_into(v, v_scale, out["v"], v_order)
     return out
+
+
+def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:
+    """V [B, H, Lk, D] -> FP8 Vᵀ ``vt`` [B, H, D, Lk_pad] with the per-channel scale, keys in ``v_order``."""
+    b, h, lk, d = v.shape
+    lk_pad = vt.shape[-1]
+    _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
+        v, v_scale, vt, v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
+        EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma", num_warps=4)
+
+
+def requantize_v(quant: dict, v: torch.Tensor, v_order: str) -> dict:
+    """``quant`` with Vᵀ written again in ``v_order`` (same scales, so the same values): what a fallback from the
+    Gluon kernel to the Triton kernel needs, without quantizing Q and K again."""
+    vt = torch.empty_like(quant["v"])
+    _quantize_v_into(v, quant["v_scale"], vt, v_order)
+    return {**quant, "v": vt, "v_wgmma_order": v_order == "wgmma"}
 
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (sage, sparse, blk_q, blk_k); for tuning.
@@ -532,10 +547,16 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
             raise UnsupportedShapeError(f"the {kernel} attention kernel cannot read V quantized in "
                                         f"{'wgmma' if quant['v_wgmma_order'] else 'natural'} key order")
         if kernel == "gluon":
-            from .sage_attention_gluon import sage_attention_gluon
+            from . import sage_attention_gluon as gluon_attn
 
             o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
-            return sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear)
+            try:
+                return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear)
+            except Exception as exc:
+                if not gluon_attn.first_launch_failed(exc):
+                    raise
+            quant = requantize_v(quant, v, "natural")  # the Triton kernel reads V in natural key order
+            out = o
     cfg = config or _default_config(sage, lut is not None, blk_q, blk_k)
     block_m, block_n, warps, stages = cfg
     if lut is not None and (blk_q % block_m or blk_k % block_n):

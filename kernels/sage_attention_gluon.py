@@ -22,6 +22,7 @@ times the variants against the Triton kernel; ``python -m turbocompile.kernels.s
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -323,6 +324,14 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
 
+log = logging.getLogger(__name__)
+
+#: Why the kernel was switched off in this process (its first launch failed), or None.
+DISABLED: str | None = None
+#: True once a launch has succeeded: a later failure is a real error, not an unsupported Triton.
+LAUNCHED = False
+
+
 def available() -> bool:
     """True when the kernel can run here: Gluon's Hopper API imports, the GPU is sm_90, not the CPU interpreter."""
     if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
@@ -330,8 +339,24 @@ def available() -> bool:
     return torch.cuda.get_device_capability() == (9, 0)
 
 
+def first_launch_failed(exc: BaseException) -> bool:
+    """Called when a launch raised. Before any launch has succeeded, the likeliest cause is a Triton whose Gluon
+    API differs from the one this kernel was written for (Gluon is experimental and renames things between
+    releases): switch the kernel off for this process, say so once, and return True so the caller falls back to
+    the Triton kernel. After a successful launch, return False: the error is real and must propagate."""
+    global DISABLED
+    if LAUNCHED or isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    DISABLED = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300]
+    log.warning("the Gluon attention kernel failed to run on this Triton (%s); using the Triton kernel from now on "
+                "(set TURBOCOMPILE_SAGE_KERNEL=triton to skip the attempt)", DISABLED)
+    return True
+
+
 def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
     """None if this kernel takes the call, else why not (the caller then runs the Triton kernel)."""
+    if DISABLED is not None:
+        return f"switched off after its first launch failed ({DISABLED})"
     if not available():
         return "Gluon's Hopper kernel needs an sm_90 GPU"
     if not q.is_cuda:
@@ -388,6 +413,8 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
         PIPELINE=pipeline, M_IN_STAGES=m_in_stages,
         num_warps=NUM_WARPS, maxnreg=maxnreg)
+    global LAUNCHED
+    LAUNCHED = True
     return out
 
 

@@ -84,6 +84,54 @@ def test_v_quantizer_writes_the_wgmma_key_order_interpreted():
             assert r["changed"], r  # the permutation really moved bytes (one token leaves only zeros to move)
 
 
+_FALLBACK_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from turbocompile.kernels import sage_attention_gluon as G
+    from turbocompile.kernels.sage_attention import (block_attention_reference, block_attention_triton,
+                                                     sage_kernel_for, sage_quantize_triton, structured_qkv)
+
+    def broken(*args, **kwargs):  # what an incompatible Triton does at the first launch
+        raise AttributeError("async_copy_global_to_shared has been removed; call async_load instead")
+
+    G.supported = lambda q, blk_q, blk_k: None if G.DISABLED is None else "off"  # as on a Hopper GPU
+    G.sage_attention_gluon = broken
+    q, k, v = structured_qkv(1, 2, 100, 64, torch.bfloat16, seed=3)
+    r = {"choice_before": sage_kernel_for(q, 64, 128)}
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    o = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant, out=torch.full_like(q, float("nan")))
+    ref = block_attention_reference(q, k, v, None, 64, 128, sage=True)
+    r["rel"] = float((o.double() - ref.double()).norm() / ref.double().norm())
+    r["nan"] = bool(o.isnan().any())
+    r["disabled"] = G.DISABLED
+    r["choice_after"] = sage_kernel_for(q, 64, 128)
+    G.DISABLED, G.LAUNCHED = None, True  # once a launch has worked, a failure is a real error
+    try:
+        block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant)
+        r["after_success"] = "no error"
+    except AttributeError as exc:
+        r["after_success"] = "raised"
+    print("RESULT" + json.dumps(r))
+""")
+
+
+def test_failed_first_gluon_launch_falls_back_to_triton_interpreted():
+    """An incompatible Triton (Gluon is experimental) must not break attention: the first failed launch switches
+    the Gluon kernel off for the process, V is re-laid out, the Triton kernel gives the result. After a launch
+    has succeeded, a failure propagates."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert r["choice_before"] == "gluon" and r["choice_after"] == "triton", r  # (supported() faked to say yes)
+    assert not r["nan"] and r["rel"] <= 1e-2, r
+    assert r["disabled"].startswith("AttributeError: async_copy_global_to_shared has been removed"), r
+    assert r["after_success"] == "raised", r
+    assert "using the Triton kernel from now on" in proc.stderr
+
+
 def test_bad_v_order_is_rejected():
     from turbocompile.kernels.sage_attention import sage_quantize_triton
 
