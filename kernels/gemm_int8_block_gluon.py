@@ -21,6 +21,8 @@ import torch
 
 from turbocompile.errors import GPUError, UnsupportedShapeError
 
+from .gluon_guard import GluonGuard
+
 BLOCK = 128
 
 try:
@@ -189,9 +191,14 @@ if gluon is not None:
         gl.store(ptrs, out, mask=mask)
 
 
+#: Off for the rest of the process once a first launch fails (an incompatible Triton); see :mod:`.gluon_guard`.
+GUARD = GluonGuard("int8-block GEMM")
+
+
 def available() -> bool:
-    """True when the Gluon kernel can run here: Gluon's Hopper API imports and the current GPU is sm_90."""
-    if gluon is None or not torch.cuda.is_available():
+    """True when the Gluon kernel can run here: Gluon's Hopper API imports, the current GPU is sm_90, and it has
+    not been switched off by a failed first launch."""
+    if gluon is None or GUARD.disabled is not None or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability() == (9, 0)
 
@@ -273,6 +280,7 @@ def gemm_int8_block_gluon(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.T
         m, n, k, out.stride(0), a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         HAS_BIAS=bias is not None, GROUP_M=GROUP_M, NUM_STAGES=num_stages, RESCALE=rescale,
         num_warps=NUM_WARPS if block_n == 128 else 4)
+    GUARD.succeeded()
     return out
 
 

@@ -212,8 +212,15 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
                 gluon_int8.check_inputs(q, s, w_q, w_scale, bias, x.dtype)
             except UnsupportedShapeError:  # K or N not a multiple of 128, a strided view: the Triton kernel takes it
                 use_gluon = False
-        out = (gluon_int8.gemm_int8_block_gluon(q, s, w_q, w_scale, bias, x.dtype) if use_gluon
-               else gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype))
+        out = None
+        if use_gluon:
+            try:
+                out = gluon_int8.gemm_int8_block_gluon(q, s, w_q, w_scale, bias, x.dtype)
+            except Exception as exc:  # an incompatible Triton fails the first launch: the Triton kernel takes over
+                if not gluon_int8.GUARD.launch_failed(exc):
+                    raise
+        if out is None:
+            out = gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype)
     elif scheme == "fp8-block":
         if backend == "cublas" and fp8_block_cublas_ok(m, n, k):
             out = fp8_block_scaled_mm(q, s, w_q, w_scale, bias, x.dtype)

@@ -553,7 +553,7 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
             try:
                 return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear)
             except Exception as exc:
-                if not gluon_attn.first_launch_failed(exc):
+                if not gluon_attn.GUARD.launch_failed(exc):
                     raise
             quant = requantize_v(quant, v, "natural")  # the Triton kernel reads V in natural key order
             out = o

@@ -22,12 +22,13 @@ times the variants against the Triton kernel; ``python -m turbocompile.kernels.s
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from turbocompile.errors import UnsupportedShapeError
+
+from .gluon_guard import GluonGuard
 
 try:
     from triton.experimental import gluon
@@ -324,12 +325,8 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
 
-log = logging.getLogger(__name__)
-
-#: Why the kernel was switched off in this process (its first launch failed), or None.
-DISABLED: str | None = None
-#: True once a launch has succeeded: a later failure is a real error, not an unsupported Triton.
-LAUNCHED = False
+#: Off for the rest of the process once a first launch fails (an incompatible Triton); see :mod:`.gluon_guard`.
+GUARD = GluonGuard("attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the attempt")
 
 
 def available() -> bool:
@@ -339,24 +336,10 @@ def available() -> bool:
     return torch.cuda.get_device_capability() == (9, 0)
 
 
-def first_launch_failed(exc: BaseException) -> bool:
-    """Called when a launch raised. Before any launch has succeeded, the likeliest cause is a Triton whose Gluon
-    API differs from the one this kernel was written for (Gluon is experimental and renames things between
-    releases): switch the kernel off for this process, say so once, and return True so the caller falls back to
-    the Triton kernel. After a successful launch, return False: the error is real and must propagate."""
-    global DISABLED
-    if LAUNCHED or isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
-    DISABLED = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300]
-    log.warning("the Gluon attention kernel failed to run on this Triton (%s); using the Triton kernel from now on "
-                "(set TURBOCOMPILE_SAGE_KERNEL=triton to skip the attempt)", DISABLED)
-    return True
-
-
 def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
     """None if this kernel takes the call, else why not (the caller then runs the Triton kernel)."""
-    if DISABLED is not None:
-        return f"switched off after its first launch failed ({DISABLED})"
+    if GUARD.disabled is not None:
+        return f"switched off after its first launch failed ({GUARD.disabled})"
     if not available():
         return "Gluon's Hopper kernel needs an sm_90 GPU"
     if not q.is_cuda:
@@ -413,8 +396,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
         PIPELINE=pipeline, M_IN_STAGES=m_in_stages,
         num_warps=NUM_WARPS, maxnreg=maxnreg)
-    global LAUNCHED
-    LAUNCHED = True
+    GUARD.succeeded()
     return out
 
 

@@ -95,7 +95,7 @@ _FALLBACK_SCRIPT = textwrap.dedent("""
     def broken(*args, **kwargs):  # what an incompatible Triton does at the first launch
         raise AttributeError("async_copy_global_to_shared has been removed; call async_load instead")
 
-    G.supported = lambda q, blk_q, blk_k: None if G.DISABLED is None else "off"  # as on a Hopper GPU
+    G.supported = lambda q, blk_q, blk_k: None if G.GUARD.disabled is None else "off"  # as on a Hopper GPU
     G.sage_attention_gluon = broken
     q, k, v = structured_qkv(1, 2, 100, 64, torch.bfloat16, seed=3)
     r = {"choice_before": sage_kernel_for(q, 64, 128)}
@@ -104,9 +104,9 @@ _FALLBACK_SCRIPT = textwrap.dedent("""
     ref = block_attention_reference(q, k, v, None, 64, 128, sage=True)
     r["rel"] = float((o.double() - ref.double()).norm() / ref.double().norm())
     r["nan"] = bool(o.isnan().any())
-    r["disabled"] = G.DISABLED
+    r["disabled"] = G.GUARD.disabled
     r["choice_after"] = sage_kernel_for(q, 64, 128)
-    G.DISABLED, G.LAUNCHED = None, True  # once a launch has worked, a failure is a real error
+    G.GUARD.disabled, G.GUARD.launched = None, True  # once a launch has worked, a failure is a real error
     try:
         block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant)
         r["after_success"] = "no error"
@@ -130,6 +130,55 @@ def test_failed_first_gluon_launch_falls_back_to_triton_interpreted():
     assert r["disabled"].startswith("AttributeError: async_copy_global_to_shared has been removed"), r
     assert r["after_success"] == "raised", r
     assert "using the Triton kernel from now on" in proc.stderr
+
+
+def test_gluon_guard_switches_off_only_before_a_success(caplog):
+    from turbocompile.kernels.gluon_guard import GluonGuard
+
+    g = GluonGuard("demo", "set X=1")
+    with caplog.at_level("WARNING"):
+        assert g.launch_failed(RuntimeError("PassManager::run failed\nloc: error: bad op"))
+    assert g.disabled == "RuntimeError: loc: error: bad op"
+    assert "Gluon demo kernel failed to run on this Triton" in caplog.text and "(set X=1)" in caplog.text
+    g2 = GluonGuard("demo")
+    assert not g2.launch_failed(torch.cuda.OutOfMemoryError("out of memory")) and g2.disabled is None
+    g2.succeeded()
+    assert not g2.launch_failed(RuntimeError("illegal memory access")) and g2.disabled is None
+
+
+_LINEAR_FALLBACK_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from turbocompile.kernels import gemm_int8_block_gluon as GG
+    from turbocompile.kernels import linear_w8a8 as L
+
+    def broken(*args, **kwargs):
+        raise TypeError("warpgroup_mma() got an unexpected keyword argument 'is_async'")
+
+    GG.available = lambda: GG.GUARD.disabled is None  # as on a Hopper GPU, until switched off
+    GG.check_inputs = lambda *args, **kwargs: None
+    GG.gemm_int8_block_gluon = broken
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 256, generator=g).to(torch.bfloat16)
+    w = torch.randn(128, 256, generator=g)
+    wq = L.quantize_weight(w, "int8-block")
+    b = torch.randn(128, generator=g)
+    out = L.cuda_linear(x, wq["w_q"], wq["w_scale"], b, "int8-block", backend="gluon")
+    ref = L.reference_linear(x, wq["w_q"], wq["w_scale"], b, "int8-block")
+    r = {"rel": float((out.double() - ref.double()).norm() / ref.double().norm()), "disabled": GG.GUARD.disabled}
+    print("RESULT" + json.dumps(r))
+""")
+
+
+def test_failed_first_gluon_gemm_launch_falls_back_to_triton_interpreted():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", _LINEAR_FALLBACK_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert r["rel"] <= 1e-2, r
+    assert r["disabled"].startswith("TypeError: warpgroup_mma() got an unexpected keyword"), r
 
 
 def test_bad_v_order_is_rejected():
