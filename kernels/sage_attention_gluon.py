@@ -54,7 +54,7 @@ BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 PIPELINE = False  # next scores and previous P·V in flight during the softmax (else one tile at a time)
-MAXNREG = None  # register cap per thread (168 lets three programs share an SM)
+MAXNREG = None  # register cap per thread (168 would let three programs share an SM; measured slower: it spills)
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 
 
@@ -74,7 +74,7 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_start(lut_base, j, n_tiles, SPARSE: gl.constexpr, BLKK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """First key of tile ``j``: the j-th 64-key slice of the LUT's key blocks (sparse) or j·64 (dense).
+        """First key of tile ``j``: the j-th BLOCK_N-key slice of the LUT's key blocks (sparse) or j·BLOCK_N (dense).
         Tiles past the end map to 0 (their copies are predicated off, their softmax never runs)."""
         if SPARSE:
             SUB: gl.constexpr = BLKK // BLOCK_N
