@@ -49,7 +49,7 @@ try:
 except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
     gluon = None
 
-BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M
+BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M (dense may take 128: two warpgroups, shared K/V)
 BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
@@ -100,10 +100,12 @@ if gluon is not None:
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                      ROW_SCALES: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
-        ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in). The int32 -> fp32
+        ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
+        ROW_SCALES (the tile spans several Q blocks). The int32 -> fp32
         conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
         floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
@@ -112,7 +114,10 @@ if gluon is not None:
             x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
         m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
-        p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
+        if ROW_SCALES:
+            p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
+        else:
+            p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
@@ -179,7 +184,11 @@ if gluon is not None:
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
-        gl.static_assert(BM == 64 and num_warps == 4, "one warpgroup of 64 query rows")
+        gl.static_assert(BM == 16 * num_warps and (BM == 64 or BM == 128),
+                         "one warpgroup per 64 query rows (two share the K/V tiles at 128 rows)")
+        gl.static_assert(not SPARSE or BM <= BLKQ, "a sparse program covers one LUT row")
+        ROW_SCALES: gl.constexpr = BM > BLKQ  # the tile spans several Q blocks: one scale per row
+        gl.static_assert(not (PIPELINE and ROW_SCALES), "the pipelined loop takes one Q scale per program")
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
         gl.static_assert(NUM_STAGES >= 3 or not PIPELINE, "the pipelined loop refills a stage after it waits on it")
         gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
@@ -190,9 +199,9 @@ if gluon is not None:
         b = bh // H
         h = bh % H
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BN, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, HEAD_DIM, 32])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -233,7 +242,12 @@ if gluon is not None:
                 mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
                 _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
-        qs = gl.load(QS + bh * NQS + (pid_m * BM) // BLKQ)  # one scale: a 64-row tile sits inside one Q block
+        if ROW_SCALES:
+            qs = gl.load(QS + bh * NQS + (pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))) // BLKQ,
+                         mask=pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout)) < NQS * BLKQ,
+                         other=1.0)
+        else:
+            qs = gl.load(QS + bh * NQS + (pid_m * BM) // BLKQ)  # one scale: the tile sits inside one Q block
         s_init = gl.zeros([BM, BN], gl.int32, s_layout)
         o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
@@ -257,7 +271,7 @@ if gluon is not None:
             # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which
             # leaves room for 128-key tiles; the two programs on an SM interleave their phases instead.
             for j in range(n_tiles):
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
                 pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                    o_init, use_acc=False, max_num_imprecise_acc=BN)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -278,7 +292,7 @@ if gluon is not None:
                     k_row0, v_row0, BLKK, SPARSE, NUM_STAGES, s_layout, p_layout, row_o)
         if PIPELINE:  # the last tile
             last = n_tiles - 1
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
             p_op = _as_pv_operand(p, BM, BN, p_layout)
             pv = warpgroup_mma_wait(num_outstanding=0, deps=[pv_tok])
             acc = gl.fma(acc, gl.expand_dims(alpha_prev, 1), pv)
@@ -305,7 +319,7 @@ if gluon is not None:
             e = gl.exp2((r - gl.expand_dims(gl.max(r, axis=1), 1)) * 1.4426950408889634)
             phi = e / gl.expand_dims(gl.sum(e, axis=1), 1)
             den = gl.sum(phi * gl.expand_dims(gl.load(LIN_Z + bh * HEAD_DIM + offs_d), 0), axis=1) + 1e-5
-            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                                  instr_shape=[16, HEAD_DIM, 16])
             phi_op = gl.convert_layout(phi.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=lin_layout,
                                                                                  k_width=2))
@@ -354,7 +368,7 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, pipeline: bool = PIPELINE,
-                         maxnreg: int | None = MAXNREG, block_n: int | None = None,
+                         maxnreg: int | None = MAXNREG, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
@@ -369,7 +383,9 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     lkp = ka.shape[2]
     q2, k2, v2 = qa.view(b * h * lqp, d), ka.view(b * h * lkp, d), va.view(b * h * d, lkp)
     lay = gl.NVMMASharedLayout.get_default_for
-    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
+    if block_m not in (64, 128) or (lut is not None and block_m > blk_q):
+        raise UnsupportedShapeError(f"query tile {block_m} must be 64 or 128 (and one LUT row, {blk_q}, if sparse)")
+    q_desc = TensorDescriptor.from_tensor(q2, [block_m, d], lay([block_m, d], gl.int8))
     block_n = block_n or (BLOCK_N if blk_k % BLOCK_N == 0 else 64)
     if block_n not in (64, 128) or blk_k % block_n:
         raise UnsupportedShapeError(f"key tile {block_n} must be 64 or 128 and divide the K block {blk_k}")
@@ -387,7 +403,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     lut_t = lut if lut is not None else quant["q_scale"]
     t = lut.shape[-1] if lut is not None else 0
     mq_lut = lut.shape[2] if lut is not None else 0
-    grid = (-(-lq // BLOCK_M), b * h)
+    grid = (-(-lq // block_m), b * h)
     _sage_attn_fwd_gluon[grid](
         q_desc, k_desc, v_desc, m_desc,
         quant["q_scale"], quant["k_scale"], quant["v_scale"], lut_t, out, qr, lin_z, lin_b,
@@ -395,13 +411,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
         PIPELINE=pipeline, M_IN_STAGES=m_in_stages,
-        num_warps=NUM_WARPS, maxnreg=maxnreg)
+        num_warps=block_m // 16, maxnreg=maxnreg)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, pipeline: bool = PIPELINE):
+                     block_n: int = BLOCK_N, pipeline: bool = PIPELINE, block_m: int = BLOCK_M):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -410,26 +426,28 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
 
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
-    q_desc = f"tensordesc<i8[{BLOCK_M}, {d}],{lay([BLOCK_M, d], gl.int8)!r}>"
+    q_desc = f"tensordesc<i8[{block_m}, {d}],{lay([block_m, d], gl.int8)!r}>"
     sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc}
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
             "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "PIPELINE": pipeline, "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": NUM_WARPS}
+              "PIPELINE": pipeline, "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": block_m // 16}
     names = _sage_attn_fwd_gluon.arg_names
     for name in names:
         sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
     aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(_sage_attn_fwd_gluon, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
 
 
-#: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n). The measured table is in
-#: docs/kernels-attention.md; the first row is the default.
-BENCH_VARIANTS = [(False, 3, None, 128), (False, 2, None, 128), (False, 4, None, 128), (True, 4, None, 64)]
+#: Variants the benchmark sweeps: (pipeline, num_stages, maxnreg, block_n, block_m); the first row is the default.
+#: The measured table is in docs/kernels-attention.md. 128-row (dense only) tiles are not measured yet: two
+#: warpgroups share each K/V tile, halving the L2 -> shared-memory traffic (~6 TB/s at 1.3B@480p with 64 rows).
+BENCH_VARIANTS = [(False, 3, None, 128, 64), (False, 3, None, 128, 128), (False, 2, None, 128, 128),
+                  (False, 2, None, 128, 64)]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -485,13 +503,13 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             t_ms = bench(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
-            for pipe, stages, nreg, bn in BENCH_VARIANTS:
-                if blks[1] % bn:
+            for pipe, stages, nreg, bn, bm in BENCH_VARIANTS:
+                if blks[1] % bn or (lut is not None and bm > blks[0]):
                     continue
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=li,  # noqa: E731
                                                   num_stages=stages, pipeline=pipe, maxnreg=nreg,
-                                                  block_n=bn)
+                                                  block_n=bn, block_m=bm)
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
@@ -499,10 +517,10 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "pipeline": pipe, "stages": stages,
-                             "block_n": bn,
+                             "block_n": bn, "block_m": bm,
                              "maxnreg": nreg, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
                              "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} {ms:8.3f} ms  "
+                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} bm={bm} {ms:8.3f} ms  "
                       f"x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()

@@ -218,8 +218,8 @@ def test_supported_says_why_not():
     assert why == ("tensors are on cpu" if ON_HOPPER else "Gluon's Hopper kernel needs an sm_90 GPU")
 
 
-@pytest.mark.parametrize("sparse,linear", [(True, True), (False, False)])
-def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, linear):
+@pytest.mark.parametrize("sparse,linear,block_m", [(True, True, 64), (False, False, 64), (False, False, 128)])
+def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, linear, block_m):
     """Compiled for sm_90a on the CPU: the FP8 P·V wgmma takes P from registers (no byte stores of P to shared
     memory, the Triton kernel's bottleneck), and the registers suffice (no stack frame, i.e. no spills)."""
     import re
@@ -229,7 +229,7 @@ def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, lin
         pytest.skip("this Triton has no Gluon Hopper API")
     import triton
 
-    kernel = G.compile_for_sm90(sparse=sparse, linear=linear)
+    kernel = G.compile_for_sm90(sparse=sparse, linear=linear, block_m=block_m)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx
     pv = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3 \{[^}]*\}, \{", ptx)
@@ -239,7 +239,7 @@ def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, lin
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
-    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sage_attn_{os.getpid()}_{int(sparse)}.cubin")
+    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sage_attn_{os.getpid()}_{int(sparse)}_{block_m}.cubin")
     with open(cubin, "wb") as f:
         f.write(kernel.asm["cubin"])
     try:
@@ -275,6 +275,25 @@ def test_gluon_dense_matches_triton_and_reference(lq, lk, d, blk_q, blk_k, dtype
     assert _rel(o_g, ref) <= 1e-2, _rel(o_g, ref)
     assert _cos(o_g, exact) >= 0.999
     assert _rel(o_g, o_t) <= 1e-2
+
+
+@pytest.mark.parametrize("lq,lk,blk_q", [(1, 1, 64), (200, 333, 64), (4097, 4097, 128), (1000, 70, 64)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_dense_128_row_tiles_match_64_row_tiles(lq, lk, blk_q):
+    """Two warpgroups per program (128 query rows, one scale per row when the tile spans two Q blocks)."""
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq, nk=lk)
+    quant = sage_quantize_triton(q, k, v, blk_q, 128, v_order="wgmma")
+    o64 = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), None, blk_q, 128, block_m=64)
+    o128 = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), None, blk_q, 128, block_m=128)
+    assert not o128.isnan().any()
+    assert _rel(o128, o64) <= 1e-3  # same tiles along the keys, same online maxima: rounding only
+    with pytest.raises(UnsupportedShapeError, match="query tile 128"):
+        G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), torch.zeros(1, 3, 1, 1, dtype=torch.int32,
+                                                                                  device=dev), 64, 128, block_m=128)
 
 
 @pytest.mark.parametrize("n,d,blk_q,blk_k,topk", [(1, 128, 64, 128, 0.1), (129, 128, 64, 128, 0.2),
