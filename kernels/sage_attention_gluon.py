@@ -513,15 +513,15 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
-                    print(f"{shape:10} {mode:10} gluon pipe={pipe} st={stages} reg={nreg}: failed {exc}", flush=True)
+                    print(f"{shape:10} {mode:10} gluon pipe={pipe} st={stages} reg={nreg} bn={bn} bm={bm}: failed {exc}",
+                          flush=True)
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "pipeline": pipe, "stages": stages,
-                             "block_n": bn, "block_m": bm,
-                             "maxnreg": nreg, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
-                             "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} bm={bm} {ms:8.3f} ms  "
-                      f"x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}", flush=True)
+                             "block_n": bn, "block_m": bm, "maxnreg": nreg, "ms": ms, "tops": flops / ms / 1e9,
+                             "rel_l2_vs_triton": err, "nan": bool(o.isnan().any())})
+                print(f"{shape:10} {mode:10} gluon pipe={pipe!s:5} st={stages} reg={nreg!s:4} bn={bn} bm={bm} "
+                      f"{ms:8.3f} ms  x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
