@@ -513,8 +513,8 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
-                    print(f"{shape:10} {mode:10} gluon pipe={pipe} st={stages} reg={nreg} bn={bn} bm={bm}: failed {exc}",
-                          flush=True)
+                    print(f"{shape:10} {mode:10} gluon pipe={pipe} st={stages} reg={nreg} bn={bn} bm={bm}: "
+                          f"failed {exc}", flush=True)
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "pipeline": pipe, "stages": stages,
