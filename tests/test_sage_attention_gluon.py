@@ -39,6 +39,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
+def _run_interpreted(script: str) -> tuple[object, str]:
+    """Run ``script`` in a fresh interpreter under TRITON_INTERPRET=1 (set before Triton is imported); returns the
+    JSON it printed after ``RESULT`` and its stderr."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):]), proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------------- CPU
 def test_wgmma_key_order_is_a_permutation_inside_each_32_key_group():
     pos = G.wgmma_key_order(128)
@@ -73,11 +84,7 @@ _QUANT_SCRIPT = textwrap.dedent("""
 
 
 def test_v_quantizer_writes_the_wgmma_key_order_interpreted():
-    pytest.importorskip("triton", reason="Triton is not installed")
-    proc = subprocess.run([sys.executable, "-c", _QUANT_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    res, _ = _run_interpreted(_QUANT_SCRIPT)
     for r in res:
         assert r["flags"] == [False, True] and r["same_bytes"] and r["q_same"], r
         if r["n"] > 1:
@@ -120,16 +127,12 @@ def test_failed_first_gluon_launch_falls_back_to_triton_interpreted():
     """An incompatible Triton (Gluon is experimental) must not break attention: the first failed launch switches
     the Gluon kernel off for the process, V is re-laid out, the Triton kernel gives the result. After a launch
     has succeeded, a failure propagates."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    r, stderr = _run_interpreted(_FALLBACK_SCRIPT)
     assert r["choice_before"] == "gluon" and r["choice_after"] == "triton", r  # (supported() faked to say yes)
     assert not r["nan"] and r["rel"] <= 1e-2, r
     assert r["disabled"].startswith("AttributeError: async_copy_global_to_shared has been removed"), r
     assert r["after_success"] == "raised", r
-    assert "using the Triton kernel from now on" in proc.stderr
+    assert "using the Triton kernel from now on" in stderr
 
 
 def test_gluon_guard_switches_off_only_before_a_success(caplog):
@@ -172,11 +175,7 @@ _LINEAR_FALLBACK_SCRIPT = textwrap.dedent("""
 
 
 def test_failed_first_gluon_gemm_launch_falls_back_to_triton_interpreted():
-    pytest.importorskip("triton", reason="Triton is not installed")
-    proc = subprocess.run([sys.executable, "-c", _LINEAR_FALLBACK_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    r, _ = _run_interpreted(_LINEAR_FALLBACK_SCRIPT)
     assert r["rel"] <= 1e-2, r
     assert r["disabled"].startswith("TypeError: warpgroup_mma() got an unexpected keyword"), r
 
