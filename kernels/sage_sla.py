@@ -303,14 +303,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                                                     quant=quant_g)
                 o = fn()
                 record(shape, "  stage: sparse kernel+lin epilogue [gluon]", bench(fn), dense_flops, err(o))
-                for stages in (2, 3):
-                    from .sage_attention_gluon import sage_attention_gluon
-
-                    ob = torch.empty_like(q)
-                    fn = lambda: sage_attention_gluon(quant_g, n, n, ob, lut, *blk_sla, q_raw=q,  # noqa: E731
-                                                      linear=lin, num_stages=stages)
-                    fn()
-                    record(shape, f"  (sparse kernel [gluon] {stages} stages)", bench(fn), dense_flops, err(ob))
+                # (the Gluon kernel's variants are swept by ``python -m turbocompile.kernels.sage_attention_gluon``)
                 from .sage_attention_gluon import _sage_attn_fwd_gluon
 
                 _compile_report(_sage_attn_fwd_gluon, "sage_attn_fwd_gluon")
