@@ -53,6 +53,9 @@ BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
+PINGPONG = False  # two warpgroups per program taking turns on the tensor cores; TURBOCOMPILE_SAGE_PINGPONG=1 forces
+PINGPONG_WORKER_REGS = 240  # setmaxnreg of the second warpgroup in the ping-pong kernel
+EXP_ON_FMA = False  # half of the softmax exp2 by polynomial on the FMA pipe; TURBOCOMPILE_SAGE_EXP_ON_FMA=1 forces
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -68,6 +71,10 @@ def wgmma_key_order(n: int, device=None) -> torch.Tensor:
 if gluon is not None:
     LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2 448: P is computed as P·448, using e4m3's whole range
     MAGIC = gl.constexpr(12582912.0)  # 1.5·2^23: bits 0x4B400000 plus an int |s| < 2^22 are the float MAGIC + s
+    # 2^f ~ C0 + C1 f + C2 f^2 on [-1/2, 1/2], minimax in relative error (1.7e-3)
+    EXP2_C0 = gl.constexpr(1.00044314686893)
+    EXP2_C1 = gl.constexpr(0.7034480643444989)
+    EXP2_C2 = gl.constexpr(0.23842893641071206)
 
     @gluon.jit
     def _tile_start(lut_base, j, n_tiles, SPARSE: gl.constexpr, BLKK: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -97,14 +104,30 @@ if gluon is not None:
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
     @gluon.jit
+    def _exp2_fma(x):
+        """2^x on the FMA/ALU pipes (FA4's trick for a MUFU-bound softmax): x = j + f with j = round(x) by the
+        magic-number add, 2^f for |f| <= 1/2 by a degree-2 minimax polynomial (max relative error 1.7e-3, far
+        below the e4m3 rounding P gets next), then j added to the exponent bits. x is clamped at -126 (2^-126
+        rounds to 0 in e4m3 and adds nothing visible to a row sum of at least 448)."""
+        x = gl.maximum(x, -126.0)
+        t = x + MAGIC
+        f = x - (t - MAGIC)
+        p = gl.fma(gl.fma(f, EXP2_C2, EXP2_C1), f, EXP2_C0)
+        # bits(t) = bits(MAGIC) + j, and bits(MAGIC) << 23 wraps to 0: (bits(t) << 23) is j in the exponent field
+        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+        return bits.to(gl.float32, bitcast=True)
+
+    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SCALES: gl.constexpr = False):
+                      ROW_SCALES: gl.constexpr = False, EXP_ON_FMA: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
         ROW_SCALES (the tile spans several Q blocks). The int32 -> fp32
         conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
-        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument."""
+        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument. EXP_ON_FMA
+        moves half of the exp2 from the MUFU unit (16/clk/SM, one warp instruction per 8 cycles) to the FMA pipe
+        (:func:`_exp2_fma`)."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
         if start + BLOCK_N > Lk:
             cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -112,9 +135,15 @@ if gluon is not None:
         m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
-            p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
+            arg = gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1))
         else:
-            p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
+            arg = gl.fma(x, c, -gl.expand_dims(bias, 1))
+        if EXP_ON_FMA:  # odd columns by polynomial on the FMA pipe, even ones on MUFU
+            a_even, a_odd = arg.reshape([arg.shape[0], BLOCK_N // 2, 2]).split()
+            p = gl.join(gl.exp2(a_even), _exp2_fma(a_odd)).reshape([arg.shape[0], BLOCK_N])
+            p = gl.convert_layout(p, s_layout, assert_trivial=True)
+        else:
+            p = gl.exp2(arg)
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
@@ -131,16 +160,104 @@ if gluon is not None:
         return gl.convert_layout(p8, p_layout, assert_trivial=True)
 
     @gluon.jit
+    def _take_turn(turn, k, TURN: gl.constexpr):
+        """Ping-pong: wait until the other warpgroup has issued its tensor-core work of turn ``k - 1`` (WG0 goes
+        first). TURN is 0 (no partner), 1 (first warpgroup) or 2 (second)."""
+        if TURN == 1:
+            mbarrier.wait(turn.index(0), (k & 1) ^ 1)
+        elif TURN == 2:
+            mbarrier.wait(turn.index(1), k & 1)
+
+    @gluon.jit
+    def _pass_turn(turn, TURN: gl.constexpr):
+        """Ping-pong: hand the tensor cores to the other warpgroup (its softmax ran while this one's wgmmas did)."""
+        if TURN == 1:
+            mbarrier.arrive(turn.index(1))
+        elif TURN == 2:
+            mbarrier.arrive(turn.index(0))
+
+    @gluon.jit
     def _sage_attn_fwd_gluon(
         q_desc, k_desc, v_desc, m_desc,
         QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
+        q_s, k_s, v_s, ready, aux = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
+        _attend_rows(q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+                     stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+                     H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q_s, k_s, v_s, ready, aux, aux, gl.program_id(0),
+                     BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 0, EXP_ON_FMA)
+
+    @gluon.jit
+    def _sage_attn_fwd_gluon_pingpong(
+        q_desc, k_desc, v_desc, m_desc,
+        QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+        stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+        BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
+        num_warps: gl.constexpr, WORKER_REGS: gl.constexpr, TURNS: gl.constexpr,
+    ):
+        """Two warpgroups per program, each the one-warpgroup loop on its own 64 query rows and K/V ring, taking
+        turns on the tensor cores (FA3's ping-pong): one's P·V and next scores are issued while the other runs its
+        softmax on the MUFU/FMA pipes, instead of two programs that may fall into the same phase."""
+        gl.static_assert(num_warps == 4, "each partition is one warpgroup")
+        q0, k0, v0, ready0, aux0 = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
+        q1, k1, v1, ready1, aux1 = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        fence_async_shared()
+        pid = gl.program_id(0)
+        gl.warp_specialize([
+            (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+                            stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q0, k0, v0, ready0, aux0, turn, 2 * pid,
+                            BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 1 if TURNS else 0,
+                            EXP_ON_FMA)),
+            (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+                            stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q1, k1, v1, ready1, aux1, turn, 2 * pid + 1,
+                            BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 2 if TURNS else 0,
+                            EXP_ON_FMA)),
+        ], [4], [WORKER_REGS])
+
+    @gluon.jit
+    def _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES: gl.constexpr):
+        """Shared memory of one warpgroup's loop: Q, the K/Vᵀ ring, its barriers and two more (Q, linear M)."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
+        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(aux.index(0), count=1)
+        mbarrier.init(aux.index(1), count=1)
+        fence_async_shared()
+        return q_s, k_s, v_s, ready, aux
+
+    @gluon.jit
+    def _attend_rows(
+        q_desc, k_desc, v_desc, m_desc,
+        QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
+        stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
+        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+        q_s, k_s, v_s, ready, aux, turn, tile_m,
+        BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, num_warps: gl.constexpr, TURN: gl.constexpr,
+        EXP_ON_FMA: gl.constexpr,
+    ):
+        """Query tile ``tile_m`` (BM rows) of one (batch, head) against all key tiles (dense) or the LUT's (sparse).
+        TURN != 0: one of two ping-pong warpgroups (:func:`_take_turn`)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -152,7 +269,7 @@ if gluon is not None:
         gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
                          "M (bf16 DxD) must fit K's stages")
 
-        pid_m = gl.program_id(0)
+        pid_m = tile_m
         bh = gl.program_id(1)
         b = bh // H
         h = bh % H
@@ -165,22 +282,14 @@ if gluon is not None:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
-        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(aux.index(0), count=1)
-        mbarrier.init(aux.index(1), count=1)
-        fence_async_shared()
-
         if SPARSE:
             n_tiles = T * (BLKK // BN)
         else:
             n_tiles = gl.cdiv(Lk, BN)
-        lut_base = LUT + (bh * MQ_LUT + (pid_m * BM) // BLKQ) * T
+        lut_row = (pid_m * BM) // BLKQ
+        if TURN == 2:  # a ping-pong program's second tile lies past the last LUT row when Lq ends in its first
+            lut_row = gl.minimum(lut_row, MQ_LUT - 1)
+        lut_base = LUT + (bh * MQ_LUT + lut_row) * T
         k_row0 = bh * LKP
         v_row0 = bh * HEAD_DIM
 
@@ -219,12 +328,16 @@ if gluon is not None:
         fill_start = _tile_start(lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN)
 
         mbarrier.wait(aux.index(0), 0)
+        _take_turn(turn, 0, TURN)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
+        _pass_turn(turn, TURN)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES,
+                                               EXP_ON_FMA)
+            _take_turn(turn, j + 1, TURN)  # this tile's P·V and the next scores form one turn
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -236,7 +349,10 @@ if gluon is not None:
                 cur_c = qs * gl.load(KS + bh * NKS + nxt_start // BLKK)
                 cur_start = nxt_start
                 nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
+                _pass_turn(turn, TURN)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+            else:
+                _pass_turn(turn, TURN)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
         if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
@@ -305,12 +421,14 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
-                         m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES, pingpong: bool | str | None = None,
+                         worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
-    linear branch."""
+    linear branch. ``pingpong``: two warpgroups per program, taking turns on the tensor cores (True) or not
+    ("free", the same program shape without the turns, to tell the two effects apart)."""
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -339,20 +457,29 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     lut_t = lut if lut is not None else quant["q_scale"]
     t = lut.shape[-1] if lut is not None else 0
     mq_lut = lut.shape[2] if lut is not None else 0
-    grid = (-(-lq // block_m), b * h)
-    _sage_attn_fwd_gluon[grid](
+    if exp_on_fma is None:
+        exp_on_fma = EXP_ON_FMA or os.environ.get("TURBOCOMPILE_SAGE_EXP_ON_FMA", "0") == "1"
+    if pingpong is None:
+        pingpong = PINGPONG or os.environ.get("TURBOCOMPILE_SAGE_PINGPONG", "0") == "1"
+    if pingpong and block_m != 64:
+        raise UnsupportedShapeError("the ping-pong kernel runs two 64-row warpgroups per program (block_m=64)")
+    kernel = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
+    extra = {"WORKER_REGS": worker_regs, "TURNS": pingpong != "free"} if pingpong else {}
+    grid = (-(-lq // (2 * block_m if pingpong else block_m)), b * h)
+    kernel[grid](
         q_desc, k_desc, v_desc, m_desc,
         quant["q_scale"], quant["k_scale"], quant["v_scale"], lut_t, out, qr, lin_z, lin_b,
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, EXP_ON_FMA=exp_on_fma, num_warps=block_m // 16, **extra)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, pingpong: bool | str = False,
+                     worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool = False):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -368,20 +495,26 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
             "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": block_m // 16}
-    names = _sage_attn_fwd_gluon.arg_names
+              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "EXP_ON_FMA": exp_on_fma,
+              "num_warps": block_m // 16}
+    if pingpong:
+        consts["WORKER_REGS"] = worker_regs
+        consts["TURNS"] = pingpong != "free"
+    fn = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
+    names = fn.arg_names
     for name in names:
         sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
     aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(_sage_attn_fwd_gluon, sig, consts, attrs)
+    src = GluonASTSource(fn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
 
 
-#: Variants the benchmark sweeps: (num_stages, block_n, block_m); the first row is the default. The measured table
+#: Variants the benchmark sweeps: (num_stages, block_n, block_m, pingpong, exp_on_fma); the first row is the default. The measured table
 #: is in docs/kernels-attention.md. 128-row (dense only) tiles are not measured yet: two warpgroups share each K/V
 #: tile, halving the L2 -> shared-memory traffic (~6 TB/s at 1.3B@480p with 64 rows).
-BENCH_VARIANTS = [(3, 128, 64), (3, 128, 128), (2, 128, 128), (2, 128, 64)]
+BENCH_VARIANTS = [(3, 128, 64, False, False), (3, 128, 64, False, True), (3, 128, 64, True, True),
+                  (3, 128, 64, True, False)]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -437,22 +570,23 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             t_ms = bench(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
-            for stages, bn, bm in BENCH_VARIANTS:
+            for stages, bn, bm, pp, emu in BENCH_VARIANTS:
                 if blks[1] % bn or (lut is not None and bm > blks[0]):
                     continue
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=li,  # noqa: E731
-                                                  num_stages=stages, block_n=bn, block_m=bm)
+                                                  num_stages=stages, block_n=bn, block_m=bm, pingpong=pp,
+                                                  exp_on_fma=emu)
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
-                    print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm}: failed {exc}", flush=True)
+                    print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm} pp={pp} emu={emu}: failed {exc}", flush=True)
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "stages": stages, "block_n": bn,
-                             "block_m": bm, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
+                             "block_m": bm, "pingpong": pp, "exp_on_fma": emu, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
                              "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm} {ms:8.3f} ms  x{t_ms / ms:.3f} vs "
+                print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm} pp={pp!s:5} emu={emu:d} {ms:8.3f} ms  x{t_ms / ms:.3f} vs "
                       f"triton  relL2 {err:.4f}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()

@@ -298,6 +298,56 @@ def test_gluon_dense_128_row_tiles_match_64_row_tiles(lq, lk, blk_q):
                                                                                   device=dev), 64, 128, block_m=128)
 
 
+@pytest.mark.parametrize("lq,lk,sparse", [(50, 333, False), (197, 4097, False), (4160, 4160, False),
+                                          (50, 1000, True), (197, 4097, True), (4160, 4160, True)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_pingpong_matches_one_warpgroup_programs(lq, lk, sparse):
+    """Two warpgroups per program taking turns: same tiles, same order, so the result is the one-warpgroup kernel's
+    bit for bit; Lq = 50 leaves the second warpgroup no valid row (LUT row clamped, stores masked) and must not
+    hang its partner."""
+    from turbocompile.kernels.block_map import sla_block_map
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq + lk, nk=lk)
+    lut = sla_block_map(q, k, 0.2, 64, 128) if sparse else None
+    linear = None
+    kw = {}
+    if sparse:
+        g = torch.Generator().manual_seed(lq)
+        w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+        linear, moments = linear_branch_stats(k, v, w, b)
+        kw = moments
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma", **kw)
+    runs = [G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128, q_raw=q,
+                                   linear=linear, pingpong=pp) for pp in (False, True)]
+    assert not runs[1].isnan().any()
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("lq,lk,sparse", [(1, 1, False), (197, 4097, False), (4160, 4160, True), (129, 700, True)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_exp2_on_fma_pipe_matches_mufu_exp2(lq, lk, sparse):
+    """Half of the softmax's exp2 by the degree-2 polynomial: within its 1.7e-3 relative error of the MUFU run
+    (P is rounded to e4m3 right after), no NaN from the clamped -inf of masked keys, still accurate vs exact."""
+    from turbocompile.kernels.block_map import sla_block_map
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq * 7 + lk, nk=lk)
+    lut = sla_block_map(q, k, 0.2, 64, 128) if sparse else None
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    mufu, fma = (G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128,
+                                        exp_on_fma=e) for e in (False, True))
+    assert not fma.isnan().any()
+    assert _rel(fma, mufu) <= 5e-3, _rel(fma, mufu)
+    if not sparse:
+        assert _cos(fma, attention_fp32_reference(q, k, v)) >= 0.999
+
+
 @pytest.mark.parametrize("n,d,blk_q,blk_k,topk", [(1, 128, 64, 128, 0.1), (129, 128, 64, 128, 0.2),
                                                   (1000, 64, 64, 128, 0.1), (4097, 128, 64, 128, 0.1),
                                                   (3000, 128, 128, 64, 0.15)])
