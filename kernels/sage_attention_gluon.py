@@ -55,6 +55,10 @@ NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 PINGPONG = False  # two warpgroups per program taking turns on the tensor cores; TURBOCOMPILE_SAGE_PINGPONG=1 forces
 PINGPONG_WORKER_REGS = 240  # setmaxnreg of the second warpgroup in the ping-pong kernel
+#: Sparse calls accumulate P·V in the wgmma (acc rescaled first) instead of a fresh accumulator per tile folded in
+#: fp32: 64 fewer registers; the FP8 wgmma's ~14-bit accumulation then sees ~T tiles (25 at top-k 0.1), not 1.
+ACC_IN_WGMMA_SPARSE = False
+EARLY_M = False  # the linear branch's M is loaded during the last tile (K's stages are free once its scores are in)
 EXP_ON_FMA = False  # half of the softmax exp2 by polynomial on the FMA pipe; TURBOCOMPILE_SAGE_EXP_ON_FMA=1 forces
 
 
@@ -95,6 +99,13 @@ if gluon is not None:
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
         _tma_load(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
         _tma_load(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
+
+    @gluon.jit
+    def _load_m(m_desc, m_s, aux, bh, pred):
+        """TMA the linear branch's M (bf16 [D, D] of head ``bh``) into ``m_s`` (K's stages, every read of them done)."""
+        fence_async_shared()
+        mbarrier.expect(aux.index(1), m_desc.block_type.nbytes, pred=pred)
+        _tma_load(m_desc, [bh * m_desc.block_type.shape[0], 0], aux.index(1), m_s, pred=pred)
 
     @gluon.jit
     def _issue_scores(q_s, k_s, ready, t, s_init, NUM_STAGES: gl.constexpr):
@@ -184,14 +195,18 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
-        num_warps: gl.constexpr,
+        num_warps: gl.constexpr, ACC_IN_WGMMA: gl.constexpr = False, EARLY_M: gl.constexpr = False,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
-        q_s, k_s, v_s, ready, aux = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
+        q_s = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        k_s, v_s, ready, empty = _allocate_ring(k_desc, v_desc, NUM_STAGES)
+        aux = _allocate_aux()
+        fence_async_shared()
         _attend_rows(q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
                      stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                     H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q_s, k_s, v_s, ready, aux, aux, gl.program_id(0),
-                     BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 0, EXP_ON_FMA)
+                     H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q_s, k_s, v_s, ready, empty, aux, aux,
+                     gl.program_id(0), BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 0, EXP_ON_FMA,
+                     False, True, ACC_IN_WGMMA, EARLY_M)
 
     @gluon.jit
     def _sage_attn_fwd_gluon_pingpong(
@@ -201,14 +216,22 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
-        num_warps: gl.constexpr, WORKER_REGS: gl.constexpr, TURNS: gl.constexpr,
+        num_warps: gl.constexpr, WORKER_REGS: gl.constexpr, TURNS: gl.constexpr, SHARED_KV: gl.constexpr,
     ):
         """Two warpgroups per program, each the one-warpgroup loop on its own 64 query rows and K/V ring, taking
         turns on the tensor cores (FA3's ping-pong): one's P·V and next scores are issued while the other runs its
         softmax on the MUFU/FMA pipes, instead of two programs that may fall into the same phase."""
         gl.static_assert(num_warps == 4, "each partition is one warpgroup")
-        q0, k0, v0, ready0, aux0 = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
-        q1, k1, v1, ready1, aux1 = _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES)
+        gl.static_assert(not (SHARED_KV and (SPARSE or LINEAR)), "a shared K/V ring is for dense attention")
+        q0 = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        q1 = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        aux0 = _allocate_aux()
+        aux1 = _allocate_aux()
+        k0, v0, ready0, empty0 = _allocate_ring(k_desc, v_desc, NUM_STAGES, 2 if SHARED_KV else 0)
+        if SHARED_KV:  # both warpgroups read each K/V tile; the first one loads them
+            k1, v1, ready1, empty1 = k0, v0, ready0, empty0
+        else:
+            k1, v1, ready1, empty1 = _allocate_ring(k_desc, v_desc, NUM_STAGES)
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
@@ -217,33 +240,42 @@ if gluon is not None:
         gl.warp_specialize([
             (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
                             stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q0, k0, v0, ready0, aux0, turn, 2 * pid,
-                            BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 1 if TURNS else 0,
-                            EXP_ON_FMA)),
+                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q0, k0, v0, ready0, empty0, aux0, turn,
+                            2 * pid, BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps,
+                            1 if TURNS else 0, EXP_ON_FMA, SHARED_KV, True)),
             (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
                             stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q1, k1, v1, ready1, aux1, turn, 2 * pid + 1,
-                            BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 2 if TURNS else 0,
-                            EXP_ON_FMA)),
+                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q1, k1, v1, ready1, empty1, aux1, turn,
+                            2 * pid + 1, BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps,
+                            2 if TURNS else 0, EXP_ON_FMA, SHARED_KV, not SHARED_KV)),
         ], [4], [WORKER_REGS])
 
     @gluon.jit
-    def _allocate_rows_smem(q_desc, k_desc, v_desc, NUM_STAGES: gl.constexpr):
-        """Shared memory of one warpgroup's loop: Q, the K/Vᵀ ring, its barriers and two more (Q, linear M)."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    def _allocate_aux():
+        """A warpgroup's two single-use barriers: its Q tile arrived, the linear branch's M arrived."""
+        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(aux.index(0), count=1)
+        mbarrier.init(aux.index(1), count=1)
+        return aux
+
+    @gluon.jit
+    def _allocate_ring(k_desc, v_desc, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 0):
+        """The K/Vᵀ ring and its "ready" barriers; with CONSUMERS > 0 also "empty" barriers that many warpgroups
+        arrive at when done with a stage (a ring shared by the two ping-pong warpgroups)."""
         BN: gl.constexpr = k_desc.block_type.shape[0]
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
         k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
         v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(aux.index(0), count=1)
-        mbarrier.init(aux.index(1), count=1)
-        fence_async_shared()
-        return q_s, k_s, v_s, ready, aux
+        if CONSUMERS > 0:
+            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(NUM_STAGES):
+                mbarrier.init(empty.index(i), count=CONSUMERS)
+        else:
+            empty = ready  # unused
+        return k_s, v_s, ready, empty
 
     @gluon.jit
     def _attend_rows(
@@ -251,13 +283,15 @@ if gluon is not None:
         QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
-        q_s, k_s, v_s, ready, aux, turn, tile_m,
+        q_s, k_s, v_s, ready, empty, aux, turn, tile_m,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, num_warps: gl.constexpr, TURN: gl.constexpr,
-        EXP_ON_FMA: gl.constexpr,
+        EXP_ON_FMA: gl.constexpr, SHARED_KV: gl.constexpr, LOADER: gl.constexpr, ACC_IN_WGMMA: gl.constexpr = False,
+        EARLY_M: gl.constexpr = False,
     ):
         """Query tile ``tile_m`` (BM rows) of one (batch, head) against all key tiles (dense) or the LUT's (sparse).
-        TURN != 0: one of two ping-pong warpgroups (:func:`_take_turn`)."""
+        TURN != 0: one of two ping-pong warpgroups (:func:`_take_turn`). SHARED_KV: the K/V ring is shared with the
+        other warpgroup (each arrives at ``empty`` when done with a stage); LOADER: this warpgroup issues its loads."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -296,8 +330,9 @@ if gluon is not None:
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         _tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
         for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
-            _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
-                     k_row0, v_row0, i < n_tiles, NUM_STAGES)
+            if LOADER:
+                _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
+                         k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
                 if _PUBLIC_REINTERPRET:
@@ -332,17 +367,30 @@ if gluon is not None:
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
         _pass_turn(turn, TURN)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        if LINEAR and M_IN_STAGES and EARLY_M:  # a single tile: K's stages are free from here
+            _load_m(m_desc, m_s, aux, bh, n_tiles == 1)
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES,
                                                EXP_ON_FMA)
             _take_turn(turn, j + 1, TURN)  # this tile's P·V and the next scores form one turn
-            pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
-                               o_init, use_acc=False, max_num_imprecise_acc=BN)
-            acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-            _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
-                     j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
+            if ACC_IN_WGMMA:  # rescale, then accumulate in the wgmma: no second [BM, D] of registers
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                acc = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                                    acc, use_acc=True, max_num_imprecise_acc=BN)
+            else:
+                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                                   o_init, use_acc=False, max_num_imprecise_acc=BN)
+                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+            if SHARED_KV:  # this warpgroup is done with tile j's stage
+                mbarrier.arrive(empty.index(j % NUM_STAGES))
+            if LOADER:
+                if SHARED_KV:  # the refilled stage held tile j - 1: both warpgroups must be done with it
+                    mbarrier.wait(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), ((j + NUM_STAGES - 1) // NUM_STAGES
+                                  + 1) & 1, pred=j > 0)
+                _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
+                         j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
             fill_start = _tile_start(lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
@@ -351,11 +399,14 @@ if gluon is not None:
                 nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
                 _pass_turn(turn, TURN)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+                if LINEAR and M_IN_STAGES and EARLY_M:  # the last scores are in: M's load overlaps the last tile
+                    _load_m(m_desc, m_s, aux, bh, j + 2 == n_tiles)
             else:
                 _pass_turn(turn, TURN)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(ready.index(i))
-        if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
+        if not SHARED_KV:  # (a shared ring's barriers may still be waited on by the other warpgroup)
+            for i in gl.static_range(NUM_STAGES):
+                mbarrier.invalidate(ready.index(i))
+        if LINEAR and M_IN_STAGES and not EARLY_M:  # every wgmma that read K is done (waited above)
             fence_async_shared()
             mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
             _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
@@ -422,7 +473,9 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES, pingpong: bool | str | None = None,
-                         worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool | None = None) -> torch.Tensor:
+                         worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool | None = None,
+                         acc_in_wgmma: bool | None = None, maxnreg: int | None = None,
+                         early_m: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -464,7 +517,19 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     if pingpong and block_m != 64:
         raise UnsupportedShapeError("the ping-pong kernel runs two 64-row warpgroups per program (block_m=64)")
     kernel = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
-    extra = {"WORKER_REGS": worker_regs, "TURNS": pingpong != "free"} if pingpong else {}
+    extra = _pingpong_constexprs(pingpong, worker_regs)
+    if acc_in_wgmma is None:
+        acc_in_wgmma = ACC_IN_WGMMA_SPARSE and lut is not None
+    if acc_in_wgmma:
+        if pingpong:
+            raise UnsupportedShapeError("accumulating P·V in the wgmma is a one-warpgroup-per-program variant")
+        extra["ACC_IN_WGMMA"] = True
+    if maxnreg:
+        extra["maxnreg"] = maxnreg
+    if early_m is None:
+        early_m = EARLY_M
+    if early_m and linear is not None and not pingpong:
+        extra["EARLY_M"] = True
     grid = (-(-lq // (2 * block_m if pingpong else block_m)), b * h)
     kernel[grid](
         q_desc, k_desc, v_desc, m_desc,
@@ -477,9 +542,21 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     return out
 
 
+def _pingpong_constexprs(pingpong: bool | str, worker_regs: int) -> dict:
+    """The ping-pong kernel's switches from ``pingpong``: True (turns, a K/V ring per warpgroup), "free" (no
+    turns), "shared" (turns, one K/V ring both warpgroups read: half the L2 traffic; dense only), "shared-free"."""
+    if not pingpong:
+        return {}
+    if pingpong not in (True, "free", "shared", "shared-free"):
+        raise UnsupportedShapeError(f"unknown ping-pong mode {pingpong!r}")
+    return {"WORKER_REGS": worker_regs, "TURNS": pingpong in (True, "shared"),
+            "SHARED_KV": pingpong in ("shared", "shared-free")}
+
+
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
                      block_n: int = BLOCK_N, block_m: int = BLOCK_M, pingpong: bool | str = False,
-                     worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool = False):
+                     worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool = False, acc_in_wgmma: bool = False,
+                     maxnreg: int | None = None, early_m: bool = False):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -497,9 +574,10 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "EXP_ON_FMA": exp_on_fma,
               "num_warps": block_m // 16}
-    if pingpong:
-        consts["WORKER_REGS"] = worker_regs
-        consts["TURNS"] = pingpong != "free"
+    consts.update(_pingpong_constexprs(pingpong, worker_regs))
+    if not pingpong:
+        consts["ACC_IN_WGMMA"] = acc_in_wgmma
+        consts["EARLY_M"] = early_m and linear
     fn = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
     names = fn.arg_names
     for name in names:
@@ -507,14 +585,14 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
+    opts = {"num_warps": block_m // 16, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-#: Variants the benchmark sweeps: (num_stages, block_n, block_m, pingpong, exp_on_fma); the first row is the default. The measured table
-#: is in docs/kernels-attention.md. 128-row (dense only) tiles are not measured yet: two warpgroups share each K/V
-#: tile, halving the L2 -> shared-memory traffic (~6 TB/s at 1.3B@480p with 64 rows).
-BENCH_VARIANTS = [(3, 128, 64, False, False), (3, 128, 64, False, True), (3, 128, 64, True, True),
-                  (3, 128, 64, True, False)]
+#: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
+#: measured table is in docs/kernels-attention.md.
+BENCH_VARIANTS = [{}, {"early_m": True}, {"acc_in_wgmma": True}, {"early_m": True, "acc_in_wgmma": True},
+                  {"pingpong": "shared", "num_stages": 4}, {"linear_off": True}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -570,24 +648,25 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             t_ms = bench(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
-            for stages, bn, bm, pp, emu in BENCH_VARIANTS:
-                if blks[1] % bn or (lut is not None and bm > blks[0]):
+            for var in BENCH_VARIANTS:
+                kw = {k_: v_ for k_, v_ in var.items() if k_ != "linear_off"}
+                if ("shared" in str(kw.get("pingpong")) and lut is not None) or (lut is None and (
+                        "early_m" in kw or "acc_in_wgmma" in kw or "linear_off" in var)):
                     continue
+                lin_v = None if var.get("linear_off") else li
+                name = ",".join(f"{k_}={v_}" for k_, v_ in var.items()) or "default"
                 o = torch.full_like(q, float("nan"))
-                fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=li,  # noqa: E731
-                                                  num_stages=stages, block_n=bn, block_m=bm, pingpong=pp,
-                                                  exp_on_fma=emu)
+                fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=lin_v, **kw)  # noqa: E731
                 try:
                     ms = bench(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
-                    print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm} pp={pp} emu={emu}: failed {exc}", flush=True)
+                    print(f"{shape:10} {mode:10} gluon {name}: failed {exc}", flush=True)
                     continue
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
-                rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "stages": stages, "block_n": bn,
-                             "block_m": bm, "pingpong": pp, "exp_on_fma": emu, "ms": ms, "tops": flops / ms / 1e9, "rel_l2_vs_triton": err,
-                             "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon st={stages} bn={bn} bm={bm} pp={pp!s:5} emu={emu:d} {ms:8.3f} ms  x{t_ms / ms:.3f} vs "
-                      f"triton  relL2 {err:.4f}", flush=True)
+                rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "variant": var, "ms": ms,
+                             "tops": flops / ms / 1e9, "rel_l2_vs_triton": err, "nan": bool(o.isnan().any())})
+                print(f"{shape:10} {mode:10} gluon {name:40} {ms:8.3f} ms  x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}",
+                      flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)

@@ -303,9 +303,9 @@ def test_gluon_dense_128_row_tiles_match_64_row_tiles(lq, lk, blk_q):
 @pytest.mark.gpu
 @needs_hopper
 def test_gluon_pingpong_matches_one_warpgroup_programs(lq, lk, sparse):
-    """Two warpgroups per program taking turns: same tiles, same order, so the result is the one-warpgroup kernel's
-    bit for bit; Lq = 50 leaves the second warpgroup no valid row (LUT row clamped, stores masked) and must not
-    hang its partner."""
+    """Two warpgroups per program (taking turns or not, each with its K/V ring or sharing one): same tiles, same
+    order, so the result is the one-warpgroup kernel's bit for bit; Lq = 50 leaves the second warpgroup no valid
+    row (LUT row clamped, stores masked) and must not hang its partner."""
     from turbocompile.kernels.block_map import sla_block_map
     from turbocompile.kernels.sage_attention import sage_quantize_triton
     from turbocompile.kernels.sla import linear_branch_stats
@@ -321,10 +321,14 @@ def test_gluon_pingpong_matches_one_warpgroup_programs(lq, lk, sparse):
         linear, moments = linear_branch_stats(k, v, w, b)
         kw = moments
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma", **kw)
-    runs = [G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128, q_raw=q,
-                                   linear=linear, pingpong=pp) for pp in (False, True)]
-    assert not runs[1].isnan().any()
-    assert torch.equal(runs[0], runs[1])
+    modes = (True, "free") if sparse else (True, "free", "shared", "shared-free")
+    plain = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128, q_raw=q,
+                                   linear=linear, pingpong=False)
+    for mode in modes:
+        o = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128, q_raw=q,
+                                   linear=linear, pingpong=mode, num_stages=4 if "shared" in str(mode) else 3)
+        assert not o.isnan().any(), mode
+        assert torch.equal(o, plain), mode
 
 
 @pytest.mark.parametrize("lq,lk,sparse", [(1, 1, False), (197, 4097, False), (4160, 4160, True), (129, 700, True)])
@@ -346,6 +350,37 @@ def test_gluon_exp2_on_fma_pipe_matches_mufu_exp2(lq, lk, sparse):
     assert _rel(fma, mufu) <= 5e-3, _rel(fma, mufu)
     if not sparse:
         assert _cos(fma, attention_fp32_reference(q, k, v)) >= 0.999
+
+
+@pytest.mark.parametrize("n,topk", [(1, 0.1), (300, 0.5), (4097, 0.1), (8192, 0.05)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_sparse_variants_early_m_and_acc_in_wgmma(n, topk):
+    """M loaded during the last tile: the same result bit for bit (1 tile included: n = 1 and n = 300 at 8192 keys
+    top-k 0.05 keep 1-3 blocks). P·V accumulated in the wgmma: within the FP8 accumulation's rounding of the
+    default and of the emulating reference."""
+    from turbocompile.kernels.block_map import sla_block_map
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sage_sla import sage_sla_reference
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + 11)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+    lut = sla_block_map(q, k, topk, 64, 128)
+    linear, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma", **moments)
+
+    def run(**kw):
+        return G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, q_raw=q,
+                                      linear=linear, **kw)
+
+    base, early, acc = run(early_m=False, acc_in_wgmma=False), run(early_m=True), run(acc_in_wgmma=True)
+    assert not early.isnan().any() and not acc.isnan().any()
+    assert torch.equal(early, base)
+    assert _rel(acc, base) <= 5e-3, _rel(acc, base)
+    assert _rel(acc, sage_sla_reference(q, k, v, w, b, topk, 64, 128, lut=lut)) <= 1e-2
 
 
 @pytest.mark.parametrize("n,d,blk_q,blk_k,topk", [(1, 128, 64, 128, 0.1), (129, 128, 64, 128, 0.2),
