@@ -53,13 +53,6 @@ BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
-PINGPONG = False  # two warpgroups per program taking turns on the tensor cores; TURBOCOMPILE_SAGE_PINGPONG=1 forces
-PINGPONG_WORKER_REGS = 240  # setmaxnreg of the second warpgroup in the ping-pong kernel
-#: Sparse calls accumulate P·V in the wgmma (acc rescaled first) instead of a fresh accumulator per tile folded in
-#: fp32: 64 fewer registers; the FP8 wgmma's ~14-bit accumulation then sees ~T tiles (25 at top-k 0.1), not 1.
-ACC_IN_WGMMA_SPARSE = False
-EARLY_M = False  # the linear branch's M is loaded during the last tile (K's stages are free once its scores are in)
-EXP_ON_FMA = False  # half of the softmax exp2 by polynomial on the FMA pipe; TURBOCOMPILE_SAGE_EXP_ON_FMA=1 forces
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -75,10 +68,6 @@ def wgmma_key_order(n: int, device=None) -> torch.Tensor:
 if gluon is not None:
     LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2 448: P is computed as P·448, using e4m3's whole range
     MAGIC = gl.constexpr(12582912.0)  # 1.5·2^23: bits 0x4B400000 plus an int |s| < 2^22 are the float MAGIC + s
-    # 2^f ~ C0 + C1 f + C2 f^2 on [-1/2, 1/2], minimax in relative error (1.7e-3)
-    EXP2_C0 = gl.constexpr(1.00044314686893)
-    EXP2_C1 = gl.constexpr(0.7034480643444989)
-    EXP2_C2 = gl.constexpr(0.23842893641071206)
 
     @gluon.jit
     def _tile_start(lut_base, j, n_tiles, SPARSE: gl.constexpr, BLKK: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -101,13 +90,6 @@ if gluon is not None:
         _tma_load(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
 
     @gluon.jit
-    def _load_m(m_desc, m_s, aux, bh, pred):
-        """TMA the linear branch's M (bf16 [D, D] of head ``bh``) into ``m_s`` (K's stages, every read of them done)."""
-        fence_async_shared()
-        mbarrier.expect(aux.index(1), m_desc.block_type.nbytes, pred=pred)
-        _tma_load(m_desc, [bh * m_desc.block_type.shape[0], 0], aux.index(1), m_s, pred=pred)
-
-    @gluon.jit
     def _issue_scores(q_s, k_s, ready, t, s_init, NUM_STAGES: gl.constexpr):
         """Wait for tile ``t`` in shared memory and issue its int8 ``Q·Kᵀ`` wgmma (asynchronous)."""
         s = t % NUM_STAGES
@@ -115,30 +97,14 @@ if gluon is not None:
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _exp2_fma(x):
-        """2^x on the FMA/ALU pipes (FA4's trick for a MUFU-bound softmax): x = j + f with j = round(x) by the
-        magic-number add, 2^f for |f| <= 1/2 by a degree-2 minimax polynomial (max relative error 1.7e-3, far
-        below the e4m3 rounding P gets next), then j added to the exponent bits. x is clamped at -126 (2^-126
-        rounds to 0 in e4m3 and adds nothing visible to a row sum of at least 448)."""
-        x = gl.maximum(x, -126.0)
-        t = x + MAGIC
-        f = x - (t - MAGIC)
-        p = gl.fma(gl.fma(f, EXP2_C2, EXP2_C1), f, EXP2_C0)
-        # bits(t) = bits(MAGIC) + j, and bits(MAGIC) << 23 wraps to 0: (bits(t) << 23) is j in the exponent field
-        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
-        return bits.to(gl.float32, bitcast=True)
-
-    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SCALES: gl.constexpr = False, EXP_ON_FMA: gl.constexpr = False):
+                      ROW_SCALES: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
         ROW_SCALES (the tile spans several Q blocks). The int32 -> fp32
         conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
-        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument. EXP_ON_FMA
-        moves half of the exp2 from the MUFU unit (16/clk/SM, one warp instruction per 8 cycles) to the FMA pipe
-        (:func:`_exp2_fma`)."""
+        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
         if start + BLOCK_N > Lk:
             cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -146,15 +112,9 @@ if gluon is not None:
         m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
-            arg = gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1))
+            p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
         else:
-            arg = gl.fma(x, c, -gl.expand_dims(bias, 1))
-        if EXP_ON_FMA:  # odd columns by polynomial on the FMA pipe, even ones on MUFU
-            a_even, a_odd = arg.reshape([arg.shape[0], BLOCK_N // 2, 2]).split()
-            p = gl.join(gl.exp2(a_even), _exp2_fma(a_odd)).reshape([arg.shape[0], BLOCK_N])
-            p = gl.convert_layout(p, s_layout, assert_trivial=True)
-        else:
-            p = gl.exp2(arg)
+            p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
@@ -171,127 +131,16 @@ if gluon is not None:
         return gl.convert_layout(p8, p_layout, assert_trivial=True)
 
     @gluon.jit
-    def _take_turn(turn, k, TURN: gl.constexpr):
-        """Ping-pong: wait until the other warpgroup has issued its tensor-core work of turn ``k - 1`` (WG0 goes
-        first). TURN is 0 (no partner), 1 (first warpgroup) or 2 (second)."""
-        if TURN == 1:
-            mbarrier.wait(turn.index(0), (k & 1) ^ 1)
-        elif TURN == 2:
-            mbarrier.wait(turn.index(1), k & 1)
-
-    @gluon.jit
-    def _pass_turn(turn, TURN: gl.constexpr):
-        """Ping-pong: hand the tensor cores to the other warpgroup (its softmax ran while this one's wgmmas did)."""
-        if TURN == 1:
-            mbarrier.arrive(turn.index(1))
-        elif TURN == 2:
-            mbarrier.arrive(turn.index(0))
-
-    @gluon.jit
     def _sage_attn_fwd_gluon(
         q_desc, k_desc, v_desc, m_desc,
         QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
-        num_warps: gl.constexpr, ACC_IN_WGMMA: gl.constexpr = False, EARLY_M: gl.constexpr = False,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
-        q_s = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        k_s, v_s, ready, empty = _allocate_ring(k_desc, v_desc, NUM_STAGES)
-        aux = _allocate_aux()
-        fence_async_shared()
-        _attend_rows(q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
-                     stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                     H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q_s, k_s, v_s, ready, empty, aux, aux,
-                     gl.program_id(0), BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps, 0, EXP_ON_FMA,
-                     False, True, ACC_IN_WGMMA, EARLY_M)
-
-    @gluon.jit
-    def _sage_attn_fwd_gluon_pingpong(
-        q_desc, k_desc, v_desc, m_desc,
-        QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
-        stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
-        BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, EXP_ON_FMA: gl.constexpr,
-        num_warps: gl.constexpr, WORKER_REGS: gl.constexpr, TURNS: gl.constexpr, SHARED_KV: gl.constexpr,
-    ):
-        """Two warpgroups per program, each the one-warpgroup loop on its own 64 query rows and K/V ring, taking
-        turns on the tensor cores (FA3's ping-pong): one's P·V and next scores are issued while the other runs its
-        softmax on the MUFU/FMA pipes, instead of two programs that may fall into the same phase."""
-        gl.static_assert(num_warps == 4, "each partition is one warpgroup")
-        gl.static_assert(not (SHARED_KV and (SPARSE or LINEAR)), "a shared K/V ring is for dense attention")
-        q0 = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        q1 = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        aux0 = _allocate_aux()
-        aux1 = _allocate_aux()
-        k0, v0, ready0, empty0 = _allocate_ring(k_desc, v_desc, NUM_STAGES, 2 if SHARED_KV else 0)
-        if SHARED_KV:  # both warpgroups read each K/V tile; the first one loads them
-            k1, v1, ready1, empty1 = k0, v0, ready0, empty0
-        else:
-            k1, v1, ready1, empty1 = _allocate_ring(k_desc, v_desc, NUM_STAGES)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
-        fence_async_shared()
-        pid = gl.program_id(0)
-        gl.warp_specialize([
-            (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
-                            stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q0, k0, v0, ready0, empty0, aux0, turn,
-                            2 * pid, BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps,
-                            1 if TURNS else 0, EXP_ON_FMA, SHARED_KV, True)),
-            (_attend_rows, (q_desc, k_desc, v_desc, m_desc, QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
-                            stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-                            H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, q1, k1, v1, ready1, empty1, aux1, turn,
-                            2 * pid + 1, BLKQ, BLKK, SPARSE, LINEAR, NUM_STAGES, M_IN_STAGES, num_warps,
-                            2 if TURNS else 0, EXP_ON_FMA, SHARED_KV, not SHARED_KV)),
-        ], [4], [WORKER_REGS])
-
-    @gluon.jit
-    def _allocate_aux():
-        """A warpgroup's two single-use barriers: its Q tile arrived, the linear branch's M arrived."""
-        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(aux.index(0), count=1)
-        mbarrier.init(aux.index(1), count=1)
-        return aux
-
-    @gluon.jit
-    def _allocate_ring(k_desc, v_desc, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 0):
-        """The K/Vᵀ ring and its "ready" barriers; with CONSUMERS > 0 also "empty" barriers that many warpgroups
-        arrive at when done with a stage (a ring shared by the two ping-pong warpgroups)."""
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        if CONSUMERS > 0:
-            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.init(empty.index(i), count=CONSUMERS)
-        else:
-            empty = ready  # unused
-        return k_s, v_s, ready, empty
-
-    @gluon.jit
-    def _attend_rows(
-        q_desc, k_desc, v_desc, m_desc,
-        QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
-        stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
-        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
-        q_s, k_s, v_s, ready, empty, aux, turn, tile_m,
-        BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, num_warps: gl.constexpr, TURN: gl.constexpr,
-        EXP_ON_FMA: gl.constexpr, SHARED_KV: gl.constexpr, LOADER: gl.constexpr, ACC_IN_WGMMA: gl.constexpr = False,
-        EARLY_M: gl.constexpr = False,
-    ):
-        """Query tile ``tile_m`` (BM rows) of one (batch, head) against all key tiles (dense) or the LUT's (sparse).
-        TURN != 0: one of two ping-pong warpgroups (:func:`_take_turn`). SHARED_KV: the K/V ring is shared with the
-        other warpgroup (each arrives at ``empty`` when done with a stage); LOADER: this warpgroup issues its loads."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -303,7 +152,7 @@ if gluon is not None:
         gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
                          "M (bf16 DxD) must fit K's stages")
 
-        pid_m = tile_m
+        pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
         h = bh % H
@@ -316,23 +165,30 @@ if gluon is not None:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
+        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(aux.index(0), count=1)
+        mbarrier.init(aux.index(1), count=1)
+        fence_async_shared()
+
         if SPARSE:
             n_tiles = T * (BLKK // BN)
         else:
             n_tiles = gl.cdiv(Lk, BN)
-        lut_row = (pid_m * BM) // BLKQ
-        if TURN == 2:  # a ping-pong program's second tile lies past the last LUT row when Lq ends in its first
-            lut_row = gl.minimum(lut_row, MQ_LUT - 1)
-        lut_base = LUT + (bh * MQ_LUT + lut_row) * T
+        lut_base = LUT + (bh * MQ_LUT + (pid_m * BM) // BLKQ) * T
         k_row0 = bh * LKP
         v_row0 = bh * HEAD_DIM
 
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         _tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
         for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
-            if LOADER:
-                _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
-                         k_row0, v_row0, i < n_tiles, NUM_STAGES)
+            _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
+                     k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
                 if _PUBLIC_REINTERPRET:
@@ -363,50 +219,27 @@ if gluon is not None:
         fill_start = _tile_start(lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN)
 
         mbarrier.wait(aux.index(0), 0)
-        _take_turn(turn, 0, TURN)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
-        _pass_turn(turn, TURN)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        if LINEAR and M_IN_STAGES and EARLY_M:  # a single tile: K's stages are free from here
-            _load_m(m_desc, m_s, aux, bh, n_tiles == 1)
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES,
-                                               EXP_ON_FMA)
-            _take_turn(turn, j + 1, TURN)  # this tile's P·V and the next scores form one turn
-            if ACC_IN_WGMMA:  # rescale, then accumulate in the wgmma: no second [BM, D] of registers
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                acc = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
-                                    acc, use_acc=True, max_num_imprecise_acc=BN)
-            else:
-                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
-                                   o_init, use_acc=False, max_num_imprecise_acc=BN)
-                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-            if SHARED_KV:  # this warpgroup is done with tile j's stage
-                mbarrier.arrive(empty.index(j % NUM_STAGES))
-            if LOADER:
-                if SHARED_KV:  # the refilled stage held tile j - 1: both warpgroups must be done with it
-                    mbarrier.wait(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), ((j + NUM_STAGES - 1) // NUM_STAGES
-                                  + 1) & 1, pred=j > 0)
-                _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
-                         j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
+            pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                               o_init, use_acc=False, max_num_imprecise_acc=BN)
+            acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+            _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
+                     j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
             fill_start = _tile_start(lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
                 cur_c = qs * gl.load(KS + bh * NKS + nxt_start // BLKK)
                 cur_start = nxt_start
                 nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
-                _pass_turn(turn, TURN)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-                if LINEAR and M_IN_STAGES and EARLY_M:  # the last scores are in: M's load overlaps the last tile
-                    _load_m(m_desc, m_s, aux, bh, j + 2 == n_tiles)
-            else:
-                _pass_turn(turn, TURN)
-        if not SHARED_KV:  # (a shared ring's barriers may still be waited on by the other warpgroup)
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.invalidate(ready.index(i))
-        if LINEAR and M_IN_STAGES and not EARLY_M:  # every wgmma that read K is done (waited above)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(ready.index(i))
+        if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
             fence_async_shared()
             mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
             _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
@@ -472,16 +305,12 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
-                         m_in_stages: bool = M_IN_STAGES, pingpong: bool | str | None = None,
-                         worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool | None = None,
-                         acc_in_wgmma: bool | None = None, maxnreg: int | None = None,
-                         early_m: bool | None = None) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
-    linear branch. ``pingpong``: two warpgroups per program, taking turns on the tensor cores (True) or not
-    ("free", the same program shape without the turns, to tell the two effects apart)."""
+    linear branch."""
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -510,53 +339,20 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     lut_t = lut if lut is not None else quant["q_scale"]
     t = lut.shape[-1] if lut is not None else 0
     mq_lut = lut.shape[2] if lut is not None else 0
-    if exp_on_fma is None:
-        exp_on_fma = EXP_ON_FMA or os.environ.get("TURBOCOMPILE_SAGE_EXP_ON_FMA", "0") == "1"
-    if pingpong is None:
-        pingpong = PINGPONG or os.environ.get("TURBOCOMPILE_SAGE_PINGPONG", "0") == "1"
-    if pingpong and block_m != 64:
-        raise UnsupportedShapeError("the ping-pong kernel runs two 64-row warpgroups per program (block_m=64)")
-    kernel = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
-    extra = _pingpong_constexprs(pingpong, worker_regs)
-    if acc_in_wgmma is None:
-        acc_in_wgmma = ACC_IN_WGMMA_SPARSE and lut is not None
-    if acc_in_wgmma:
-        if pingpong:
-            raise UnsupportedShapeError("accumulating P·V in the wgmma is a one-warpgroup-per-program variant")
-        extra["ACC_IN_WGMMA"] = True
-    if maxnreg:
-        extra["maxnreg"] = maxnreg
-    if early_m is None:
-        early_m = EARLY_M
-    if early_m and linear is not None and not pingpong:
-        extra["EARLY_M"] = True
-    grid = (-(-lq // (2 * block_m if pingpong else block_m)), b * h)
-    kernel[grid](
+    grid = (-(-lq // block_m), b * h)
+    _sage_attn_fwd_gluon[grid](
         q_desc, k_desc, v_desc, m_desc,
         quant["q_scale"], quant["k_scale"], quant["v_scale"], lut_t, out, qr, lin_z, lin_b,
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, EXP_ON_FMA=exp_on_fma, num_warps=block_m // 16, **extra)
+        M_IN_STAGES=m_in_stages, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
-def _pingpong_constexprs(pingpong: bool | str, worker_regs: int) -> dict:
-    """The ping-pong kernel's switches from ``pingpong``: True (turns, a K/V ring per warpgroup), "free" (no
-    turns), "shared" (turns, one K/V ring both warpgroups read: half the L2 traffic; dense only), "shared-free"."""
-    if not pingpong:
-        return {}
-    if pingpong not in (True, "free", "shared", "shared-free"):
-        raise UnsupportedShapeError(f"unknown ping-pong mode {pingpong!r}")
-    return {"WORKER_REGS": worker_regs, "TURNS": pingpong in (True, "shared"),
-            "SHARED_KV": pingpong in ("shared", "shared-free")}
-
-
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, pingpong: bool | str = False,
-                     worker_regs: int = PINGPONG_WORKER_REGS, exp_on_fma: bool = False, acc_in_wgmma: bool = False,
-                     maxnreg: int | None = None, early_m: bool = False):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -572,27 +368,19 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
             "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "EXP_ON_FMA": exp_on_fma,
-              "num_warps": block_m // 16}
-    consts.update(_pingpong_constexprs(pingpong, worker_regs))
-    if not pingpong:
-        consts["ACC_IN_WGMMA"] = acc_in_wgmma
-        consts["EARLY_M"] = early_m and linear
-    fn = _sage_attn_fwd_gluon_pingpong if pingpong else _sage_attn_fwd_gluon
-    names = fn.arg_names
+              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": block_m // 16}
+    names = _sage_attn_fwd_gluon.arg_names
     for name in names:
         sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
     aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(fn, sig, consts, attrs)
-    opts = {"num_warps": block_m // 16, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    src = GluonASTSource(_sage_attn_fwd_gluon, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
-#: measured table is in docs/kernels-attention.md.
-BENCH_VARIANTS = [{}, {"early_m": True}, {"acc_in_wgmma": True}, {"early_m": True, "acc_in_wgmma": True},
-                  {"pingpong": "shared", "num_stages": 4}, {"linear_off": True}]
+#: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
+BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -650,10 +438,9 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
             for var in BENCH_VARIANTS:
                 kw = {k_: v_ for k_, v_ in var.items() if k_ != "linear_off"}
-                if ("shared" in str(kw.get("pingpong")) and lut is not None) or (lut is None and (
-                        "early_m" in kw or "acc_in_wgmma" in kw or "linear_off" in var)):
+                if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and "linear_off" in var):
                     continue
-                lin_v = None if var.get("linear_off") else li
+                lin_v = None if var.get("linear_off") else li  # linear_off: what the fused linear epilogue costs
                 name = ",".join(f"{k_}={v_}" for k_, v_ in var.items()) or "default"
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=lin_v, **kw)  # noqa: E731
@@ -665,7 +452,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                 err = float((o.float() - ref.float()).norm() / ref.float().norm())
                 rows.append({"shape": shape, "mode": mode, "kernel": "gluon", "variant": var, "ms": ms,
                              "tops": flops / ms / 1e9, "rel_l2_vs_triton": err, "nan": bool(o.isnan().any())})
-                print(f"{shape:10} {mode:10} gluon {name:40} {ms:8.3f} ms  x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}",
+                print(f"{shape:10} {mode:10} gluon {name:24} {ms:8.3f} ms  x{t_ms / ms:.3f} vs triton  relL2 {err:.4f}",
                       flush=True)
         del q, k, v
         torch.cuda.empty_cache()
