@@ -465,14 +465,21 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
         "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
     }
-    _quant_int8_kernel[(lq_pad // blk_q, b * h)](
-        q, k_mean, out["q"], out["q_scale"], out["q_pool"], q.stride(0), q.stride(1), q.stride(2), h, lq, lq_pad, nq,
-        d ** -0.5 * LOG2E, BLK=blk_q, HEAD_DIM=d, HAS_MEAN=False, num_warps=4)
-    _quant_int8_kernel[(lk_pad // blk_k, b * h)](
-        k, k_mean, out["k"], out["k_scale"], out["k_pool"], k.stride(0), k.stride(1), k.stride(2), h, lk, lk_pad, nk,
-        1.0, BLK=blk_k, HEAD_DIM=d, HAS_MEAN=True, num_warps=4)
+    _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E)
+    _quantize_int8_into(k, k_mean, out["k"], out["k_scale"], out["k_pool"], blk_k, 1.0)
     _quantize_v_into(v, v_scale, out["v"], v_order)
     return out
+
+
+def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Tensor, scale: torch.Tensor,
+                        pool: torch.Tensor, blk: int, mul: float) -> None:
+    """x [B, H, L, D] (minus the token ``mean`` [B, H, D] if given) -> pooled block means ``pool``, then x·mul
+    -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block."""
+    b, h, n, d = x.shape
+    n_pad = xq.shape[2]
+    _quant_int8_kernel[(n_pad // blk, b * h)](
+        x, mean if mean is not None else scale, xq, scale, pool, x.stride(0), x.stride(1), x.stride(2), h, n, n_pad,
+        scale.shape[-1], mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, num_warps=4)
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:

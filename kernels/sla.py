@@ -49,36 +49,43 @@ if HAS_TRITON:
                              stride_vl, H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
                              EMULATE: tl.constexpr):
         """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D), and
-        while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments)."""
+        while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments).
+
+        No cross-thread reduction inside the loop: the token sums of φ and K are dots with a [BLOCK_L, 16] tile of
+        ones on the tensor cores (every column the same sum), max |V| is an elementwise running max in the input
+        dtype (exact), reduced once after the loop."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         cols = tl.arange(0, HEAD_DIM)
         acc = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
-        z = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        zsum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
+        ksum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
+        vmax = tl.zeros([BLOCK_L, HEAD_DIM], dtype=V.dtype.element_ty)
+        ones = tl.full([BLOCK_L, 16], 1.0, V.dtype.element_ty)
         lo = pid * CHUNK
         hi = tl.minimum(lo + CHUNK, L)
         for start in range(lo, hi, BLOCK_L):
             rows = start + tl.arange(0, BLOCK_L)
             ok = rows < hi
             k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + cols[None, :],
-                        mask=ok[:, None], other=0.0).to(tl.float32)
-            e = tl.math.exp2((k - tl.max(k, 1)[:, None]) * 1.4426950408889634)
-            phi = tl.where(ok[:, None], e * (1.0 / tl.sum(e, 1))[:, None], 0.0)
-            z += tl.sum(phi, 0)
-            ksum += tl.sum(k, 0)
+                        mask=ok[:, None], other=0.0)
+            kf = k.to(tl.float32)
+            e = tl.math.exp2((kf - tl.max(kf, 1)[:, None]) * 1.4426950408889634)
+            phi = tl.where(ok[:, None], e * (1.0 / tl.sum(e, 1))[:, None], 0.0).to(V.dtype.element_ty)
             v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + cols[None, :],
                         mask=ok[:, None], other=0.0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
-            acc += _dot16(tl.trans(phi.to(v.dtype)), v, EMULATE)  # [D_phi, D_v]
-        tl.store(KV + (pid * tl.num_programs(1) + bh) * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
-                 acc)
-        tl.store(Z + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, z)
-        tl.store(KSUM + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, ksum)
-        tl.store(VMAX + (pid * tl.num_programs(1) + bh) * HEAD_DIM + cols, vmax)
+            vmax = tl.maximum(vmax, tl.abs(v)).to(V.dtype.element_ty)
+            phi_t = tl.trans(phi)
+            acc += _dot16(phi_t, v, EMULATE)  # [D_phi, D_v]
+            zsum += _dot16(phi_t, ones, EMULATE)
+            ksum += _dot16(tl.trans(k.to(V.dtype.element_ty)), ones, EMULATE)
+        out = pid * tl.num_programs(1) + bh
+        tl.store(KV + out * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :], acc)
+        tl.store(Z + out * HEAD_DIM + cols, tl.sum(zsum, 1) * (1.0 / 16))
+        tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 1) * (1.0 / 16))
+        tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
 
 def check_proj(q: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> None:
@@ -101,9 +108,8 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return torch.matmul(o_l, proj_weight.float().t()) + proj_bias.float()
 
 
-#: (programs per SM, tokens per step, warps) of the linear-statistics kernel (:func:`linear_branch_stats`); measured
-#: on an H200: 4 warps 1.89 ms at 14B@720p vs 2.48 with 8 (8 warps spill: 255 registers).
-LINEAR_STATS_CONFIG: tuple[int, int, int] = (4, 64, 4)
+#: (programs per SM, tokens per step, warps) of the linear-statistics kernel (:func:`linear_branch_stats`).
+LINEAR_STATS_CONFIG: tuple[int, int, int] = (2, 64, 8)
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
@@ -197,7 +203,84 @@ def sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Te
     return torch.ops.turbocompile.sla(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k)
 
 
-if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
-    from turbocompile.kernels.sage_sla import bench_main
+def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a GPU
+    """Time the SLA/Sage prologue kernels one by one at the Wan shapes: the linear statistics in each
+    ``--stats-configs`` (checked against the fp32 reference), and the Q, K and V quantizers."""
+    import argparse
+    import json
+    import os
+    import time
 
-    bench_main(only="sla")
+    from .sage_attention import _quantize_int8_into, _quantize_v_into, sage_quantize_triton, structured_qkv
+
+    ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
+    ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
+    ap.add_argument("--stats-configs", default="2,64,8;1,64,8;3,64,8;1,128,8",
+                    help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(meta, flush=True)
+    rows = []
+
+    def bench(fn):
+        fn()
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def say(shape, name, ms, nbytes, **extra):
+        rows.append({"shape": shape, "name": name, "ms": ms, "tb_s": nbytes / ms / 1e9, **extra})
+        print(f"{shape:10} {name:44} {ms:7.3f} ms  {nbytes / ms / 1e9:5.2f} TB/s "
+              + " ".join(f"{k_} {v_:.2e}" for k_, v_ in extra.items()), flush=True)
+
+    global LINEAR_STATS_CONFIG
+    for shape in args.shapes.split(","):
+        b, h, n, d = shapes[shape]
+        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, torch.device("cuda"), seed=3)
+        w, bias = torch.randn(d, d, device="cuda") * 0.05, torch.randn(d, device="cuda") * 0.05
+        phi = torch.softmax(k.float(), dim=-1)
+        ref_m = torch.matmul(torch.matmul(phi.transpose(-1, -2), v.float()), w.t()).reshape(b * h, d, d)
+        ref_z = phi.sum(2).reshape(b * h, d)
+        ref_kmean, ref_vamax = k.float().mean(2), v.float().abs().amax(2)
+        del phi
+        keep = LINEAR_STATS_CONFIG
+        for cfg in args.stats_configs.split(";"):
+            LINEAR_STATS_CONFIG = tuple(int(x) for x in cfg.split(","))
+            try:
+                (m, z, _), mom = linear_branch_stats(k, v, w, bias)
+                errs = {"M": float((m.float() - ref_m).norm() / ref_m.norm()),
+                        "z": float((z - ref_z).norm() / ref_z.norm()),
+                        "kmean": float((mom["k_mean"] - ref_kmean).abs().max() / ref_kmean.abs().max()),
+                        "vamax": float((mom["v_amax"] - ref_vamax).abs().max())}
+                say(shape, f"linear stats {LINEAR_STATS_CONFIG}", bench(lambda: linear_branch_stats(k, v, w, bias)),
+                    2 * k.numel() * 2, **errs)
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is reported
+                print(f"{shape:10} linear stats {cfg}: failed {exc}", flush=True)
+        LINEAR_STATS_CONFIG = keep
+        mom = linear_branch_stats(k, v, w, bias)[1]
+        quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
+        say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench(lambda: _quantize_int8_into(
+            q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0)), q.numel() * 3)
+        say(shape, "quantize K (int8, 128-token blocks, pooled)", bench(lambda: _quantize_int8_into(
+            k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
+        for order in ("natural", "wgmma"):
+            say(shape, f"quantize V (fp8, transposed, {order} order)", bench(lambda: _quantize_v_into(
+                v, quant["v_scale"], quant["v"], order)), v.numel() * 3)
+        say(shape, "copy of q (bf16 read + write, the bandwidth bar)", bench(lambda: q.clone()), q.numel() * 4)
+        del q, k, v
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prologue_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
+    import sys
+
+    if "--prologue" in sys.argv:
+        bench_prologue_main([a for a in sys.argv[1:] if a != "--prologue"])
+    else:
+        from turbocompile.kernels.sage_sla import bench_main
+
+        bench_main(only="sla")

@@ -246,7 +246,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from turbocompile.kernels.sage_attention import (block_attention_reference, block_attention_triton,
                                                      structured_qkv)
     from turbocompile.kernels.sage_sla import sage_sla_reference, sage_sla_triton
-    from turbocompile.kernels.sla import sla_reference, sla_triton
+    from turbocompile.kernels.sla import linear_branch_stats, sla_reference, sla_triton
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -269,6 +269,12 @@ _INTERP_SCRIPT = textwrap.dedent("""
             o2 = sla_triton(q, k, v, w, b, 0.2, 64, 128, lut=lut, out=nan())
             r["sla"] = rel(o2, sla_reference(q, k, v, w, b, 0.2, 64, 128, lut=lut))
             r["sparse_nan"] = bool(o.isnan().any() or o2.isnan().any())
+            # the linear statistics alone against their fp32 definitions
+            (m, z, _), mom = linear_branch_stats(k, v, w, b)
+            phi = torch.softmax(k.float(), dim=-1)
+            r["stats"] = max(rel(m.float(), (torch.matmul(phi.transpose(-1, -2), v.float()) @ w.t()).reshape(m.shape)),
+                             rel(z, phi.sum(2).reshape(z.shape)), rel(mom["k_mean"], k.float().mean(2)),
+                             rel(mom["v_amax"], v.float().abs().amax(2)))
         out.append(r)
     print("RESULT" + json.dumps(out))
 """)
@@ -298,6 +304,7 @@ def test_triton_kernels_match_references_interpreted(interpreted, case):
     if "sage_sla" in r:
         assert not r["sparse_nan"], r
         assert r["sage_sla"] <= tol and r["sla"] <= 1e-2, r
+        assert r["stats"] <= 1e-2, r  # φ goes to bf16 before its dots (M, and z through a dot with ones)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
