@@ -109,9 +109,10 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 
 #: (programs per SM, tokens per step, warps) of the linear-statistics kernel (:func:`linear_branch_stats`); measured
-#: on an H200 (docs/kernels-attention.md): 0.27 / 0.88 ms at 1.3B@480p / 14B@720p, against 0.26 / 1.39 for the
-#: kernel with in-loop column reductions it replaced (4 warps, 4 programs per SM).
-LINEAR_STATS_CONFIG: tuple[int, int, int] = (1, 128, 8)
+#: on an H200 (docs/kernels-attention.md): 0.22-0.28 / 0.91 ms at 1.3B@480p / 14B@720p, against 0.25 / 1.39 for the
+#: kernel with in-loop column reductions it replaced (4 warps, 4 programs per SM). One program per SM with 128-token
+#: steps was 0.88 ms at 14B but 0.27-0.39 ms at 1.3B (12 heads x 11 chunks: too few programs).
+LINEAR_STATS_CONFIG: tuple[int, int, int] = (2, 64, 8)
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
