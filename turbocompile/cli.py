@@ -375,8 +375,11 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
 @click.option("--gpu-memory-budget", default=None, help="pipeline: cap GPU memory, e.g. 32GiB.")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
               help="pipeline: reuse (or keep) this artifact instead of a temporary build.")
+@click.option("--skip-pass", multiple=True,
+              help="model: leave this pass out of the ladder (fuse_norms, fuse_projections, linear_to_w8a8); "
+              "repeatable.")
 def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile, cuda_graphs, profile,
-          gpu_memory_budget, artifact) -> None:
+          gpu_memory_budget, artifact, skip_pass) -> None:
     """Measure kernels, one DiT forward (incremental ladder), whole-video DiT time against the original
     sampler, or the whole pipeline under a memory cap."""
     from . import bench as bench_mod
@@ -386,7 +389,7 @@ def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_com
     report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
                        compile=False if no_compile else ("reduce-overhead" if cuda_graphs else True),
                        gpu_memory_budget=_parse_bytes(gpu_memory_budget),
-                       artifact=artifact, profile=profile)
+                       artifact=artifact, profile=profile, skip_passes=tuple(skip_pass))
     click.echo(report.markdown())
     if json_out:
         json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import GPUError
+from ..errors import GPUError, InputError
 from ..zoo import get_model
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
 
 
+#: Passes `bench model --skip-pass` may leave out of the ladder (the A/B of one optimization in the compiled rung).
+LADDER_SKIPPABLE = ("fuse_norms", "fuse_projections", "linear_to_w8a8")
+
+
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
               dry_run: bool = False, compile: bool | str = True, gpu_memory_budget: int | None = None,
-              artifact: Any = None, profile: bool = False) -> Report:
+              artifact: Any = None, profile: bool = False, skip_passes: tuple[str, ...] = ()) -> Report:
     spec = get_model(model_id)
+    if skip_passes and what != "model":
+        raise InputError("--skip-pass applies to `bench model` only (the ladder's optional passes)")
+    for name in skip_passes:
+        if name not in LADDER_SKIPPABLE:
+            raise InputError(f"--skip-pass {name}: the ladder can leave out {', '.join(LADDER_SKIPPABLE)}")
     if not dry_run and not torch.cuda.is_available():
         raise GPUError("turbocompile bench needs a CUDA GPU (none visible); use --dry-run to check the plan on CPU")
     res = resolution or ("480p" if "480p" in spec.resolutions else spec.default_resolution)
@@ -142,7 +151,7 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
     if what == "model":
         from .model import bench_model
 
-        return bench_model(spec, res, repeats, dry_run, compile=compile, profile=profile)
+        return bench_model(spec, res, repeats, dry_run, compile=compile, profile=profile, skip=tuple(skip_passes))
     if what == "e2e":
         from .model import bench_e2e
 

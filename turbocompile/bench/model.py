@@ -32,7 +32,8 @@ def forward_flops(spec: ModelSpec, L: int) -> float:
 
 
 def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str,
-            device: str = "cuda", compile: bool | str = True, profile: bool = False) -> dict[str, Any]:
+            device: str = "cuda", compile: bool | str = True, profile: bool = False,
+            skip: tuple[str, ...] = ()) -> dict[str, Any]:
     from ..modeling import example_inputs, random_dit_on_device
     from ..passmanager import PassContext, PassManager
     from ..passes import BY_NAME
@@ -69,19 +70,28 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     ctx = PassContext(spec=spec, target=local_target())
 
     def apply(*names: str) -> None:
-        PassManager([BY_NAME[n] for n in names], ctx, (x, t, c)).run(prog)
+        PassManager([BY_NAME[n] for n in names if n not in skip], ctx, (x, t, c)).run(prog)
+
+    def pass_rung(name: str, pass_name: str) -> torch.Tensor | None:
+        """Apply one pass and time its rung, or record that --skip-pass left it out."""
+        if pass_name in skip:
+            report.add(section, {"rung": name, "note": f"skipped (--skip-pass {pass_name})"})
+            return None
+        apply(pass_name)
+        return rung(name, lambda: prog(x, t, c))
 
     apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
     rung(RUNGS[1], lambda: prog(x, t, c))
-    apply("fuse_norms")
-    rung(RUNGS[2], lambda: prog(x, t, c))
-    apply("fuse_projections")
-    rung(RUNGS[3], lambda: prog(x, t, c))
+    pass_rung(RUNGS[2], "fuse_norms")
+    pass_rung(RUNGS[3], "fuse_projections")
     apply("linear_to_w8a8")
     del model  # the bf16 block weights are no longer referenced by the program
     if on_gpu:
         torch.cuda.empty_cache()
-    rung(RUNGS[4], lambda: prog(x, t, c))
+    if "linear_to_w8a8" in skip:
+        report.add(section, {"rung": RUNGS[4], "note": "skipped (--skip-pass linear_to_w8a8)"})
+    else:
+        rung(RUNGS[4], lambda: prog(x, t, c))
     apply("attention_to_sagesla")
     final = rung(RUNGS[5], lambda: prog(x, t, c))
     if profile and on_gpu:
@@ -155,18 +165,18 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
 
 
 def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, device: str = "cuda",
-                compile: bool | str = True, profile: bool = False) -> Report:
+                compile: bool | str = True, profile: bool = False, skip: tuple[str, ...] = ()) -> Report:
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
     report.header["command"] = (f"turbocompile bench model --model {spec.id} --resolution {resolution} "
-                                f"--repeats {repeats}")
+                                f"--repeats {repeats}" + "".join(f" --skip-pass {n}" for n in skip))
     section = f"ladder {spec.id}@{resolution}"
     if dry_run:
         for r in RUNGS:
             report.add(section, {"rung": r, "tokens": L, "dense TFLOP/forward": forward_flops(spec, L) / 1e12})
         return report
-    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile, profile=profile)
+    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile, profile=profile, skip=skip)
     return report
 
 
