@@ -98,7 +98,7 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
         _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[5]} ({spec.id}@{resolution})",
                  times[RUNGS[5]])
     if compile:
-        compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section, None)
+        compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section, None, profile=profile)
         if compiled_s is not None:
             report.header[f"{section}: first compiled call s"] = round(compiled_s, 1)
         if compile == "reduce-overhead":
@@ -129,7 +129,7 @@ def _profile(fn, report: Report, section: str, forward_s: float, top: int = 15) 
 
 
 def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: str,
-                   mode: str | None = None) -> float | None:
+                   mode: str | None = None, profile: bool = False) -> float | None:
     """torch.compile the rewritten graph (custom ops stay opaque kernels); returns the first-call seconds.
 
     ``mode="reduce-overhead"`` also replays the forward as a CUDA graph (static shapes): its rung is named
@@ -158,6 +158,9 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
         rung(name, call)
+        if profile and on_gpu:
+            sec = report.sections[section][-1].get("s/forward", float("nan"))
+            _profile(call, report, f"where the time goes: {name} ({section})", sec)
         return first
     except Exception as exc:  # noqa: BLE001 - record why the rung is missing, keep the rest
         report.add(section, {"rung": name, "note": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
