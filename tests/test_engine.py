@@ -93,8 +93,10 @@ def test_cuda_graph_engine_matches_compiled_and_returns_its_own_outputs(tmp_path
     spec = get_model("wan-tiny")
     inputs = [tuple(v.cuda() for v in example_inputs(spec, 160, 96, 17, seed=s, dtype=torch.bfloat16))
               for s in (1, 2)]
-    plain = turbocompile.load(root).expert("main")
+    plain = turbocompile.load(root, cuda_graphs=False).expert("main")
     graphs = turbocompile.load(root, cuda_graphs=True).expert("main")
+    assert plain.compile_mode == "default" and graphs.compile_mode == "reduce-overhead"
+    assert turbocompile.load(root).expert("main").compile_mode == "reduce-overhead"  # the default: on where it can
     with torch.no_grad():
         want = [plain(*i).float() for i in inputs]
         calls = []  # (input index, output, its value right after the call)
@@ -106,6 +108,34 @@ def test_cuda_graph_engine_matches_compiled_and_returns_its_own_outputs(tmp_path
         assert torch.isfinite(out).all()
         assert torch.equal(out, snapshot)  # later replays did not write into an output already handed out
         assert (out.float() - want[j]).norm() / want[j].norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_default_steps_aside_where_they_cannot_work(tmp_path):
+    """The default (cuda_graphs=None) turns graphs off, without an error, when experts are swapped under a
+    memory budget (their weights move); asking for them explicitly there is the one-line refusal."""
+    import turbocompile
+    from turbocompile.build import BuildOptions, build
+    from turbocompile.errors import InputError
+    from turbocompile.targets import local_target
+
+    root = build(BuildOptions(model="wan-tiny-i2v", out=tmp_path / "i2v", gpu=local_target().name))
+    swapped = turbocompile.load(root, gpu_memory_budget=1)
+    assert not swapped.all_resident
+    assert {e.compile_mode for e in swapped.expert_programs()} == {"default"}
+    with pytest.raises(InputError, match="needs every expert resident"):
+        turbocompile.load(root, gpu_memory_budget=1, cuda_graphs=True)
+    resident = turbocompile.load(root)
+    assert {e.compile_mode for e in resident.expert_programs()} == {"reduce-overhead"}
+
+
+def test_cuda_graphs_default_is_off_on_cpu(tiny_build_plain):
+    """On a CPU the default neither compiles nor asks for graphs (and does not refuse)."""
+    import turbocompile
+
+    engine = turbocompile.load(tiny_build_plain, device="cpu")
+    assert {e.compile_mode for e in engine.expert_programs()} == {None}
 
 
 def test_dense_steps_run_the_dense_attention_program(tmp_path):

@@ -303,8 +303,10 @@ def inspect(artifact_dir: Path, pass_name, diff, expert, as_json, code) -> None:
 @click.option("--adaptive-resolution", is_flag=True, help="I2V: accept an image of another size (resized).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("video.mp4"), show_default=True)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files.")
-@click.option("--cuda-graphs", is_flag=True,
-              help="Replay each forward as a CUDA graph (static shapes, all experts resident on the GPU).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Replay each forward as a CUDA graph. Default: on where it can work (a compiled static-shape "
+              "artifact on CUDA with every expert resident); --cuda-graphs requires it, --no-cuda-graphs turns "
+              "it off.")
 @click.option("--dense-steps", type=int, default=0, show_default=True,
               help="rCM: run the first N steps with dense attention instead of SageSLA (quality knob).")
 def generate(artifact_dir, prompt, image, frames, steps, seed, sigma_max, ode, sampler, guidance_scale, negative_prompt,

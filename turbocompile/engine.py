@@ -99,6 +99,10 @@ class ResidentEngine:
     def expert_names(self) -> tuple[str, ...]:
         return tuple(self._experts)
 
+    def expert_programs(self) -> list:
+        """The experts themselves (what each forward calls), in build order."""
+        return list(self._experts.values())
+
     @property
     def all_resident(self) -> bool:
         """True when every expert stays on the device for the engine's lifetime (nothing is swapped)."""

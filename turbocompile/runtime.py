@@ -124,15 +124,17 @@ class ProgramEngine(ResidentEngine):
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
-         gpu_memory_budget: int | None = None, compile: bool | None = None, cuda_graphs: bool = False) -> "Engine":
+         gpu_memory_budget: int | None = None, compile: bool | None = None,
+         cuda_graphs: bool | None = None) -> "Engine":
     """Open an artifact directory for sampling. Refuses a tampered file, another schema, or another GPU arch.
 
     ``compile``: run the programs through ``torch.compile`` (the ``torch`` backend; default on CUDA for
     artifacts built with it); ``eager`` artifacts and CPU runs execute the exported graph directly.
-    ``cuda_graphs``: compile with ``mode="reduce-overhead"`` so each forward replays as one CUDA graph
-    (docs/performance.md: 1.3B@480p per forward, compiled vs graphs). Only for a static-shape artifact whose
-    experts all stay resident (a swapped-in expert's weights land at new addresses); otherwise it is refused
-    with the reason.
+    ``cuda_graphs``: compile with ``mode="reduce-overhead"`` so each forward replays as one CUDA graph. Only for
+    a compiled static-shape artifact on CUDA whose experts all stay resident (a swapped-in expert's weights land
+    at new addresses). None (default): on wherever that holds, off elsewhere — the compiled 1.3B@480p forward is
+    host-bound without graphs (0.18-0.28 s from one process to the next for 0.16-0.18 s of GPU work; 0.180 s with
+    them, docs/performance.md). True: required, refused with the reason where it cannot work. False: off.
     """
     root = Path(path)
     manifest = artifact.read_manifest(root, verify_hashes=verify_hashes)
@@ -143,6 +145,10 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
     if device is not None and dev.type == "cuda":
         check_runnable(manifest["target"])
     backend = manifest.get("backend", "torch")
+    auto_graphs = cuda_graphs is None
+    if auto_graphs:
+        cuda_graphs = (backend == "torch" and dev.type == "cuda" and compile is not False
+                       and not manifest["shapes"].get("dynamic_frames"))
     if cuda_graphs and backend != "torch":
         raise InputError(f"--cuda-graphs applies to the torch backend; this artifact was lowered to {backend} "
                          "(drop the flag)")
@@ -161,7 +167,12 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
                              "--dynamic-frames (rebuild without it, or drop --cuda-graphs)")
         mode = "reduce-overhead"
     engine = ProgramEngine(root, manifest, dev, gpu_memory_budget, mode)
-    if cuda_graphs and not engine.all_resident:
+    if cuda_graphs and not engine.all_resident and auto_graphs:
+        log.info("CUDA graphs off: the experts do not all stay resident under the memory budget (swapped in, "
+                 "their weights move)")
+        for expert in engine.expert_programs():
+            expert.compile_mode = "default"
+    elif cuda_graphs and not engine.all_resident:
         raise InputError("--cuda-graphs needs every expert resident on the GPU, and they do not all fit "
                          f"--gpu-memory-budget {gpu_memory_budget / 2**30:.1f}GiB; raise the budget or drop "
                          "--cuda-graphs")
