@@ -47,7 +47,7 @@ if HAS_TRITON:
     @triton.jit
     def _linear_stats_kernel(K, V, KV, Z, KSUM, VMAX, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                              stride_vl, H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                             EMULATE: tl.constexpr):
+                             EMULATE: tl.constexpr, KSUM_BY_DOT: tl.constexpr = True):
         """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D), and
         while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments).
 
@@ -61,7 +61,10 @@ if HAS_TRITON:
         cols = tl.arange(0, HEAD_DIM)
         acc = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
         zsum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
-        ksum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
+        if KSUM_BY_DOT:
+            ksum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
+        else:
+            ksum = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)
         vmax = tl.zeros([BLOCK_L, HEAD_DIM], dtype=V.dtype.element_ty)
         ones = tl.full([BLOCK_L, 16], 1.0, V.dtype.element_ty)
         lo = pid * CHUNK
@@ -80,11 +83,17 @@ if HAS_TRITON:
             phi_t = tl.trans(phi)
             acc += _dot16(phi_t, v, EMULATE)  # [D_phi, D_v]
             zsum += _dot16(phi_t, ones, EMULATE)
-            ksum += _dot16(tl.trans(k.to(V.dtype.element_ty)), ones, EMULATE)
+            if KSUM_BY_DOT:
+                ksum += _dot16(tl.trans(k.to(V.dtype.element_ty)), ones, EMULATE)
+            else:
+                ksum += kf
         out = pid * tl.num_programs(1) + bh
         tl.store(KV + out * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :], acc)
         tl.store(Z + out * HEAD_DIM + cols, tl.sum(zsum, 1) * (1.0 / 16))
-        tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 1) * (1.0 / 16))
+        if KSUM_BY_DOT:
+            tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 1) * (1.0 / 16))
+        else:
+            tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 0))
         tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
 
@@ -121,7 +130,7 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    per_sm, block_l, warps = LINEAR_STATS_CONFIG
+    per_sm, block_l, warps, *rest = LINEAR_STATS_CONFIG
     # Rounded down: a few programs past the last full wave would double the pass's time (14B: 560 programs for
     # 528 slots with the rounded-up count).
     n_chunks = max(1, min(-(-lk // 256), per_sm * sms // (b * h)))
@@ -130,7 +139,8 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
-        chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), num_warps=warps)
+        chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), KSUM_BY_DOT=bool(rest[0]) if rest else True,
+        num_warps=warps)
     m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
     moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
     return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
@@ -218,8 +228,9 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
-    ap.add_argument("--stats-configs", default="2,64,8;1,64,8;3,64,8;1,128,8",
-                    help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
+    ap.add_argument("--stats-configs", default="2,64,8;2,64,8,0;3,64,8,0;1,64,8,0",
+                    help="(programs per SM, tokens per step, warps[, Σk by a dot with ones 1/0]) of the linear "
+                    "statistics, ';'-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
