@@ -47,13 +47,15 @@ if HAS_TRITON:
     @triton.jit
     def _linear_stats_kernel(K, V, KV, Z, KSUM, VMAX, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                              stride_vl, H, L, CHUNK, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-                             EMULATE: tl.constexpr, KSUM_BY_DOT: tl.constexpr = True):
+                             EMULATE: tl.constexpr):
         """Partial ``φ(K)ᵀV`` [D, D] and ``Σ φ(K)`` [D] of one token chunk of one head (φ = softmax over D), and
         while K and V pass by, the chunk's ``Σ K`` and ``max |V|`` per channel (the Sage prologue's moments).
 
-        No cross-thread reduction inside the loop: the token sums of φ and K are dots with a [BLOCK_L, 16] tile of
-        ones on the tensor cores (every column the same sum), max |V| is an elementwise running max in the input
-        dtype (exact), reduced once after the loop."""
+        No cross-thread reduction inside the loop: the token sum of φ is a dot with a [BLOCK_L, 16] tile of ones on
+        the tensor cores (every column the same sum; φᵀ is already in shared memory for the main dot), Σ K an
+        elementwise running sum in fp32, max |V| an elementwise running max in the input dtype (exact); all three
+        are reduced once after the loop. (Σ K as a dot too needed a second transpose of K through shared memory:
+        2.4x slower at 1.3B@480p.)"""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -61,10 +63,7 @@ if HAS_TRITON:
         cols = tl.arange(0, HEAD_DIM)
         acc = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
         zsum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
-        if KSUM_BY_DOT:
-            ksum = tl.zeros([HEAD_DIM, 16], dtype=tl.float32)
-        else:
-            ksum = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)
+        ksum = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)
         vmax = tl.zeros([BLOCK_L, HEAD_DIM], dtype=V.dtype.element_ty)
         ones = tl.full([BLOCK_L, 16], 1.0, V.dtype.element_ty)
         lo = pid * CHUNK
@@ -83,17 +82,11 @@ if HAS_TRITON:
             phi_t = tl.trans(phi)
             acc += _dot16(phi_t, v, EMULATE)  # [D_phi, D_v]
             zsum += _dot16(phi_t, ones, EMULATE)
-            if KSUM_BY_DOT:
-                ksum += _dot16(tl.trans(k.to(V.dtype.element_ty)), ones, EMULATE)
-            else:
-                ksum += kf
+            ksum += kf
         out = pid * tl.num_programs(1) + bh
         tl.store(KV + out * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :], acc)
         tl.store(Z + out * HEAD_DIM + cols, tl.sum(zsum, 1) * (1.0 / 16))
-        if KSUM_BY_DOT:
-            tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 1) * (1.0 / 16))
-        else:
-            tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 0))
+        tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 0))
         tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
 
@@ -118,10 +111,10 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 
 #: (programs per SM, tokens per step, warps) of the linear-statistics kernel (:func:`linear_branch_stats`); measured
-#: on an H200 (docs/kernels-attention.md): 0.22-0.28 / 0.91 ms at 1.3B@480p / 14B@720p, against 0.25 / 1.39 for the
-#: kernel with in-loop column reductions it replaced (4 warps, 4 programs per SM). One program per SM with 128-token
-#: steps was 0.88 ms at 14B but 0.27-0.39 ms at 1.3B (12 heads x 11 chunks: too few programs).
-LINEAR_STATS_CONFIG: tuple[int, int, int] = (2, 64, 8)
+#: on an H200 (docs/kernels-attention.md): 0.135 / 0.79 ms at 1.3B@480p / 14B@720p, against 0.25 / 1.39 for the
+#: kernel with in-loop column reductions it replaced (4 warps, 4 programs per SM); 2 or 3 programs per SM (the
+#: second waits: 248 registers x 8 warps fill the register file) 0.15-0.16 / 0.83 ms.
+LINEAR_STATS_CONFIG: tuple[int, int, int] = (1, 64, 8)
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
@@ -130,7 +123,7 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
-    per_sm, block_l, warps, *rest = LINEAR_STATS_CONFIG
+    per_sm, block_l, warps = LINEAR_STATS_CONFIG
     # Rounded down: a few programs past the last full wave would double the pass's time (14B: 560 programs for
     # 528 slots with the rounded-up count).
     n_chunks = max(1, min(-(-lk // 256), per_sm * sms // (b * h)))
@@ -139,8 +132,7 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
-        chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), KSUM_BY_DOT=bool(rest[0]) if rest else True,
-        num_warps=warps)
+        chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), num_warps=warps)
     m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
     moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
     return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
@@ -228,9 +220,8 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
-    ap.add_argument("--stats-configs", default="2,64,8;2,64,8,0;3,64,8,0;1,64,8,0",
-                    help="(programs per SM, tokens per step, warps[, Σk by a dot with ones 1/0]) of the linear "
-                    "statistics, ';'-separated")
+    ap.add_argument("--stats-configs", default="1,64,8;2,64,8;1,128,8",
+                    help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
