@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The attention measurements in one device call: GPU tests of the attention ops, the Gluon kernel's variant sweep
-# against the Triton kernel, and the ops against cuDNN at the two Wan shapes (every table in
-# docs/kernels-attention.md comes from these commands). Usage, from the repo root: examples/attention_gpu_bench.sh OUT
+# against the Triton kernel, the prologue kernels one by one, and the ops against cuDNN at the two Wan shapes
+# (every table in docs/kernels-attention.md comes from these commands).
+# Usage, from the repo root: examples/attention_gpu_bench.sh OUT
 set -uo pipefail
 out=${1:?usage: $0 OUTDIR}
 mkdir -p "$out"
@@ -17,6 +18,8 @@ timeout 240 python3 -m pytest -q -m gpu tests/test_sage_attention_gluon.py tests
 repo=$(pwd)
 cd /tmp || exit 1   # run the installed package, not the source tree's top-level kernels/ folder
 timeout 300 python3 -m turbocompile.kernels.sage_attention_gluon --out "$out/variants" 2>&1 | tee "$out/variants.log" \
+  | grep -v "^INFO"
+timeout 200 python3 -m turbocompile.kernels.sla --prologue --out "$out/prologue" 2>&1 | tee "$out/prologue.log" \
   | grep -v "^INFO"
 for shape in 1.3B@480p 14B@720p; do
   name=${shape//@/_}
