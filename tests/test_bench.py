@@ -54,13 +54,15 @@ def test_ladder_logic_on_cpu():
 
 
 def test_ladder_skip_pass_leaves_the_pass_out_and_says_so():
-    """`bench model --skip-pass fuse_projections`: the A/B of one pass, its rung recorded as skipped, the program
-    still complete (the SageSLA rung still runs); an unknown or unskippable pass is one clear error."""
+    """`bench model --skip-pass fuse_projections --skip-pass linear_to_w8a8`: the A/B of passes, their rungs
+    recorded as skipped, the program still complete (the SageSLA rung still runs); an unknown or unskippable pass
+    is one clear error."""
     report = bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False,
-                         skip=("fuse_projections",))
+                         skip=("fuse_projections", "linear_to_w8a8"))
     rows = report.sections["ladder wan-tiny@tiny"]
     assert [r["rung"] for r in rows] == RUNGS
     assert rows[3]["note"] == "skipped (--skip-pass fuse_projections)" and "s/forward" not in rows[3]
+    assert rows[4]["note"] == "skipped (--skip-pass linear_to_w8a8)" and "s/forward" not in rows[4]
     assert rows[5]["cosine"] > 0.98
     r = CliRunner().invoke(main, ["bench", "model", "--dry-run", "--skip-pass", "attention_to_sagesla"])
     assert r.exit_code != 0 and "can leave out fuse_norms, fuse_projections, linear_to_w8a8" in r.output
