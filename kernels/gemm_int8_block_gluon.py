@@ -22,26 +22,23 @@ import torch
 from turbocompile.errors import GPUError, UnsupportedShapeError
 
 from .gluon_guard import GluonGuard
-
-BLOCK = 128
+from .gluon_hopper import (
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 try:
     import triton
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - no Triton (gluon is None then too)
+    triton = None
 
-    # The TMA load is async_copy_global_to_shared in Triton 3.6 (the GPU image) and async_load in later versions.
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
-    gluon = None
+BLOCK = 128
 
 #: Launch parameters: tile 128 x 128 x 128, two warpgroups (each wgmma is m64 x n128), 4 stages of 32 KiB.
 NUM_STAGES = 4
@@ -68,8 +65,8 @@ if gluon is not None:
         s = kb % NUM_STAGES
         bar = ready.index(s)
         mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-        _tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(s), pred=pred)
-        _tma_load(b_desc, [off_n, kb * BLOCK_K], bar, b_bufs.index(s), pred=pred)
+        tma_load(a_desc, [off_m, kb * BLOCK_K], bar, a_bufs.index(s), pred=pred)
+        tma_load(b_desc, [off_n, kb * BLOCK_K], bar, b_bufs.index(s), pred=pred)
 
     @gluon.jit
     def _start_block(a_bufs, b_bufs, ready, kb, init, sa_ptr, sb_ptr, stride_sak, stride_sbk,

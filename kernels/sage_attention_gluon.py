@@ -30,23 +30,17 @@ from turbocompile.errors import UnsupportedShapeError
 
 from .gluon_guard import GluonGuard
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    # Names that changed after Triton 3.6 (the GPU image; 3.9 here on the CPU): the TMA load was
-    # async_copy_global_to_shared and is async_load; a shared-memory view's _reinterpret became reinterpret.
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
-except ImportError:  # pragma: no cover - no Triton, or a Triton without Gluon's Hopper API
-    gluon = None
+from .gluon_hopper import (
+    PUBLIC_REINTERPRET,
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M (dense may take 128: two warpgroups, shared K/V)
 BLOCK_N = 128  # keys per tile where the K block allows (else 64)
@@ -86,8 +80,8 @@ if gluon is not None:
         s = t % NUM_STAGES
         bar = ready.index(s)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-        _tma_load(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
-        _tma_load(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
+        tma_load(k_desc, [k_row0 + start, 0], bar, k_s.index(s), pred=pred)
+        tma_load(v_desc, [v_row0, start], bar, v_s.index(s), pred=pred)
 
     @gluon.jit
     def _issue_scores(q_s, k_s, ready, t, s_init, NUM_STAGES: gl.constexpr):
@@ -185,20 +179,20 @@ if gluon is not None:
         v_row0 = bh * HEAD_DIM
 
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
+        tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
         for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
             _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
                      k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
-                if _PUBLIC_REINTERPRET:
+                if PUBLIC_REINTERPRET:
                     m_s = k_s.reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 else:
                     m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
             else:
                 m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
-                _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+                tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         if ROW_SCALES:
             qs = gl.load(QS + bh * NQS + (pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))) // BLKQ,
@@ -242,7 +236,7 @@ if gluon is not None:
         if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
             fence_async_shared()
             mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
-            _tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
+            tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
         inv_l = 1.0 / gl.convert_layout(l_i, row_o)
