@@ -235,6 +235,23 @@ def structured_qkv(b: int, h: int, n: int, d: int, dtype: torch.dtype = torch.fl
     return tuple(out)
 
 
+#: (B, H, L, D) of one self-attention call at the Wan shapes the attention benchmarks time.
+ATTENTION_BENCH_SHAPES = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
+
+
+def bench_meta() -> dict:  # pragma: no cover - needs a GPU
+    """The card, versions and date the attention benchmarks record with their numbers."""
+    import time
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def bench_ms(fn) -> float:  # pragma: no cover - needs a GPU
+    """Median milliseconds of ``fn`` by ``triton.testing.do_bench`` (25 ms warm-up, 100 ms of repeats)."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------

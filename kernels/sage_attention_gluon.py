@@ -382,12 +382,16 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     kernel on the same quantized inputs; check each against the Triton result."""
     import argparse
     import json
-    import time
-
-    import triton
 
     from .block_map import lut_from_pooled
-    from .sage_attention import block_attention_triton, sage_quantize_triton, structured_qkv
+    from .sage_attention import (
+        ATTENTION_BENCH_SHAPES,
+        bench_meta,
+        bench_ms,
+        block_attention_triton,
+        sage_quantize_triton,
+        structured_qkv,
+    )
     from .sla import linear_branch_stats
 
     ap = argparse.ArgumentParser(description="Gluon Sage attention kernel variants vs the Triton kernel")
@@ -395,19 +399,13 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--modes", default="dense,sparse0.1")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
-    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
     dev = torch.device("cuda")
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = bench_meta()
     print(meta, flush=True)
     rows = []
 
-    def bench(fn):
-        fn()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
     for shape in args.shapes.split(","):
-        b, h, n, d = shapes[shape]
+        b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
         w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
         lin, moments = linear_branch_stats(k, v, w, bias)
@@ -427,7 +425,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             else:
                 fn_t = lambda: block_attention_triton(q, k, v, lut, *blks, sage=True, linear=li,  # noqa: E731
                                                       quant=qt, out=ref)
-            t_ms = bench(fn_t)
+            t_ms = bench_ms(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
             for var in BENCH_VARIANTS:
@@ -439,7 +437,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=lin_v, **kw)  # noqa: E731
                 try:
-                    ms = bench(fn)
+                    ms = bench_ms(fn)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
                     print(f"{shape:10} {mode:10} gluon {name}: failed {exc}", flush=True)
                     continue

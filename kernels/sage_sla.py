@@ -20,13 +20,15 @@ import argparse
 import json
 import logging
 import os
-import time
 
 import torch
 
 from .block_map import lut_from_pooled, sla_block_map
 from .sage_attention import (
+    ATTENTION_BENCH_SHAPES,
     attention_fp32_reference,
+    bench_meta,
+    bench_ms,
     block_attention_triton,
     sage_kernel_for,
     sage_quantize_triton,
@@ -117,8 +119,6 @@ def _sparse_rows_reference(q, k, v, lut, rows, blk_q, blk_k):
 
 def bench_main(only: str | None = None, argv: list[str] | None = None) -> None:  # pragma: no cover - needs a GPU
     """Check the kernels at the Wan shapes and time them against cuDNN/FLASH SDPA and FlexAttention."""
-    import triton
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
@@ -134,17 +134,12 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     only = args.only or only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
     cc = torch.cuda.get_device_capability(dev)
     blk_sla = (64, 128) if cc[0] == 9 else (128, 64)
-    meta = {"gpu": props.name, "cc": list(cc), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sla_blocks": list(blk_sla)}
+    meta = {**bench_meta(), "cc": list(cc), "sla_blocks": list(blk_sla)}
     log.info("%s", meta)
     results: list[dict] = []
     rows_out: list[tuple] = []
-
-    def bench(fn) -> float:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     def record(shape, name, ms, flops, err=None, extra=None):
         tf = flops / (ms * 1e-3) / 1e12
@@ -186,10 +181,9 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
             del q, k, v
 
     # 2. speed at the Wan shapes
-    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
     for shape in args.shapes.split(","):
         try:
-            _bench_shape(shape, shapes[shape], only, args, blk_sla, bench, record)
+            _bench_shape(shape, ATTENTION_BENCH_SHAPES[shape], only, args, blk_sla, bench_ms, record)
         except Exception:  # noqa: BLE001 - report and go on to the next shape
             log.exception("shape %s failed", shape)
         torch.cuda.empty_cache()

@@ -214,9 +214,16 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     import argparse
     import json
     import os
-    import time
 
-    from .sage_attention import _quantize_int8_into, _quantize_v_into, sage_quantize_triton, structured_qkv
+    from .sage_attention import (
+        ATTENTION_BENCH_SHAPES,
+        _quantize_int8_into,
+        _quantize_v_into,
+        bench_meta,
+        bench_ms,
+        sage_quantize_triton,
+        structured_qkv,
+    )
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
@@ -224,15 +231,9 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
                     help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
-    shapes = {"1.3B@480p": (1, 12, 32760, 128), "14B@720p": (1, 40, 75600, 128)}
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = bench_meta()
     print(meta, flush=True)
     rows = []
-
-    def bench(fn):
-        fn()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     def say(shape, name, ms, nbytes, **extra):
         rows.append({"shape": shape, "name": name, "ms": ms, "tb_s": nbytes / ms / 1e9, **extra})
@@ -241,7 +242,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     global LINEAR_STATS_CONFIG
     for shape in args.shapes.split(","):
-        b, h, n, d = shapes[shape]
+        b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, torch.device("cuda"), seed=3)
         w, bias = torch.randn(d, d, device="cuda") * 0.05, torch.randn(d, device="cuda") * 0.05
         phi = torch.softmax(k.float(), dim=-1)
@@ -258,21 +259,21 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
                         "z": float((z - ref_z).norm() / ref_z.norm()),
                         "kmean": float((mom["k_mean"] - ref_kmean).abs().max() / ref_kmean.abs().max()),
                         "vamax": float((mom["v_amax"] - ref_vamax).abs().max())}
-                say(shape, f"linear stats {LINEAR_STATS_CONFIG}", bench(lambda: linear_branch_stats(k, v, w, bias)),
+                say(shape, f"linear stats {LINEAR_STATS_CONFIG}", bench_ms(lambda: linear_branch_stats(k, v, w, bias)),
                     2 * k.numel() * 2, **errs)
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is reported
                 print(f"{shape:10} linear stats {cfg}: failed {exc}", flush=True)
         LINEAR_STATS_CONFIG = keep
         mom = linear_branch_stats(k, v, w, bias)[1]
         quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
-        say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench(lambda: _quantize_int8_into(
+        say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0)), q.numel() * 3)
-        say(shape, "quantize K (int8, 128-token blocks, pooled)", bench(lambda: _quantize_int8_into(
+        say(shape, "quantize K (int8, 128-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
         for order in ("natural", "wgmma"):
-            say(shape, f"quantize V (fp8, transposed, {order} order)", bench(lambda: _quantize_v_into(
+            say(shape, f"quantize V (fp8, transposed, {order} order)", bench_ms(lambda: _quantize_v_into(
                 v, quant["v_scale"], quant["v"], order)), v.numel() * 3)
-        say(shape, "copy of q (bf16 read + write, the bandwidth bar)", bench(lambda: q.clone()), q.numel() * 4)
+        say(shape, "copy of q (bf16 read + write, the bandwidth bar)", bench_ms(lambda: q.clone()), q.numel() * 4)
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
