@@ -270,16 +270,7 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
 
             from . import sla as sla_mod
 
-            if args.sweep:
-                for cfg in ((3, 64, 4), (6, 64, 4), (8, 64, 4), (12, 64, 4), (4, 128, 4)):
-                    sla_mod.LINEAR_STATS_CONFIG, keep = cfg, sla_mod.LINEAR_STATS_CONFIG
-                    try:
-                        record(shape, f"  (linear stats {cfg})", bench(lambda: linear_branch_stats(k, v, w, bias)),
-                               dense_flops)
-                    except Exception as exc:  # noqa: BLE001
-                        log.info("linear stats %s failed: %s", cfg, exc)
-                    sla_mod.LINEAR_STATS_CONFIG = keep
-
+            if args.sweep:  # (the statistics' configs are swept by `python -m turbocompile.kernels.sla --prologue`)
                 def torch_stats():
                     phi = torch.softmax(k, dim=-1)
                     return torch.matmul(phi.transpose(-1, -2), v), phi.sum(2, dtype=torch.float32)
