@@ -24,7 +24,7 @@ timeout 200 python3 -m turbocompile.kernels.sla --prologue --out "$out/prologue"
 for shape in 1.3B@480p 14B@720p; do
   name=${shape//@/_}
   timeout 200 python3 -m turbocompile.kernels.sage_sla --bench --quick --only sage_sla --no-flex --topk 0.1 \
-    --shapes "$shape" --out "$out/sla_$name" 2>&1 | grep " ms " | tee "$out/sla_$name.log"
+    --shapes "$shape" --profile --out "$out/sla_$name" 2>&1 | grep " ms \|^--" | tee "$out/sla_$name.log"
 done
 timeout 200 python3 -m turbocompile.kernels.sage_sla --bench --quick --only sage_attention --shapes 1.3B@480p \
   --out "$out/dense_1.3B_480p" 2>&1 | grep " ms " | tee "$out/dense_1.3B_480p.log"

@@ -289,23 +289,42 @@ if HAS_TRITON:
         return x, rows, cols
 
     @triton.jit
-    def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
-                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr):
-        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale."""
+    def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_M, LIN_Z, LIN_B, LIN_OUT,
+                           stride_xb, stride_xh, stride_xl, stride_ob, stride_oh, stride_ol, H, L, L_PAD, NBLK, mul,
+                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
+                           LINEAR: tl.constexpr, EMULATE: tl.constexpr):
+        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale.
+
+        Few instructions per element, so the pass runs at the copy bandwidth instead of the issue rate: the scale
+        of ``x·mul`` comes from ``amax(|x|)·mul`` (rounding is monotonic, so the same number), ``x·mul/scale`` is
+        one multiply by a per-block factor, and round-half-away is ``trunc(y ± 0.5)`` with the sign copied by a
+        bit operation (no floor, no select, no clamp: |y| ≤ 127 by construction).
+
+        LINEAR (Q of ``sage_sla``): also write the SLA linear branch ``φ(x)·M / (φ(x)·z + 1e-5) + b`` of these
+        rows (φ = softmax over head_dim of the raw query) to LIN_OUT, where the attention kernel adds it to the
+        sparse output; this pass reads the query anyway, and the attention epilogue is the critical path."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         x, rows, cols = _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
+        row_ok = (rows < L)[:, None]
+        if LINEAR:
+            e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
+            phi = e * (1.0 / tl.sum(e, 1))[:, None]
+            den = tl.sum(phi * tl.load(LIN_Z + bh * HEAD_DIM + cols)[None, :], 1) + 1e-5
+            m = tl.load(LIN_M + bh * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
+            lin = _dot16(phi.to(tl.bfloat16), m, EMULATE)
+            lin = lin * (1.0 / den)[:, None] + tl.load(LIN_B + cols)[None, :]
+            tl.store(LIN_OUT + (bh // H) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ol
+                     + cols[None, :], lin.to(LIN_OUT.dtype.element_ty), mask=row_ok)
         if HAS_MEAN:
-            x = tl.where((rows < L)[:, None], x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
+            x = tl.where(row_ok, x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
         if pid < NBLK:
             n_valid = tl.minimum(L - pid * BLK, BLK).to(tl.float32)
             tl.store(POOL + (bh * NBLK + pid) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
-        x = x * mul
-        scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-6) / 127.0
-        y = x / scale
-        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], y.to(tl.int8))
+        scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) * mul, 1e-6) / 127.0
+        y = x * (mul / scale)
+        half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)  # ±0.5
+        tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], (y + half).to(tl.int8))
         if pid < NBLK:
             tl.store(SCALE + bh * NBLK + pid, scale)
 
@@ -450,16 +469,21 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
                          k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None,
-                         v_order: str = "natural") -> dict:
+                         v_order: str = "natural", linear: tuple | None = None,
+                         linear_out: torch.Tensor | None = None) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
     in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out
     padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks. ``v_order="wgmma"`` stores
     Vᵀ's keys permuted within each 32-key group for the Gluon kernel (``out["v_wgmma_order"]`` says which).
+    ``linear`` = (M, z, bias) of :func:`~.sla.linear_branch_stats` with ``linear_out`` (B, H, Lq, D): the pass over
+    Q also writes the SLA linear branch there (``out["linear_out"]``), for a kernel that adds it to its output.
     """
     if v_order not in ("natural", "wgmma"):
         raise ValueError(f"v_order must be 'natural' or 'wgmma', not {v_order!r}")
+    if (linear is None) != (linear_out is None):
+        raise ValueError("linear and linear_out go together")
     b, h, lq, d = q.shape
     lk = k.shape[2]
     dev = q.device
@@ -480,23 +504,34 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "k_scale": torch.empty((b, h, nk), dtype=torch.float32, device=dev),
         "k_pool": torch.empty((b, h, nk, d), dtype=torch.float32, device=dev),
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
-        "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
+        "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma", "linear_out": linear_out,
     }
-    _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E)
+    _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E,
+                        linear, linear_out)
     _quantize_int8_into(k, k_mean, out["k"], out["k_scale"], out["k_pool"], blk_k, 1.0)
     _quantize_v_into(v, v_scale, out["v"], v_order)
     return out
 
 
+#: warps of the int8 quantizer per token-block size (and with the linear branch): 64 fp32 values per thread.
+QUANT_WARPS = {64: 4, 128: 8, (64, "linear"): 8, (128, "linear"): 8}
+
+
 def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Tensor, scale: torch.Tensor,
-                        pool: torch.Tensor, blk: int, mul: float) -> None:
+                        pool: torch.Tensor, blk: int, mul: float, linear: tuple | None = None,
+                        linear_out: torch.Tensor | None = None) -> None:
     """x [B, H, L, D] (minus the token ``mean`` [B, H, D] if given) -> pooled block means ``pool``, then x·mul
-    -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block."""
+    -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block; with ``linear`` = (M, z, bias)
+    also the SLA linear branch of x's rows into ``linear_out`` [B, H, L, D]."""
     b, h, n, d = x.shape
     n_pad = xq.shape[2]
+    lin_m, lin_z, lin_b = linear if linear is not None else (scale, scale, scale)
+    lo = linear_out if linear_out is not None else x
     _quant_int8_kernel[(n_pad // blk, b * h)](
-        x, mean if mean is not None else scale, xq, scale, pool, x.stride(0), x.stride(1), x.stride(2), h, n, n_pad,
-        scale.shape[-1], mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, num_warps=4)
+        x, mean if mean is not None else scale, xq, scale, pool, lin_m, lin_z, lin_b, lo,
+        x.stride(0), x.stride(1), x.stride(2), lo.stride(0), lo.stride(1), lo.stride(2), h, n, n_pad,
+        scale.shape[-1], mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, LINEAR=linear is not None,
+        EMULATE=_interpreting(), num_warps=QUANT_WARPS[(blk, "linear") if linear is not None else blk])
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:
@@ -546,7 +581,9 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
                            out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
     """Launch the attention kernel: dense (lut None) or block-sparse, Sage (INT8/FP8) or plain (input dtype).
 
-    ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) fuses the SLA linear branch into the epilogue.
+    ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) fuses the SLA linear branch into the epilogue
+    (the Gluon kernel adds it from ``out`` instead where ``quant["linear_out"]`` is ``out``: the Q quantizer wrote
+    it there; a fallback to the Triton kernel computes it again and overwrites ``out``).
     ``quant`` reuses a :func:`sage_quantize_triton` result. ``config`` = (BLOCK_M, BLOCK_N, warps, stages).
     ``out`` is written in place when given (tests poison it to prove every element is written). ``kernel`` picks
     the Sage kernel ("triton" or "gluon"; default :func:`sage_kernel_for`); a given ``quant`` must carry Vᵀ in the
@@ -574,8 +611,11 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
             from . import sage_attention_gluon as gluon_attn
 
             o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
+            # The Q quantizer may have written the linear branch into out already: then the kernel adds it.
+            add_out = linear is not None and quant.get("linear_out") is not None and quant["linear_out"] is o
             try:
-                return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear)
+                return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q,
+                                                       linear=None if add_out else linear, add_out=add_out)
             except Exception as exc:
                 if not gluon_attn.GUARD.launch_failed(exc):
                     raise

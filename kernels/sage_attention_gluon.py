@@ -131,7 +131,7 @@ if gluon is not None:
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, ADD_OUT: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
@@ -145,6 +145,7 @@ if gluon is not None:
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
         gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
                          "M (bf16 DxD) must fit K's stages")
+        gl.static_assert(not (LINEAR and ADD_OUT), "the linear branch is either computed here or added from O")
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
@@ -243,6 +244,9 @@ if gluon is not None:
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
         offs_m = pid_m * BM + gl.arange(0, BM, layout=row_o)
         row_ok = gl.expand_dims(offs_m < Lq, 1)
+        if ADD_OUT:  # O already holds the SLA linear branch (written by the Q quantizer): add it
+            o = o + gl.load(O + b * stride_ob + h * stride_oh + gl.expand_dims(offs_m, 1) * stride_ol
+                            + gl.expand_dims(offs_d, 0), mask=row_ok, other=0.0).to(gl.float32)
         if LINEAR:
             # o += (φ(q)·M) / (φ(q)·z + 1e-5) + bias, φ = softmax over head_dim of the raw (bf16) query
             r = gl.load(QRAW + b * stride_rb + h * stride_rh + gl.expand_dims(offs_m, 1) * stride_rl
@@ -299,12 +303,15 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
-                         m_in_stages: bool = M_IN_STAGES) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES, add_out: bool = False) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
-    linear branch."""
+    linear branch; ``add_out`` instead adds what ``out`` holds on entry (the branch, written there by the Q
+    quantizer: ``sage_quantize_triton(..., linear=, linear_out=out)``)."""
+    if add_out and linear is not None:
+        raise ValueError("add_out adds a linear branch already in out: pass linear=None with it")
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -340,13 +347,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, ADD_OUT=add_out, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, add_out: bool = False):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -362,7 +369,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
             "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "num_warps": block_m // 16}
+              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "ADD_OUT": add_out, "num_warps": block_m // 16}
     names = _sage_attn_fwd_gluon.arg_names
     for name in names:
         sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
@@ -374,7 +381,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}]
+BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}, {"add_out": True}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -430,14 +437,22 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
             for var in BENCH_VARIANTS:
                 kw = {k_: v_ for k_, v_ in var.items() if k_ != "linear_off"}
-                if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and "linear_off" in var):
+                if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and (
+                        "linear_off" in var or "add_out" in var)):
                     continue
-                lin_v = None if var.get("linear_off") else li  # linear_off: what the fused linear epilogue costs
+                # linear_off: what the fused linear epilogue costs; add_out: the branch precomputed by the Q
+                # quantizer into o, added by the epilogue (the timed calls add onto their own output, harmless)
+                lin_v = None if var.get("linear_off") or var.get("add_out") else li
                 name = ",".join(f"{k_}={v_}" for k_, v_ in var.items()) or "default"
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=lin_v, **kw)  # noqa: E731
                 try:
+                    if var.get("add_out"):
+                        o.zero_()
                     ms = bench_ms(fn)
+                    if var.get("add_out"):  # the branch into o, then one call, for the check below
+                        sage_quantize_triton(q, k, v, *blks, **moments, v_order="wgmma", linear=li, linear_out=o)
+                        fn()
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
                     print(f"{shape:10} {mode:10} gluon {name}: failed {exc}", flush=True)
                     continue

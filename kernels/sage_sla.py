@@ -7,10 +7,11 @@ elsewhere; the block sizes are op arguments and the graph pass picks them per GP
 and the quantization blocks are the same blocks, so the GPU path takes the pooled means for the block map straight
 from the fused quantization kernel (one pass over Q and K serves both).
 
-GPU pipeline per call: (1) token mean of K and channel amax of V; (2) Triton quantization of Q, K (with pooling)
-and V (FP8, transposed); (3) top-k LUT from the pooled means; (4) Triton ``φ(K)ᵀV`` / ``Σφ(K)`` pass and the
-[D, D] fold with ``proj_weight``; (5) the sparse Sage attention kernel with the linear branch fused into its
-epilogue. The CPU implementation is :func:`sage_sla_reference` (same quantization emulated in PyTorch).
+GPU pipeline per call: (1) one Triton pass over K and V for ``φ(K)ᵀV``, ``Σφ(K)``, the token mean of K and the
+channel amax of V, and the [D, D] fold with ``proj_weight``; (2) Triton quantization of Q, K (with pooling) and V
+(FP8, transposed), where on sm_90 the pass over Q also writes the linear branch into the output; (3) top-k LUT
+from the pooled means; (4) the sparse Sage attention kernel, which adds the linear branch in its epilogue (the
+Gluon kernel reads it from the output, the Triton kernel computes it there). The CPU implementation is :func:`sage_sla_reference` (same quantization emulated in PyTorch).
 
 ``python -m turbocompile.kernels.sage_sla --bench`` runs the GPU benchmark of all three attention ops.
 """
@@ -63,7 +64,12 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
     under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
     lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
-    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if kernel == "gluon" else "natural")
+    pre = {}
+    if kernel == "gluon":  # the pass over Q writes the linear branch into out; the kernel's epilogue adds it
+        out = torch.empty_like(q) if out is None else out
+        pre = {"linear": lin, "linear_out": out}
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if kernel == "gluon" else "natural",
+                                 **pre)
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
@@ -130,6 +136,8 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     ap.add_argument("--only", choices=["sage_attention", "sage_sla", "sla"], help="time one op family")
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline (slow to compile)")
     ap.add_argument("--topk", default="0.05,0.1,0.15", help="top-k fractions to time")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU kernels of 20 sage_sla calls (torch.profiler), largest first")
     args = ap.parse_args(argv)
     only = args.only or only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -249,6 +257,8 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
                         o = fn()
                         e = {**err(o), **{f"own_{kk}": vv for kk, vv in _rel(o[:, :, sub], ref_s).items()}}
                         record(shape, f"sage_sla top{topk} (all stages) [{kern}]", bench(fn), dense_flops, e, extra)
+                        if args.profile and topk == 0.1:
+                            _profile(fn, f"{shape} sage_sla top{topk} [{kern}]")
                 if only in (None, "sla"):
                     fn = lambda: torch.ops.turbocompile.sla(q, k, v, w, bias, topk, *blk_sla)  # noqa: E731
                     o = fn()
@@ -364,6 +374,23 @@ def _compile_report(kernel, name: str) -> None:  # pragma: no cover - bench help
                          ck.n_spills, ptx.count("wgmma.mma_async"), ptx.count("mma.sync"), ck.metadata.shared)
     except Exception as exc:  # noqa: BLE001 - Triton internals differ between versions
         log.info("compile report for %s unavailable: %s", name, exc)
+
+
+def _profile(fn, title: str, calls: int = 20) -> None:  # pragma: no cover - bench helper
+    """Print each GPU kernel's time per call over ``calls`` calls of ``fn`` (where the op's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / calls / 1e3, e.count // calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    print(f"-- {title}: GPU time per call by kernel (ms, launches per call)", flush=True)
+    for key, ms, cnt in sorted(rows, key=lambda r: -r[1]):
+        print(f"   {ms:8.4f} ms  x{cnt:<3} {key[:100]}", flush=True)
+    print(f"   {sum(r[1] for r in rows):8.4f} ms  total GPU time per call", flush=True)
 
 
 def _pools(q, k, blk):  # pragma: no cover - bench helper

@@ -268,6 +268,14 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
         say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0)), q.numel() * 3)
+        lin = linear_branch_stats(k, v, w, bias)[0]
+        lo = torch.empty_like(q)
+        ms = bench_ms(lambda: _quantize_int8_into(q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0,
+                                                  lin, lo))
+        ref_lin = linear_branch_reference(q, k, v, w, bias)
+        say(shape, "quantize Q + linear branch into the output", ms, q.numel() * 5,
+            linear=float((lo.float() - ref_lin).norm() / ref_lin.norm()))
+        del ref_lin, lo
         say(shape, "quantize K (int8, 128-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
         for order in ("natural", "wgmma"):

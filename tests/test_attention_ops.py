@@ -242,11 +242,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from turbocompile.kernels.block_map import sla_block_map
+    from turbocompile.kernels.block_map import block_mean, sla_block_map
     from turbocompile.kernels.sage_attention import (block_attention_reference, block_attention_triton,
-                                                     structured_qkv)
+                                                     sage_quantize_reference, sage_quantize_triton, structured_qkv)
     from turbocompile.kernels.sage_sla import sage_sla_reference, sage_sla_triton
-    from turbocompile.kernels.sla import linear_branch_stats, sla_reference, sla_triton
+    from turbocompile.kernels.sla import linear_branch_reference, linear_branch_stats, sla_reference, sla_triton
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -275,6 +275,22 @@ _INTERP_SCRIPT = textwrap.dedent("""
             r["stats"] = max(rel(m.float(), (torch.matmul(phi.transpose(-1, -2), v.float()) @ w.t()).reshape(m.shape)),
                              rel(z, phi.sum(2).reshape(z.shape)), rel(mom["k_mean"], k.float().mean(2)),
                              rel(mom["v_amax"], v.float().abs().amax(2)))
+            # the quantizers against the PyTorch quantization (same math; ties may round apart: x·(mul/scale) is
+            # one multiply where the reference divides), and the linear branch the pass over Q writes
+            lo = nan()
+            qt = sage_quantize_triton(q, k, v, 64, 128, **mom, linear=(m, z, b.float()), linear_out=lo)
+            qr = sage_quantize_reference(q, k, v, 64, 128)
+            diffs = [(qt[x][:, :, :n].int() - qr[x].int()).abs() for x in ("q", "k")]
+            r["int8_max_off"] = max(int(t.max()) for t in diffs)
+            r["int8_frac_off"] = [float((t > 0).float().mean()) for t in diffs]
+            r["pad_zero"] = bool((qt["q"][:, :, n:] == 0).all() and (qt["k"][:, :, n:] == 0).all())
+            r["scales"] = max(rel(qt["q_scale"], qr["q_scale"]), rel(qt["k_scale"], qr["k_scale"]))
+            # pooled means of Q and of smoothed K (near 0 where one block holds every token): max error over max |x|
+            amax_err = lambda a, ref, x: float((a - ref).abs().max() / x.float().abs().max())
+            r["pools"] = max(amax_err(qt["q_pool"], block_mean(q.float(), 64), q),
+                             amax_err(qt["k_pool"], block_mean(k.float() - k.float().mean(2, keepdim=True), 128), k))
+            r["linear_pre"] = rel(lo, linear_branch_reference(q, k, v, w, b))
+            r["linear_pre_nan"] = bool(lo.isnan().any())
         out.append(r)
     print("RESULT" + json.dumps(out))
 """)
@@ -305,6 +321,9 @@ def test_triton_kernels_match_references_interpreted(interpreted, case):
         assert not r["sparse_nan"], r
         assert r["sage_sla"] <= tol and r["sla"] <= 1e-2, r
         assert r["stats"] <= 1e-2, r  # φ goes to bf16 before its dots (M, and z through a dot with ones)
+        assert r["int8_max_off"] <= 1 and max(r["int8_frac_off"]) <= 1e-2 and r["pad_zero"], r
+        assert r["scales"] <= 1e-6 and r["pools"] <= 1e-5, r
+        assert not r["linear_pre_nan"] and r["linear_pre"] <= 1e-2, r  # φ(q) goes to bf16 before its dot with M
 
 
 # ------------------------------------------------------------------------------------------------ GPU

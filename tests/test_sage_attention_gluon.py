@@ -106,6 +106,16 @@ _FALLBACK_SCRIPT = textwrap.dedent("""
     G.sage_attention_gluon = broken
     q, k, v = structured_qkv(1, 2, 100, 64, torch.bfloat16, seed=3)
     r = {"choice_before": sage_kernel_for(q, 64, 128)}
+    # sage_sla: the pass over Q has written the linear branch into out before the Gluon launch fails; the Triton
+    # kernel must still give the whole result
+    from turbocompile.kernels.sage_sla import sage_sla_reference, sage_sla_triton
+    w, b = torch.randn(64, 64) * 0.05, torch.randn(64) * 0.05
+    o = sage_sla_triton(q, k, v, w, b, 0.5, 64, 128, out=torch.full_like(q, float("nan")))
+    ref = sage_sla_reference(q, k, v, w, b, 0.5, 64, 128)
+    r["sla_rel"] = float((o.double() - ref.double()).norm() / ref.double().norm())
+    r["sla_nan"] = bool(o.isnan().any())
+    r["sla_disabled"] = G.GUARD.disabled
+    G.GUARD.disabled = None
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
     o = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant, out=torch.full_like(q, float("nan")))
     ref = block_attention_reference(q, k, v, None, 64, 128, sage=True)
@@ -130,6 +140,8 @@ def test_failed_first_gluon_launch_falls_back_to_triton_interpreted():
     r, stderr = _run_interpreted(_FALLBACK_SCRIPT)
     assert r["choice_before"] == "gluon" and r["choice_after"] == "triton", r  # (supported() faked to say yes)
     assert not r["nan"] and r["rel"] <= 1e-2, r
+    assert not r["sla_nan"] and r["sla_rel"] <= 1e-2, r  # linear branch already in out, then the fallback
+    assert r["sla_disabled"].startswith("AttributeError: async_copy_global_to_shared"), r
     assert r["disabled"].startswith("AttributeError: async_copy_global_to_shared has been removed"), r
     assert r["after_success"] == "raised", r
     assert "using the Triton kernel from now on" in stderr
