@@ -290,43 +290,65 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_M, LIN_Z, LIN_B, LIN_OUT,
-                           stride_xb, stride_xh, stride_xl, stride_ob, stride_oh, stride_ol, H, L, L_PAD, NBLK, mul,
-                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                           LINEAR: tl.constexpr, EMULATE: tl.constexpr):
-        """One token block: subtract the token mean (K), pool, scale by ``mul``, quantize to int8 with one scale.
+                           stride_xb, stride_xh, stride_xl, stride_ob, stride_oh, stride_ol, H, L, L_PAD, NBLK,
+                           BPP, mul, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
+                           LINEAR: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
+        """``BPP`` consecutive token blocks of one head: subtract the token mean (K), pool, scale by ``mul``,
+        quantize to int8 with one scale per block.
 
-        Few instructions per element, so the pass runs at the copy bandwidth instead of the issue rate: the scale
-        of ``x·mul`` comes from ``amax(|x|)·mul`` (rounding is monotonic, so the same number), ``x·mul/scale`` is
-        one multiply by a per-block factor, and round-half-away is ``trunc(y ± 0.5)`` with the sign copied by a
-        bit operation (no floor, no select, no clamp: |y| ≤ 127 by construction).
+        Built to run at the copy bandwidth: several blocks per program, so Triton's pipeliner has the next block's
+        load in flight during this one's arithmetic, and few instructions per element: the scale of ``x·mul``
+        comes from ``amax(|x|)·mul`` (rounding is monotonic, so the same number), ``x·mul/scale`` is one multiply
+        by a per-block factor, round-half-away is ``trunc(y ± 0.5)`` with the sign copied by a bit operation (no
+        floor, no select, no clamp: |y| ≤ 127 by construction).
 
         LINEAR (Q of ``sage_sla``): also write the SLA linear branch ``φ(x)·M / (φ(x)·z + 1e-5) + b`` of these
         rows (φ = softmax over head_dim of the raw query) to LIN_OUT, where the attention kernel adds it to the
-        sparse output; this pass reads the query anyway, and the attention epilogue is the critical path."""
+        sparse output; this pass reads the query anyway, and the attention epilogue is the critical path. The
+        head's M is loaded once per program, for all its blocks."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-        x, rows, cols = _load_block(X, bh, H, stride_xb, stride_xh, stride_xl, BLK, HEAD_DIM, L)
-        row_ok = (rows < L)[:, None]
+        cols = tl.arange(0, HEAD_DIM)
+        x_base = X + (bh // H) * stride_xb + (bh % H) * stride_xh
         if LINEAR:
-            e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
-            phi = e * (1.0 / tl.sum(e, 1))[:, None]
-            den = tl.sum(phi * tl.load(LIN_Z + bh * HEAD_DIM + cols)[None, :], 1) + 1e-5
-            m = tl.load(LIN_M + bh * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
-            lin = _dot16(phi.to(tl.bfloat16), m, EMULATE)
-            lin = lin * (1.0 / den)[:, None] + tl.load(LIN_B + cols)[None, :]
-            tl.store(LIN_OUT + (bh // H) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ol
-                     + cols[None, :], lin.to(LIN_OUT.dtype.element_ty), mask=row_ok)
+            lin_z = tl.load(LIN_Z + bh * HEAD_DIM + cols)
+            lin_b = tl.load(LIN_B + cols)
         if HAS_MEAN:
-            x = tl.where(row_ok, x - tl.load(MEAN + bh * HEAD_DIM + cols)[None, :], 0.0)
-        if pid < NBLK:
-            n_valid = tl.minimum(L - pid * BLK, BLK).to(tl.float32)
-            tl.store(POOL + (bh * NBLK + pid) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
-        scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) * mul, 1e-6) / 127.0
-        y = x * (mul / scale)
-        half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)  # ±0.5
-        tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], (y + half).to(tl.int8))
-        if pid < NBLK:
-            tl.store(SCALE + bh * NBLK + pid, scale)
+            mean = tl.load(MEAN + bh * HEAD_DIM + cols)
+        first = pid * BPP
+        last = tl.minimum(first + BPP, L_PAD // BLK)
+        rows = first * BLK + tl.arange(0, BLK)
+        nxt = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=(rows < L)[:, None], other=0.0)
+        for blk in range(first, last):
+            rows = blk * BLK + tl.arange(0, BLK)
+            row_ok = (rows < L)[:, None]
+            if PREFETCH:  # the next block's load in flight during this one's arithmetic (registers, by hand)
+                x = nxt.to(tl.float32)
+                nxt = tl.load(x_base + (rows + BLK)[:, None] * stride_xl + cols[None, :],
+                              mask=((rows + BLK) < L)[:, None] & (blk + 1 < last), other=0.0)
+            else:
+                x = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=row_ok, other=0.0)
+                x = x.to(tl.float32)
+            if LINEAR:
+                e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
+                phi = e * (1.0 / tl.sum(e, 1))[:, None]
+                den = tl.sum(phi * lin_z[None, :], 1) + 1e-5
+                # M is loaded per block (an L2 hit): the pipeliner copies it straight into the dot's shared memory,
+                # where a loop-invariant M would sit in 64 registers per thread and be copied over every block
+                m = tl.load(LIN_M + bh * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
+                lin = _dot16(phi.to(tl.bfloat16), m, EMULATE) * (1.0 / den)[:, None] + lin_b[None, :]
+                tl.store(LIN_OUT + (bh // H) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ol
+                         + cols[None, :], lin.to(LIN_OUT.dtype.element_ty), mask=row_ok)
+            if HAS_MEAN:
+                x = tl.where(row_ok, x - mean[None, :], 0.0)
+            scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) * mul, 1e-6) / 127.0
+            y = x * (mul / scale)
+            half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)  # ±.5
+            tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], (y + half).to(tl.int8))
+            if blk < NBLK:
+                n_valid = tl.minimum(L - blk * BLK, BLK).to(tl.float32)
+                tl.store(POOL + (bh * NBLK + blk) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
+                tl.store(SCALE + bh * NBLK + blk, scale)
 
     @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
@@ -513,8 +535,14 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     return out
 
 
-#: warps of the int8 quantizer per token-block size (and with the linear branch): 64 fp32 values per thread.
-QUANT_WARPS = {64: 4, 128: 8, (64, "linear"): 8, (128, "linear"): 8}
+#: (warps, pipeline stages, token blocks per program, register prefetch of the next block) of the int8
+#: quantizer, per (token-block size, with the SLA linear branch). Several blocks per program let the next block's
+#: load overlap this one's arithmetic (by hand in registers, or by Triton's pipeliner where the block feeds a
+#: dot: the linear branch) and, with the branch, amortise loading its M. Tuned on an H200 (docs/kernels-attention.md).
+QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool]] = {
+    (64, False): (4, 1, 8, True), (128, False): (8, 1, 8, True),
+    (64, True): (8, 2, 8, False), (128, True): (8, 2, 8, False),
+}
 
 
 def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Tensor, scale: torch.Tensor,
@@ -527,11 +555,12 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
     n_pad = xq.shape[2]
     lin_m, lin_z, lin_b = linear if linear is not None else (scale, scale, scale)
     lo = linear_out if linear_out is not None else x
-    _quant_int8_kernel[(n_pad // blk, b * h)](
+    warps, stages, bpp, prefetch = QUANT_CONFIGS[(blk, linear is not None)]
+    _quant_int8_kernel[(-(-(n_pad // blk) // bpp), b * h)](
         x, mean if mean is not None else scale, xq, scale, pool, lin_m, lin_z, lin_b, lo,
         x.stride(0), x.stride(1), x.stride(2), lo.stride(0), lo.stride(1), lo.stride(2), h, n, n_pad,
-        scale.shape[-1], mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, LINEAR=linear is not None,
-        EMULATE=_interpreting(), num_warps=QUANT_WARPS[(blk, "linear") if linear is not None else blk])
+        scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, LINEAR=linear is not None,
+        PREFETCH=prefetch, EMULATE=_interpreting(), num_warps=warps, num_stages=stages)
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:

@@ -229,6 +229,9 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
     ap.add_argument("--stats-configs", default="1,64,8;2,64,8;1,128,8",
                     help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
+    ap.add_argument("--quant-configs", default="",
+                    help="int8 quantizer configs to sweep, ';'-separated 'blk,linear:warps,stages,blocks,prefetch' "
+                         "(e.g. '64,1:8,2,8,0'), each timed and checked against the default's output")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     meta = bench_meta()
@@ -278,6 +281,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         del ref_lin, lo
         say(shape, "quantize K (int8, 128-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
+        _sweep_quant_configs(args.quant_configs, shape, q, k, quant, lin, say)
         for order in ("natural", "wgmma"):
             say(shape, f"quantize V (fp8, transposed, {order} order)", bench_ms(lambda: _quantize_v_into(
                 v, quant["v_scale"], quant["v"], order)), v.numel() * 3)
@@ -287,6 +291,41 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prologue_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover
+    """Time each int8 quantizer config of ``spec`` (see ``--quant-configs``); int8 and scales must equal the
+    default config's bit for bit, the linear branch within rounding."""
+    from . import sage_attention as sa
+
+    for item in filter(None, spec.split(";")):
+        key_s, cfg_s = item.split(":")
+        blk, linear = (int(t) for t in key_s.split(","))
+        w, st, bpp, pf = (int(t) for t in cfg_s.split(","))
+        key = (blk, bool(linear))
+        x, mean = (q, None) if blk == 64 else (k, quant["k_mean"])
+        mul = 1.0
+        outs = []
+        for cfg in (sa.QUANT_CONFIGS[key], (w, st, bpp, bool(pf))):
+            keep = sa.QUANT_CONFIGS[key]
+            sa.QUANT_CONFIGS[key] = cfg
+            try:
+                xq, sc, pool = torch.empty_like(quant["q" if blk == 64 else "k"]), torch.empty_like(
+                    quant["q_scale" if blk == 64 else "k_scale"]), torch.empty_like(quant["q_pool" if blk == 64 else "k_pool"])
+                lo = torch.empty_like(x) if linear else None
+                run = lambda: sa._quantize_int8_into(x, mean, xq, sc, pool, blk, mul,  # noqa: E731
+                                                     lin if linear else None, lo)
+                run()
+                outs.append((xq, sc, lo))
+                if len(outs) == 2:
+                    same = bool(torch.equal(outs[0][0], xq) and torch.equal(outs[0][1], sc))
+                    lin_err = float((lo.float() - outs[0][2].float()).norm() / outs[0][2].float().norm()) if linear else 0.0
+                    say(shape, f"quantize {'Q' if blk == 64 else 'K'}{'+lin' if linear else ''} cfg {cfg}",
+                        sa.bench_ms(run), x.numel() * (5 if linear else 3), same=float(same), lin_vs_default=lin_err)
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is reported
+                print(f"{shape:10} quantize cfg {item}: failed {exc}", flush=True)
+            finally:
+                sa.QUANT_CONFIGS[key] = keep
 
 
 if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
