@@ -325,7 +325,7 @@ if HAS_TRITON:
             if PREFETCH:  # the next block's load in flight during this one's arithmetic (registers, by hand)
                 x = nxt.to(tl.float32)
                 nxt = tl.load(x_base + (rows + BLK)[:, None] * stride_xl + cols[None, :],
-                              mask=((rows + BLK) < L)[:, None] & (blk + 1 < last), other=0.0)
+                              mask=((rows + BLK) < tl.minimum(L, last * BLK))[:, None], other=0.0)
             else:
                 x = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=row_ok, other=0.0)
                 x = x.to(tl.float32)

@@ -291,6 +291,18 @@ _INTERP_SCRIPT = textwrap.dedent("""
                              amax_err(qt["k_pool"], block_mean(k.float() - k.float().mean(2, keepdim=True), 128), k))
             r["linear_pre"] = rel(lo, linear_branch_reference(q, k, v, w, b))
             r["linear_pre_nan"] = bool(lo.isnan().any())
+            # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
+            # on and off, one block per program
+            import turbocompile.kernels.sage_attention as sa
+            keep, same = dict(sa.QUANT_CONFIGS), []
+            for bpp, pf in ((2, True), (2, False), (1, False)):
+                sa.QUANT_CONFIGS.update({key: (cfg[0], cfg[1], bpp, pf) for key, cfg in keep.items()})
+                lo2 = nan()
+                qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear=(m, z, b.float()), linear_out=lo2)
+                same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "q_pool",
+                                                                     "k_pool")) and torch.equal(lo, lo2))
+            sa.QUANT_CONFIGS.update(keep)
+            r["program_shapes_agree"] = same
         out.append(r)
     print("RESULT" + json.dumps(out))
 """)
@@ -324,6 +336,7 @@ def test_triton_kernels_match_references_interpreted(interpreted, case):
         assert r["int8_max_off"] <= 1 and max(r["int8_frac_off"]) <= 1e-2 and r["pad_zero"], r
         assert r["scales"] <= 1e-6 and r["pools"] <= 1e-5, r
         assert not r["linear_pre_nan"] and r["linear_pre"] <= 1e-2, r  # φ(q) goes to bf16 before its dot with M
+        assert all(r["program_shapes_agree"]), r
 
 
 # ------------------------------------------------------------------------------------------------ GPU
