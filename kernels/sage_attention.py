@@ -289,10 +289,10 @@ if HAS_TRITON:
         return x, rows, cols
 
     @triton.jit
-    def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_M, LIN_Z, LIN_B, LIN_OUT,
-                           stride_xb, stride_xh, stride_xl, stride_ob, stride_oh, stride_ol, H, L, L_PAD, NBLK,
-                           BPP, mul, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                           LINEAR: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr):
+    def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
+                           stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, BPP, mul,
+                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
+                           LINEAR: tl.constexpr, PREFETCH: tl.constexpr):
         """``BPP`` consecutive token blocks of one head: subtract the token mean (K), pool, scale by ``mul``,
         quantize to int8 with one scale per block.
 
@@ -302,17 +302,17 @@ if HAS_TRITON:
         by a per-block factor, round-half-away is ``trunc(y ± 0.5)`` with the sign copied by a bit operation (no
         floor, no select, no clamp: |y| ≤ 127 by construction).
 
-        LINEAR (Q of ``sage_sla``): also write the SLA linear branch ``φ(x)·M / (φ(x)·z + 1e-5) + b`` of these
-        rows (φ = softmax over head_dim of the raw query) to LIN_OUT, where the attention kernel adds it to the
-        sparse output; this pass reads the query anyway, and the attention epilogue is the critical path. The
-        head's M is loaded once per program, for all its blocks."""
+        LINEAR (Q of ``sage_sla``): also write ``φ(x) / (φ(x)·z + 1e-5)`` in bf16 to PHI [B·H, L_PAD, D] (φ =
+        softmax over head_dim of the raw query, z = Σφ(K)): the SLA linear branch short of its product with M,
+        which the Gluon attention epilogue then takes by TMA into one wgmma. This pass reads the query anyway;
+        the exponentials, row sums and register shuffles it takes here sat on the attention kernel's critical
+        path. (Doing the product with M here too was measured slower: docs/kernels-attention.md.)"""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         cols = tl.arange(0, HEAD_DIM)
         x_base = X + (bh // H) * stride_xb + (bh % H) * stride_xh
         if LINEAR:
             lin_z = tl.load(LIN_Z + bh * HEAD_DIM + cols)
-            lin_b = tl.load(LIN_B + cols)
         if HAS_MEAN:
             mean = tl.load(MEAN + bh * HEAD_DIM + cols)
         first = pid * BPP
@@ -329,16 +329,11 @@ if HAS_TRITON:
             else:
                 x = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=row_ok, other=0.0)
                 x = x.to(tl.float32)
-            if LINEAR:
+            if LINEAR:  # φ/den = e / (Σ e·z + 1e-5·Σ e), e = exp(x - max x): one reciprocal per row
                 e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
-                phi = e * (1.0 / tl.sum(e, 1))[:, None]
-                den = tl.sum(phi * lin_z[None, :], 1) + 1e-5
-                # M is loaded per block (an L2 hit): the pipeliner copies it straight into the dot's shared memory,
-                # where a loop-invariant M would sit in 64 registers per thread and be copied over every block
-                m = tl.load(LIN_M + bh * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
-                lin = _dot16(phi.to(tl.bfloat16), m, EMULATE) * (1.0 / den)[:, None] + lin_b[None, :]
-                tl.store(LIN_OUT + (bh // H) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ol
-                         + cols[None, :], lin.to(LIN_OUT.dtype.element_ty), mask=row_ok)
+                inv = 1.0 / (tl.sum(e * lin_z[None, :], 1) + 1e-5 * tl.sum(e, 1))
+                tl.store(PHI + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
+                         (e * inv[:, None]).to(tl.bfloat16))
             if HAS_MEAN:
                 x = tl.where(row_ok, x - mean[None, :], 0.0)
             scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) * mul, 1e-6) / 127.0
@@ -491,21 +486,19 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
                          k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None,
-                         v_order: str = "natural", linear: tuple | None = None,
-                         linear_out: torch.Tensor | None = None) -> dict:
+                         v_order: str = "natural", linear_z: torch.Tensor | None = None) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
     in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out
     padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks. ``v_order="wgmma"`` stores
     Vᵀ's keys permuted within each 32-key group for the Gluon kernel (``out["v_wgmma_order"]`` says which).
-    ``linear`` = (M, z, bias) of :func:`~.sla.linear_branch_stats` with ``linear_out`` (B, H, Lq, D): the pass over
-    Q also writes the SLA linear branch there (``out["linear_out"]``), for a kernel that adds it to its output.
+    ``linear_z`` (z = Σφ(K) [B·H, D] fp32 of :func:`~.sla.linear_branch_stats`): the pass over Q also writes
+    ``out["lin_phi"] = φ(q)/(φ(q)·z + 1e-5)`` [B, H, Lq_pad, D] bf16, the SLA linear branch short of its
+    product with M, which the Gluon kernel's epilogue takes by TMA.
     """
     if v_order not in ("natural", "wgmma"):
         raise ValueError(f"v_order must be 'natural' or 'wgmma', not {v_order!r}")
-    if (linear is None) != (linear_out is None):
-        raise ValueError("linear and linear_out go together")
     b, h, lq, d = q.shape
     lk = k.shape[2]
     dev = q.device
@@ -526,41 +519,41 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "k_scale": torch.empty((b, h, nk), dtype=torch.float32, device=dev),
         "k_pool": torch.empty((b, h, nk, d), dtype=torch.float32, device=dev),
         "v": torch.empty((b, h, d, lk_pad), dtype=torch.float8_e4m3fn, device=dev),
-        "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma", "linear_out": linear_out,
+        "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
+        "lin_phi": None if linear_z is None else torch.empty((b, h, lq_pad, d), dtype=torch.bfloat16, device=dev),
     }
     _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E,
-                        linear, linear_out)
+                        linear_z, out["lin_phi"])
     _quantize_int8_into(k, k_mean, out["k"], out["k_scale"], out["k_pool"], blk_k, 1.0)
     _quantize_v_into(v, v_scale, out["v"], v_order)
     return out
 
 
 #: (warps, pipeline stages, token blocks per program, register prefetch of the next block) of the int8
-#: quantizer, per (token-block size, with the SLA linear branch). Several blocks per program let the next block's
-#: load overlap this one's arithmetic (by hand in registers, or by Triton's pipeliner where the block feeds a
-#: dot: the linear branch) and, with the branch, amortise loading its M. Tuned on an H200 (docs/kernels-attention.md).
+#: quantizer, per (token-block size, writing φ(q)/den for the linear branch). Swept on an H200 (2026-11-27,
+#: docs/kernels-attention.md): 4 warps beat 8 (K: 0.070 against 0.085 ms at 1.3B@480p), and 8 blocks per program
+#: with the next block's load prefetched in registers beat one block per program for K (0.070 against 0.116 ms).
 QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool]] = {
-    (64, False): (4, 1, 8, True), (128, False): (8, 1, 8, True),
-    (64, True): (8, 2, 8, False), (128, True): (8, 2, 8, False),
+    (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
+    (64, True): (4, 1, 8, True), (128, True): (4, 1, 8, True),
 }
 
 
 def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Tensor, scale: torch.Tensor,
-                        pool: torch.Tensor, blk: int, mul: float, linear: tuple | None = None,
-                        linear_out: torch.Tensor | None = None) -> None:
+                        pool: torch.Tensor, blk: int, mul: float, linear_z: torch.Tensor | None = None,
+                        phi: torch.Tensor | None = None) -> None:
     """x [B, H, L, D] (minus the token ``mean`` [B, H, D] if given) -> pooled block means ``pool``, then x·mul
-    -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block; with ``linear`` = (M, z, bias)
-    also the SLA linear branch of x's rows into ``linear_out`` [B, H, L, D]."""
+    -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block; with ``linear_z`` (z = Σφ(K),
+    [B·H, D] fp32) also ``φ(x)/(φ(x)·z + 1e-5)`` into ``phi`` [B, H, L_pad, D] bf16."""
     b, h, n, d = x.shape
     n_pad = xq.shape[2]
-    lin_m, lin_z, lin_b = linear if linear is not None else (scale, scale, scale)
-    lo = linear_out if linear_out is not None else x
-    warps, stages, bpp, prefetch = QUANT_CONFIGS[(blk, linear is not None)]
+    warps, stages, bpp, prefetch = QUANT_CONFIGS[(blk, linear_z is not None)]
     _quant_int8_kernel[(-(-(n_pad // blk) // bpp), b * h)](
-        x, mean if mean is not None else scale, xq, scale, pool, lin_m, lin_z, lin_b, lo,
-        x.stride(0), x.stride(1), x.stride(2), lo.stride(0), lo.stride(1), lo.stride(2), h, n, n_pad,
-        scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d, HAS_MEAN=mean is not None, LINEAR=linear is not None,
-        PREFETCH=prefetch, EMULATE=_interpreting(), num_warps=warps, num_stages=stages)
+        x, mean if mean is not None else scale, xq, scale, pool,
+        linear_z if linear_z is not None else scale, phi if phi is not None else xq,
+        x.stride(0), x.stride(1), x.stride(2), h, n, n_pad, scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d,
+        HAS_MEAN=mean is not None, LINEAR=linear_z is not None, PREFETCH=prefetch, num_warps=warps,
+        num_stages=stages)
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:
@@ -611,8 +604,7 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
     """Launch the attention kernel: dense (lut None) or block-sparse, Sage (INT8/FP8) or plain (input dtype).
 
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) fuses the SLA linear branch into the epilogue
-    (the Gluon kernel adds it from ``out`` instead where ``quant["linear_out"]`` is ``out``: the Q quantizer wrote
-    it there; a fallback to the Triton kernel computes it again and overwrites ``out``).
+    (the Gluon kernel takes φ(q)/den from ``quant["lin_phi"]`` where the Q quantizer wrote it).
     ``quant`` reuses a :func:`sage_quantize_triton` result. ``config`` = (BLOCK_M, BLOCK_N, warps, stages).
     ``out`` is written in place when given (tests poison it to prove every element is written). ``kernel`` picks
     the Sage kernel ("triton" or "gluon"; default :func:`sage_kernel_for`); a given ``quant`` must carry Vᵀ in the
@@ -640,11 +632,9 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
             from . import sage_attention_gluon as gluon_attn
 
             o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
-            # The Q quantizer may have written the linear branch into out already: then the kernel adds it.
-            add_out = linear is not None and quant.get("linear_out") is not None and quant["linear_out"] is o
             try:
-                return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q,
-                                                       linear=None if add_out else linear, add_out=add_out)
+                return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear,
+                                                       lin_phi=quant.get("lin_phi"))
             except Exception as exc:
                 if not gluon_attn.GUARD.launch_failed(exc):
                     raise

@@ -126,12 +126,12 @@ if gluon is not None:
 
     @gluon.jit
     def _sage_attn_fwd_gluon(
-        q_desc, k_desc, v_desc, m_desc,
+        q_desc, k_desc, v_desc, m_desc, p_desc,
         QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, ADD_OUT: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
@@ -145,7 +145,9 @@ if gluon is not None:
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
         gl.static_assert(not (LINEAR and M_IN_STAGES) or NUM_STAGES * BN >= 2 * HEAD_DIM,
                          "M (bf16 DxD) must fit K's stages")
-        gl.static_assert(not (LINEAR and ADD_OUT), "the linear branch is either computed here or added from O")
+        gl.static_assert(not PHI_PRE or (LINEAR and M_IN_STAGES and (NUM_STAGES - 1) * BN >= 2 * HEAD_DIM
+                                         and BN * HEAD_DIM >= 2 * BM * HEAD_DIM),
+                         "φ(q)/den goes to K's last stage, M to the ones before it")
 
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
@@ -190,6 +192,11 @@ if gluon is not None:
                     m_s = k_s.reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 else:
                     m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+                if PHI_PRE:  # the quantizer's φ(q)/den tile, in K's last stage
+                    if PUBLIC_REINTERPRET:
+                        phi_s = k_s.index(NUM_STAGES - 1).reinterpret(p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
+                    else:
+                        phi_s = k_s.index(NUM_STAGES - 1)._reinterpret(p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
             else:
                 m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
@@ -236,7 +243,11 @@ if gluon is not None:
             mbarrier.invalidate(ready.index(i))
         if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
             fence_async_shared()
-            mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
+            if PHI_PRE:
+                mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
+                tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
+            else:
+                mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
             tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
@@ -244,10 +255,15 @@ if gluon is not None:
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
         offs_m = pid_m * BM + gl.arange(0, BM, layout=row_o)
         row_ok = gl.expand_dims(offs_m < Lq, 1)
-        if ADD_OUT:  # O already holds the SLA linear branch (written by the Q quantizer): add it
-            o = o + gl.load(O + b * stride_ob + h * stride_oh + gl.expand_dims(offs_m, 1) * stride_ol
-                            + gl.expand_dims(offs_d, 0), mask=row_ok, other=0.0).to(gl.float32)
-        if LINEAR:
+        if LINEAR and PHI_PRE:
+            # o += (φ(q)/den)·M + bias with φ(q)/den from the Q quantizer (both operands by TMA: no exp, reduction
+            # or register shuffle here)
+            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                                 instr_shape=[16, HEAD_DIM, 16])
+            mbarrier.wait(aux.index(1), 0)
+            lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
+            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+        elif LINEAR:
             # o += (φ(q)·M) / (φ(q)·z + 1e-5) + bias, φ = softmax over head_dim of the raw (bf16) query
             r = gl.load(QRAW + b * stride_rb + h * stride_rh + gl.expand_dims(offs_m, 1) * stride_rl
                         + gl.expand_dims(offs_d, 0), mask=row_ok, other=0.0).to(gl.float32)
@@ -303,15 +319,13 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
-                         m_in_stages: bool = M_IN_STAGES, add_out: bool = False) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
-    linear branch; ``add_out`` instead adds what ``out`` holds on entry (the branch, written there by the Q
-    quantizer: ``sage_quantize_triton(..., linear=, linear_out=out)``)."""
-    if add_out and linear is not None:
-        raise ValueError("add_out adds a linear branch already in out: pass linear=None with it")
+    linear branch. ``lin_phi`` [B, H, Lq_pad, D] bf16, ``φ(q)/(φ(q)·z + 1e-5)`` from the Q quantizer
+    (``sage_quantize_triton(..., linear_z=z)``), spares the epilogue computing it from ``q_raw``."""
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -329,9 +343,16 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     m_in_stages = m_in_stages and num_stages * block_n >= 2 * d  # else M gets its own buffer
     k_desc = TensorDescriptor.from_tensor(k2, [block_n, d], lay([block_n, d], gl.int8))
     v_desc = TensorDescriptor.from_tensor(v2, [d, block_n], lay([d, block_n], gl.float8e4nv))
+    phi_pre = linear is not None and lin_phi is not None and m_in_stages and block_m == 64 and (
+        (num_stages - 1) * block_n >= 2 * d) and block_n >= 2 * block_m  # φ/den and M fit K's stages (else
+    # the epilogue computes φ from q_raw)
+    p_desc = None
     if linear is not None:
         lin_m, lin_z, lin_b = linear
         m_desc = TensorDescriptor.from_tensor(lin_m.reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
+        if phi_pre:
+            p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [block_m, d],
+                                                  lay([block_m, d], gl.bfloat16))
         qr = q_raw
     else:
         lin_z = lin_b = quant["v_scale"]  # unused
@@ -342,18 +363,18 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     mq_lut = lut.shape[2] if lut is not None else 0
     grid = (-(-lq // block_m), b * h)
     _sage_attn_fwd_gluon[grid](
-        q_desc, k_desc, v_desc, m_desc,
+        q_desc, k_desc, v_desc, m_desc, p_desc or m_desc,
         quant["q_scale"], quant["k_scale"], quant["v_scale"], lut_t, out, qr, lin_z, lin_b,
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, ADD_OUT=add_out, num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, add_out: bool = False):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False):
     """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
     registers, spills and wgmma-serialization warnings before any device time is spent)."""
     import triton
@@ -365,11 +386,13 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
     q_desc = f"tensordesc<i8[{block_m}, {d}],{lay([block_m, d], gl.int8)!r}>"
     sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc}
+           "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc,
+           "p_desc": f"tensordesc<bf16[{block_m}, {d}],{lay([block_m, d], gl.bfloat16)!r}>" if phi_pre else q_desc}
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
             "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "ADD_OUT": add_out, "num_warps": block_m // 16}
+              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre,
+              "num_warps": block_m // 16}
     names = _sage_attn_fwd_gluon.arg_names
     for name in names:
         sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
@@ -381,7 +404,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}, {"add_out": True}]
+BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}, {"phi_pre": True}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -436,23 +459,21 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
             for var in BENCH_VARIANTS:
-                kw = {k_: v_ for k_, v_ in var.items() if k_ != "linear_off"}
+                kw = {k_: v_ for k_, v_ in var.items() if k_ not in ("linear_off", "phi_pre")}
                 if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and (
-                        "linear_off" in var or "add_out" in var)):
+                        "linear_off" in var or "phi_pre" in var)):
                     continue
-                # linear_off: what the fused linear epilogue costs; add_out: the branch precomputed by the Q
-                # quantizer into o, added by the epilogue (the timed calls add onto their own output, harmless)
-                lin_v = None if var.get("linear_off") or var.get("add_out") else li
+                # linear_off: what the fused linear epilogue costs; phi_pre: φ(q)/den from the Q quantizer (what
+                # sage_sla runs), against the default computing it from the raw query
+                lin_v = None if var.get("linear_off") else li
+                if var.get("phi_pre"):
+                    kw["lin_phi"] = sage_quantize_triton(q, k, v, *blks, **moments, v_order="wgmma",
+                                                         linear_z=lin[1])["lin_phi"]
                 name = ",".join(f"{k_}={v_}" for k_, v_ in var.items()) or "default"
                 o = torch.full_like(q, float("nan"))
                 fn = lambda: sage_attention_gluon(qg, n, n, o, lut, *blks, q_raw=q, linear=lin_v, **kw)  # noqa: E731
                 try:
-                    if var.get("add_out"):
-                        o.zero_()
                     ms = bench_ms(fn)
-                    if var.get("add_out"):  # the branch into o, then one call, for the check below
-                        sage_quantize_triton(q, k, v, *blks, **moments, v_order="wgmma", linear=li, linear_out=o)
-                        fn()
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
                     print(f"{shape:10} {mode:10} gluon {name}: failed {exc}", flush=True)
                     continue

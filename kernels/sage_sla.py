@@ -9,9 +9,10 @@ from the fused quantization kernel (one pass over Q and K serves both).
 
 GPU pipeline per call: (1) one Triton pass over K and V for ``φ(K)ᵀV``, ``Σφ(K)``, the token mean of K and the
 channel amax of V, and the [D, D] fold with ``proj_weight``; (2) Triton quantization of Q, K (with pooling) and V
-(FP8, transposed), where on sm_90 the pass over Q also writes the linear branch into the output; (3) top-k LUT
-from the pooled means; (4) the sparse Sage attention kernel, which adds the linear branch in its epilogue (the
-Gluon kernel reads it from the output, the Triton kernel computes it there). The CPU implementation is :func:`sage_sla_reference` (same quantization emulated in PyTorch).
+(FP8, transposed), where on sm_90 the pass over Q also writes ``φ(q)/(φ(q)·z + 1e-5)``; (3) top-k LUT from the
+pooled means; (4) the sparse Sage attention kernel with the linear branch in its epilogue (the Gluon kernel
+multiplies the quantizer's φ(q)/den by M, the Triton kernel computes it all there). The CPU implementation is
+:func:`sage_sla_reference` (same quantization emulated in PyTorch).
 
 ``python -m turbocompile.kernels.sage_sla --bench`` runs the GPU benchmark of all three attention ops.
 """
@@ -64,12 +65,10 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
     under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
     lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
-    pre = {}
-    if kernel == "gluon":  # the pass over Q writes the linear branch into out; the kernel's epilogue adds it
-        out = torch.empty_like(q) if out is None else out
-        pre = {"linear": lin, "linear_out": out}
-    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if kernel == "gluon" else "natural",
-                                 **pre)
+    # on the Gluon path the pass over Q also writes φ(q)/den, which the kernel's epilogue multiplies by M
+    gluon = kernel == "gluon"
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
+                                 linear_z=lin[1] if gluon else None)
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,

@@ -230,8 +230,8 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     ap.add_argument("--stats-configs", default="1,64,8;2,64,8;1,128,8",
                     help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
     ap.add_argument("--quant-configs", default="",
-                    help="int8 quantizer configs to sweep, ';'-separated 'blk,linear:warps,stages,blocks,prefetch' "
-                         "(e.g. '64,1:8,2,8,0'), each timed and checked against the default's output")
+                    help="int8 quantizer configs to sweep, ';'-separated 'blk,phi:warps,stages,blocks,prefetch' "
+                         "(e.g. '64,1:8,1,8,1'), each timed and checked against the default's output")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     meta = bench_meta()
@@ -272,13 +272,14 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0)), q.numel() * 3)
         lin = linear_branch_stats(k, v, w, bias)[0]
-        lo = torch.empty_like(q)
+        phi = torch.empty(quant["q"].shape, dtype=torch.bfloat16, device=q.device)
         ms = bench_ms(lambda: _quantize_int8_into(q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0,
-                                                  lin, lo))
-        ref_lin = linear_branch_reference(q, k, v, w, bias)
-        say(shape, "quantize Q + linear branch into the output", ms, q.numel() * 5,
-            linear=float((lo.float() - ref_lin).norm() / ref_lin.norm()))
-        del ref_lin, lo
+                                                  lin[1], phi))
+        phi_ref = torch.softmax(q.float(), dim=-1)
+        phi_ref = phi_ref / (phi_ref @ lin[1].view(b, h, d, 1) + 1e-5)
+        say(shape, "quantize Q + φ(q)/den for the linear branch", ms, q.numel() * 5,
+            phi=float((phi[:, :, :n].float() - phi_ref).norm() / phi_ref.norm()))
+        del phi_ref, phi
         say(shape, "quantize K (int8, 128-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
             k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
         _sweep_quant_configs(args.quant_configs, shape, q, k, quant, lin, say)
@@ -295,7 +296,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
 def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover
     """Time each int8 quantizer config of ``spec`` (see ``--quant-configs``); int8 and scales must equal the
-    default config's bit for bit, the linear branch within rounding."""
+    default config's bit for bit (and φ(q)/den with it)."""
     from . import sage_attention as sa
 
     for item in filter(None, spec.split(";")):
@@ -312,16 +313,16 @@ def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, s
             try:
                 xq, sc, pool = torch.empty_like(quant["q" if blk == 64 else "k"]), torch.empty_like(
                     quant["q_scale" if blk == 64 else "k_scale"]), torch.empty_like(quant["q_pool" if blk == 64 else "k_pool"])
-                lo = torch.empty_like(x) if linear else None
+                phi = torch.empty(xq.shape, dtype=torch.bfloat16, device=x.device) if linear else None
                 run = lambda: sa._quantize_int8_into(x, mean, xq, sc, pool, blk, mul,  # noqa: E731
-                                                     lin if linear else None, lo)
+                                                     lin[1] if linear else None, phi)
                 run()
-                outs.append((xq, sc, lo))
+                outs.append((xq, sc, phi))
                 if len(outs) == 2:
-                    same = bool(torch.equal(outs[0][0], xq) and torch.equal(outs[0][1], sc))
-                    lin_err = float((lo.float() - outs[0][2].float()).norm() / outs[0][2].float().norm()) if linear else 0.0
-                    say(shape, f"quantize {'Q' if blk == 64 else 'K'}{'+lin' if linear else ''} cfg {cfg}",
-                        sa.bench_ms(run), x.numel() * (5 if linear else 3), same=float(same), lin_vs_default=lin_err)
+                    same = bool(torch.equal(outs[0][0], xq) and torch.equal(outs[0][1], sc)
+                                and (not linear or torch.equal(outs[0][2], phi)))
+                    say(shape, f"quantize {'Q' if blk == 64 else 'K'}{'+φ' if linear else ''} cfg {cfg}",
+                        sa.bench_ms(run), x.numel() * (5 if linear else 3), same=float(same))
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is reported
                 print(f"{shape:10} quantize cfg {item}: failed {exc}", flush=True)
             finally:

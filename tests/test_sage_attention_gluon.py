@@ -229,8 +229,9 @@ def test_supported_says_why_not():
     assert why == ("tensors are on cpu" if ON_HOPPER else "Gluon's Hopper kernel needs an sm_90 GPU")
 
 
-@pytest.mark.parametrize("sparse,linear,block_m", [(True, True, 64), (False, False, 64), (False, False, 128)])
-def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, linear, block_m):
+@pytest.mark.parametrize("sparse,linear,block_m,phi_pre", [(True, True, 64, False), (True, True, 64, True),
+                                                           (False, False, 64, False), (False, False, 128, False)])
+def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, linear, block_m, phi_pre):
     """Compiled for sm_90a on the CPU: the FP8 P·V wgmma takes P from registers (no byte stores of P to shared
     memory, the Triton kernel's bottleneck), and the registers suffice (no stack frame, i.e. no spills, for the
     default 64-row tiles)."""
@@ -241,8 +242,11 @@ def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, lin
         pytest.skip("this Triton has no Gluon Hopper API")
     import triton
 
-    kernel = G.compile_for_sm90(sparse=sparse, linear=linear, block_m=block_m)
+    kernel = G.compile_for_sm90(sparse=sparse, linear=linear, block_m=block_m, phi_pre=phi_pre)
     ptx = kernel.asm["ptx"]
+    if phi_pre:  # the linear branch's φ(q)/den·M: one bf16 wgmma with both operands in shared memory
+        assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd", ptx), \
+            "the φ·M wgmma does not read φ from shared memory"
     assert ".target sm_90a" in ptx
     pv = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3 \{[^}]*\}, \{", ptx)
     assert pv, "the FP8 P·V wgmma does not read its A operand from registers"
