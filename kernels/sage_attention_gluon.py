@@ -226,6 +226,12 @@ if gluon is not None:
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
+            if PHI_PRE:
+                if j == n_tiles - 1:  # K's stages are free once the last scores are in: fetch M and φ/den now
+                    fence_async_shared()
+                    mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
+                    tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
+                    tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
@@ -241,13 +247,9 @@ if gluon is not None:
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
-        if LINEAR and M_IN_STAGES:  # every wgmma that read K is done (waited above)
+        if LINEAR and M_IN_STAGES and not PHI_PRE:  # every wgmma that read K is done (waited above)
             fence_async_shared()
-            if PHI_PRE:
-                mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
-                tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
-            else:
-                mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
+            mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
             tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)

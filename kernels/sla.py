@@ -90,6 +90,43 @@ if HAS_TRITON:
         tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
 
+    @triton.jit
+    def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, BIAS_OUT, n_chunks, BH,
+                                    n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, EMULATE: tl.constexpr):
+        """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
+        accuracy), and in the head's first program the moments summed over the chunks: one launch where PyTorch
+        needed nine small ones."""
+        bh = tl.program_id(0)
+        r0 = tl.program_id(1) * ROWS
+        rr = r0 + tl.arange(0, ROWS)
+        c = tl.arange(0, HEAD_DIM)
+        kv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        for i in range(n_chunks):
+            kv += tl.load(KV + ((i * BH + bh) * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :])
+        w_t = tl.load(W + c[None, :] * HEAD_DIM + c[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
+        if EMULATE:  # the CPU interpreter: fp32 dot, and round to nearest even by hand (its bf16 cast truncates)
+            m = tl.dot(kv, w_t, input_precision="ieee")
+            mi = m.to(tl.int32, bitcast=True)
+            m = ((mi + 0x7FFF + ((mi >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        else:
+            m = tl.dot(kv, w_t, input_precision="tf32x3")
+        tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
+        if r0 == 0:
+            z = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            for i in range(n_chunks):
+                part = (i * BH + bh) * HEAD_DIM
+                z += tl.load(Z + part + c)
+                ksum += tl.load(KSUM + part + c)
+                vmax = tl.maximum(vmax, tl.load(VMAX + part + c))
+            tl.store(Z_OUT + bh * HEAD_DIM + c, z)
+            tl.store(KMEAN + bh * HEAD_DIM + c, ksum / n_tokens)
+            tl.store(VAMAX + bh * HEAD_DIM + c, vmax)
+            if bh == 0:
+                tl.store(BIAS_OUT + c, tl.load(BIAS + c).to(tl.float32))
+
+
 def check_proj(q: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> None:
     """proj_l is a [D, D] weight and a [D] bias applied per head on the last dim."""
     d = q.shape[-1]
@@ -133,9 +170,16 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
         chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), num_warps=warps)
-    m = torch.matmul(kv.sum(0), proj_weight.float().t()).to(torch.bfloat16).contiguous()
-    moments = {"k_mean": (ksum.sum(0) / lk).view(b, h, d), "v_amax": vmax.amax(0).view(b, h, d)}
-    return (m, z.sum(0).contiguous(), proj_bias.float().contiguous()), moments
+    f32 = dict(dtype=torch.float32, device=k.device)
+    m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
+    z_sum, k_mean, v_amax = (torch.empty((b * h, d), **f32) for _ in range(3))
+    bias = torch.empty(d, **f32)
+    rows = 16
+    _linear_stats_finish_kernel[(b * h, d // rows)](kv, z, ksum, vmax, proj_weight.contiguous(),
+                                                    proj_bias.contiguous(), m, z_sum, k_mean, v_amax, bias, n_chunks,
+                                                    b * h, float(lk), HEAD_DIM=d, ROWS=rows,
+                                                    EMULATE=_interpreting(), num_warps=8)
+    return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d)}
 
 
 def sparse_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
