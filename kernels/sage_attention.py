@@ -29,6 +29,7 @@ shapes and times them against cuDNN / FLASH SDPA and FlexAttention (needs a CUDA
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -482,7 +483,8 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 
 def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
                          k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None,
-                         v_order: str = "natural", linear_z: torch.Tensor | None = None) -> dict:
+                         v_order: str = "natural", linear_z: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
@@ -503,10 +505,12 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     if k_mean is None:
         k_mean = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
     k_mean = k_mean.contiguous()
-    if v_amax is None:
-        vmin, vmax = torch.aminmax(v, dim=2)
-        v_amax = torch.maximum(vmax.float(), -vmin.float())
-    v_scale = (v_amax.float().clamp_min(_SCALE_FLOOR) / FP8_MAX).contiguous()
+    if v_scale is None:  # (given by the linear-statistics pass, which computes it from v_amax the same way)
+        if v_amax is None:
+            vmin, vmax = torch.aminmax(v, dim=2)
+            v_amax = torch.maximum(vmax.float(), -vmin.float())
+        v_scale = v_amax.float().clamp_min(_SCALE_FLOOR) / FP8_MAX
+    v_scale = v_scale.contiguous()
     out = {
         "q": torch.empty((b, h, lq_pad, d), dtype=torch.int8, device=dev),
         "q_scale": torch.empty((b, h, nq), dtype=torch.float32, device=dev),
@@ -535,6 +539,12 @@ QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132, an H100/H200's, off the GPU: the interpreter's programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Tensor, scale: torch.Tensor,
                         pool: torch.Tensor, blk: int, mul: float, linear_z: torch.Tensor | None = None,
                         phi: torch.Tensor | None = None) -> None:
@@ -544,6 +554,9 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
     b, h, n, d = x.shape
     n_pad = xq.shape[2]
     warps, stages, bpp, prefetch = QUANT_CONFIGS[(blk, linear_z is not None)]
+    # at most ``bpp`` blocks per program, fewer where that leaves under ~8 programs per SM (a half-empty last wave
+    # of long programs cost K 25% at 1.3B@480p)
+    bpp = max(1, min(bpp, round(n_pad // blk * b * h / (8 * _sm_count(x.device)))))
     _quant_int8_kernel[(-(-(n_pad // blk) // bpp), b * h)](
         x, mean if mean is not None else scale, xq, scale, pool,
         linear_z if linear_z is not None else scale, phi if phi is not None else xq,

@@ -91,7 +91,8 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, BIAS_OUT, n_chunks, BH,
+    def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT, n_chunks,
+                                    BH,
                                     n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, EMULATE: tl.constexpr):
         """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
         accuracy), and in the head's first program the moments summed over the chunks: one launch where PyTorch
@@ -123,6 +124,7 @@ if HAS_TRITON:
             tl.store(Z_OUT + bh * HEAD_DIM + c, z)
             tl.store(KMEAN + bh * HEAD_DIM + c, ksum / n_tokens)
             tl.store(VAMAX + bh * HEAD_DIM + c, vmax)
+            tl.store(VSCALE + bh * HEAD_DIM + c, tl.math.div_rn(tl.maximum(vmax, 1e-6), 448.0))  # FP8 V's scale
             if bh == 0:
                 tl.store(BIAS_OUT + c, tl.load(BIAS + c).to(tl.float32))
 
@@ -157,7 +159,8 @@ LINEAR_STATS_CONFIG: tuple[int, int, int] = (1, 64, 8)
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                         proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
     """One Triton pass over K and V. Returns what the fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16,
-    ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax"}`` [B, H, D] fp32."""
+    ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32
+    (``v_scale`` = FP8 V's per-channel scale, ``max(v_amax, 1e-6) / 448``)."""
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
     per_sm, block_l, warps = LINEAR_STATS_CONFIG
@@ -172,14 +175,16 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
         chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), num_warps=warps)
     f32 = dict(dtype=torch.float32, device=k.device)
     m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
-    z_sum, k_mean, v_amax = (torch.empty((b * h, d), **f32) for _ in range(3))
+    z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
     bias = torch.empty(d, **f32)
     rows = 16
     _linear_stats_finish_kernel[(b * h, d // rows)](kv, z, ksum, vmax, proj_weight.contiguous(),
-                                                    proj_bias.contiguous(), m, z_sum, k_mean, v_amax, bias, n_chunks,
+                                                    proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
+                                                    n_chunks,
                                                     b * h, float(lk), HEAD_DIM=d, ROWS=rows,
                                                     EMULATE=_interpreting(), num_warps=8)
-    return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d)}
+    return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
+                              "v_scale": v_scale.view(b, h, d)}
 
 
 def sparse_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,

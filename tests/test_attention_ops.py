@@ -248,6 +248,9 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from turbocompile.kernels.sage_sla import sage_sla_reference, sage_sla_triton
     from turbocompile.kernels.sla import linear_branch_stats, sla_reference, sla_triton
 
+    import turbocompile.kernels.sage_attention as sa
+    sa._sm_count = lambda device: 1  # as if on a small GPU: several token blocks per quantizer program
+
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -274,7 +277,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
             phi = torch.softmax(k.float(), dim=-1)
             r["stats"] = max(rel(m.float(), (torch.matmul(phi.transpose(-1, -2), v.float()) @ w.t()).reshape(m.shape)),
                              rel(z, phi.sum(2).reshape(z.shape)), rel(mom["k_mean"], k.float().mean(2)),
-                             rel(mom["v_amax"], v.float().abs().amax(2)))
+                             rel(mom["v_amax"], v.float().abs().amax(2)),
+                             rel(mom["v_scale"], v.float().abs().amax(2).clamp_min(1e-6) / 448))
             # the quantizers against the PyTorch quantization (same math; ties may round apart: x·(mul/scale) is
             # one multiply where the reference divides), and φ(q)/den, which the pass over Q writes for the
             # linear branch
@@ -295,7 +299,6 @@ _INTERP_SCRIPT = textwrap.dedent("""
             r["phi_nan"] = bool(qt["lin_phi"].isnan().any())
             # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
             # on and off, one block per program
-            import turbocompile.kernels.sage_attention as sa
             keep, same = dict(sa.QUANT_CONFIGS), []
             for bpp, pf in ((2, True), (2, False), (1, False)):
                 sa.QUANT_CONFIGS.update({key: (cfg[0], cfg[1], bpp, pf) for key, cfg in keep.items()})
