@@ -10,7 +10,10 @@ memory one byte per store (128 ``STS.U8`` per thread and 64x128 tile, plus barri
   32-key group (:func:`wgmma_key_order`, applied by the V quantizer) and P is relabelled, not moved;
 * K/V tiles arrive by TMA into a ring of ``NUM_STAGES`` shared-memory stages (Q once); LUT entries and K scales
   are loaded one tile ahead, so no load latency sits in front of a copy or a softmax;
-* the linear branch's [D, D] M is loaded after the loop into K's idle stages (no extra shared memory).
+* the linear branch's [D, D] M is loaded after the loop into K's idle stages (no extra shared memory); with
+  ``lin_phi`` (what ``sage_sla`` passes: φ(q)/(φ(q)·z + 1e-5) written by the Q quantizer) that tile comes by TMA
+  too, both are requested at the top of the last key tile, and the branch is one wgmma with both operands in
+  shared memory, instead of φ(q) computed from the raw query here.
 
 One warpgroup per program (64 query rows), 128-key tiles where the K block allows. The loop takes one tile at a
 time (scores, softmax, P·V, fold); two programs share an SM and interleave. An FA3-style loop (the next tile's
