@@ -288,11 +288,12 @@ if HAS_TRITON:
         """``BPP`` consecutive token blocks of one head: subtract the token mean (K), pool, scale by ``mul``,
         quantize to int8 with one scale per block.
 
-        Built to run at the copy bandwidth: several blocks per program, so Triton's pipeliner has the next block's
-        load in flight during this one's arithmetic, and few instructions per element: the scale of ``x·mul``
-        comes from ``amax(|x|)·mul`` (rounding is monotonic, so the same number), ``x·mul/scale`` is one multiply
-        by a per-block factor, round-half-away is ``trunc(y ± 0.5)`` with the sign copied by a bit operation (no
-        floor, no select, no clamp: |y| ≤ 127 by construction).
+        Built to get near the copy bandwidth: several blocks per program with PREFETCH loading the next block into
+        registers during this one's arithmetic (Triton's pipeliner leaves loops without a ``tl.dot`` alone), and
+        few instructions per element: the scale of ``x·mul`` comes from ``amax(|x|)·mul`` (rounding is monotonic,
+        so the same number), ``x·mul/scale`` is one multiply by a per-block factor, round-half-away is
+        ``trunc(y ± 0.5)`` with the sign copied by a bit operation (no floor, no select, no clamp: |y| ≤ 127 by
+        construction).
 
         LINEAR (Q of ``sage_sla``): also write ``φ(x) / (φ(x)·z + 1e-5)`` in bf16 to PHI [B·H, L_PAD, D] (φ =
         softmax over head_dim of the raw query, z = Σφ(K)): the SLA linear branch short of its product with M,
@@ -533,6 +534,7 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
 #: quantizer, per (token-block size, writing φ(q)/den for the linear branch). Swept on an H200 (2026-11-27,
 #: docs/kernels-attention.md): 4 warps beat 8 (K: 0.070 against 0.085 ms at 1.3B@480p), and 8 blocks per program
 #: with the next block's load prefetched in registers beat one block per program for K (0.070 against 0.116 ms).
+#: The blocks per program are a cap: :func:`_quantize_int8_into` lowers it to keep ~8 programs per SM.
 QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool]] = {
     (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
     (64, True): (4, 1, 8, True), (128, True): (4, 1, 8, True),

@@ -289,10 +289,10 @@ def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no
             fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin, quant=quant)  # noqa
             record(shape, "  stage: sparse kernel+lin epilogue [triton]", bench(fn), dense_flops)
             if "gluon" in kernels:
-                quant_g = sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma")
-                record(shape, "  stage: quantize+pool Q, K, V (wgmma V order)",
-                       bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma")),
-                       dense_flops)
+                quant_g = sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma", linear_z=lin[1])
+                record(shape, "  stage: quantize+pool Q (+φ/den), K, V (wgmma V order)",
+                       bench(lambda: sage_quantize_triton(q, k, v, *blk_sla, **moments, v_order="wgmma",
+                                                          linear_z=lin[1])), dense_flops)
                 fn = lambda: block_attention_triton(q, k, v, lut, *blk_sla, sage=True, linear=lin,  # noqa: E731
                                                     quant=quant_g)
                 o = fn()
