@@ -321,6 +321,19 @@ def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
     return None
 
 
+def _phi_fits(block_n: int, head_dim: int, num_stages: int = NUM_STAGES) -> bool:
+    """Whether M [D, D] and a φ/den tile [64, D] (bf16) fit K's idle stages after the loop: M in all but the last
+    stage, φ/den in the last."""
+    return (num_stages - 1) * block_n >= 2 * head_dim and block_n >= 128
+
+
+def uses_lin_phi(blk_k: int, head_dim: int) -> bool:
+    """Whether the kernel's default tiles take the SLA linear branch's φ(q)/den from the Q quantizer
+    (``sage_quantize_triton(..., linear_z=)``) for this K block; otherwise it computes φ from the raw query and
+    that pass would be wasted."""
+    return _phi_fits(BLOCK_N if blk_k % BLOCK_N == 0 else 64, head_dim)
+
+
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
@@ -348,9 +361,9 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     m_in_stages = m_in_stages and num_stages * block_n >= 2 * d  # else M gets its own buffer
     k_desc = TensorDescriptor.from_tensor(k2, [block_n, d], lay([block_n, d], gl.int8))
     v_desc = TensorDescriptor.from_tensor(v2, [d, block_n], lay([d, block_n], gl.float8e4nv))
-    phi_pre = linear is not None and lin_phi is not None and m_in_stages and block_m == 64 and (
-        (num_stages - 1) * block_n >= 2 * d) and block_n >= 2 * block_m  # φ/den and M fit K's stages (else
-    # the epilogue computes φ from q_raw)
+    # φ/den and M must fit K's stages (else the epilogue computes φ from q_raw)
+    phi_pre = (linear is not None and lin_phi is not None and m_in_stages and block_m == 64
+               and _phi_fits(block_n, d, num_stages))
     p_desc = None
     if linear is not None:
         lin_m, lin_z, lin_b = linear

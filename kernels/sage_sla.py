@@ -67,8 +67,11 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
     # on the Gluon path the pass over Q also writes φ(q)/den, which the kernel's epilogue multiplies by M
     gluon = kernel == "gluon"
+    if gluon:
+        from .sage_attention_gluon import uses_lin_phi
+    phi = gluon and uses_lin_phi(blk_k, q.shape[-1])
     quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
-                                 linear_z=lin[1] if gluon else None)
+                                 linear_z=lin[1] if phi else None)
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,

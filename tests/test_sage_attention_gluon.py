@@ -336,3 +336,11 @@ def test_gluon_sparse_with_linear_branch_matches_reference(n, d, blk_q, blk_k, t
     ref = sage_sla_reference(q, k, v, w, b, topk, blk_q, blk_k, lut=lut)
     assert _rel(o_g, ref) <= 1e-2, _rel(o_g, ref)
     assert _rel(o_g, o_t) <= 1e-2
+
+
+def test_lin_phi_is_requested_only_where_the_kernel_takes_it():
+    """sage_sla asks the Q quantizer for φ(q)/den only where the kernel's K stages hold it and M (128-key tiles);
+    with 64-key tiles the epilogue computes φ itself and that work would be wasted."""
+    assert G.uses_lin_phi(128, 128) and G.uses_lin_phi(128, 64) and G.uses_lin_phi(256, 128)
+    assert not G.uses_lin_phi(64, 128) and not G.uses_lin_phi(64, 64)
+    assert not G._phi_fits(128, 128, num_stages=2)  # M alone fills both stages
