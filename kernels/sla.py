@@ -10,8 +10,8 @@ that ``sage_sla`` shares.
 With zero ``proj_weight`` / ``proj_bias`` (SLA's zero-initialised ``proj_l``) it is plain block-sparse attention.
 
 On the GPU: the block map in PyTorch, one Triton pass over K and V for ``φ(K)ᵀV`` and ``Σφ(K)`` (split over token
-chunks, summed in PyTorch), ``M = (φ(K)ᵀV)·Wᵀ`` folded in a [D, D] product, and the sparse attention kernel of
-:mod:`.sage_attention` in bf16/fp16 with ``φ(q)·M / den + b`` fused into its epilogue. The CPU implementation is
+chunks), one small Triton launch that sums the chunks and folds ``M = (φ(K)ᵀV)·Wᵀ``, and the sparse attention
+kernel of :mod:`.sage_attention` in bf16/fp16 with ``φ(q)·M / den + b`` fused into its epilogue. The CPU implementation is
 the fp32 reference :func:`sla_reference`.
 
 ``python -m turbocompile.kernels.sla --bench`` benchmarks it (see :mod:`.sage_sla`).
