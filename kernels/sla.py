@@ -11,8 +11,8 @@ With zero ``proj_weight`` / ``proj_bias`` (SLA's zero-initialised ``proj_l``) it
 
 On the GPU: the block map in PyTorch, one Triton pass over K and V for ``φ(K)ᵀV`` and ``Σφ(K)`` (split over token
 chunks), one small Triton launch that sums the chunks and folds ``M = (φ(K)ᵀV)·Wᵀ``, and the sparse attention
-kernel of :mod:`.sage_attention` in bf16/fp16 with ``φ(q)·M / den + b`` fused into its epilogue. The CPU implementation is
-the fp32 reference :func:`sla_reference`.
+kernel of :mod:`.sage_attention` in bf16/fp16 with ``φ(q)·M / den + b`` fused into its epilogue. The CPU
+implementation is the fp32 reference :func:`sla_reference`.
 
 ``python -m turbocompile.kernels.sla --bench`` benchmarks it (see :mod:`.sage_sla`).
 """
