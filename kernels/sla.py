@@ -360,8 +360,8 @@ def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, s
             keep = sa.QUANT_CONFIGS[key]
             sa.QUANT_CONFIGS[key] = cfg
             try:
-                xq, sc, pool = torch.empty_like(quant["q" if blk == 64 else "k"]), torch.empty_like(
-                    quant["q_scale" if blk == 64 else "k_scale"]), torch.empty_like(quant["q_pool" if blk == 64 else "k_pool"])
+                name = "q" if blk == 64 else "k"
+                xq, sc, pool = (torch.empty_like(quant[name + suffix]) for suffix in ("", "_scale", "_pool"))
                 phi = torch.empty(xq.shape, dtype=torch.bfloat16, device=x.device) if linear else None
                 run = lambda: sa._quantize_int8_into(x, mean, xq, sc, pool, blk, mul,  # noqa: E731
                                                      lin[1] if linear else None, phi)
