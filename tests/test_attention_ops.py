@@ -298,7 +298,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
             r["phi"] = rel(qt["lin_phi"][:, :, :n], phi)
             r["phi_nan"] = bool(qt["lin_phi"].isnan().any())
             # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
-            # on and off, one block per program
+            # on and off, one block per program; and strided inputs
             keep, same = dict(sa.QUANT_CONFIGS), []
             for bpp, pf in ((2, True), (2, False), (1, False)):
                 sa.QUANT_CONFIGS.update({key: (cfg[0], cfg[1], bpp, pf) for key, cfg in keep.items()})
@@ -306,6 +306,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "q_pool",
                                                                      "k_pool", "lin_phi")))
             sa.QUANT_CONFIGS.update(keep)
+            # (B, H, L, D) views of (B, L, H, D) tensors, as the exported Wan graph passes them: same bytes
+            view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)
+            qt3 = sage_quantize_triton(view(q), view(k), view(v), 64, 128, **mom, linear_z=z)
+            same.append(all(torch.equal(qt[x], qt3[x]) for x in ("q", "k", "v", "q_scale", "k_scale", "q_pool",
+                                                                 "k_pool", "lin_phi")))
             r["program_shapes_agree"] = same
         out.append(r)
     print("RESULT" + json.dumps(out))
