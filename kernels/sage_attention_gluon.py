@@ -34,12 +34,12 @@ from turbocompile.errors import UnsupportedShapeError
 from .gluon_guard import GluonGuard
 
 from .gluon_hopper import (
-    PUBLIC_REINTERPRET,
     TensorDescriptor,
     fence_async_shared,
     gl,
     gluon,
     mbarrier,
+    reinterpret,
     tma_load,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -191,15 +191,9 @@ if gluon is not None:
                      k_row0, v_row0, i < n_tiles, NUM_STAGES)
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
-                if PUBLIC_REINTERPRET:
-                    m_s = k_s.reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
-                else:
-                    m_s = k_s._reinterpret(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+                m_s = reinterpret(k_s, m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 if PHI_PRE:  # the quantizer's φ(q)/den tile, in K's last stage
-                    if PUBLIC_REINTERPRET:
-                        phi_s = k_s.index(NUM_STAGES - 1).reinterpret(p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
-                    else:
-                        phi_s = k_s.index(NUM_STAGES - 1)._reinterpret(p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
+                    phi_s = reinterpret(k_s.index(NUM_STAGES - 1), p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
             else:
                 m_s = gl.allocate_shared_memory(m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
                 mbarrier.expect(aux.index(1), m_desc.block_type.nbytes)
