@@ -162,6 +162,8 @@ if gluon is not None:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, HEAD_DIM, 32])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])  # φ·M, bf16
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
@@ -257,8 +259,6 @@ if gluon is not None:
         if LINEAR and PHI_PRE:
             # o += (φ(q)/den)·M + bias with φ(q)/den from the Q quantizer (both operands by TMA: no exp, reduction
             # or register shuffle here)
-            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                 instr_shape=[16, HEAD_DIM, 16])
             mbarrier.wait(aux.index(1), 0)
             lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
             o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
@@ -269,8 +269,6 @@ if gluon is not None:
             e = gl.exp2((r - gl.expand_dims(gl.max(r, axis=1), 1)) * 1.4426950408889634)
             phi = e / gl.expand_dims(gl.sum(e, axis=1), 1)
             den = gl.sum(phi * gl.expand_dims(gl.load(LIN_Z + bh * HEAD_DIM + offs_d), 0), axis=1) + 1e-5
-            lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                 instr_shape=[16, HEAD_DIM, 16])
             phi_op = gl.convert_layout(phi.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=lin_layout,
                                                                                  k_width=2))
             mbarrier.wait(aux.index(1), 0)
