@@ -42,6 +42,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .quantize_activations import round_bits
     from .sage_attention import _dot16
 
     @triton.jit
@@ -105,10 +106,8 @@ if HAS_TRITON:
         for i in range(n_chunks):
             kv += tl.load(KV + ((i * BH + bh) * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :])
         w_t = tl.load(W + c[None, :] * HEAD_DIM + c[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
-        if EMULATE:  # the CPU interpreter: fp32 dot, and round to nearest even by hand (its bf16 cast truncates)
-            m = tl.dot(kv, w_t, input_precision="ieee")
-            mi = m.to(tl.int32, bitcast=True)
-            m = ((mi + 0x7FFF + ((mi >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        if EMULATE:  # the CPU interpreter: fp32 dot, pre-rounded to bf16 (its bf16 cast does not round to even)
+            m = round_bits(tl.dot(kv, w_t, input_precision="ieee"), 16)
         else:
             m = tl.dot(kv, w_t, input_precision="tf32x3")
         tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
