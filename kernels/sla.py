@@ -90,14 +90,13 @@ if HAS_TRITON:
         tl.store(KSUM + out * HEAD_DIM + cols, tl.sum(ksum, 0))
         tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
-
     @triton.jit
-    def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT, n_chunks,
-                                    BH,
-                                    n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, EMULATE: tl.constexpr):
+    def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT,
+                                    n_chunks, BH, n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                                    EMULATE: tl.constexpr):
         """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
-        accuracy), and in the head's first program the moments summed over the chunks: one launch where PyTorch
-        needed nine small ones."""
+        accuracy), and in the head's first program the moments summed over the chunks and FP8 V's scale: one launch
+        where PyTorch needed eleven small ones."""
         bh = tl.program_id(0)
         r0 = tl.program_id(1) * ROWS
         rr = r0 + tl.arange(0, ROWS)
@@ -176,12 +175,10 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
     z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
     bias = torch.empty(d, **f32)
-    rows = 16
-    _linear_stats_finish_kernel[(b * h, d // rows)](kv, z, ksum, vmax, proj_weight.contiguous(),
-                                                    proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
-                                                    n_chunks,
-                                                    b * h, float(lk), HEAD_DIM=d, ROWS=rows,
-                                                    EMULATE=_interpreting(), num_warps=8)
+    rows = 16  # rows of M per program: 8 warps, no spills (the 3xTF32 operands of 64 rows need 192 KB of shared memory)
+    _linear_stats_finish_kernel[(b * h, d // rows)](
+        kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
+        n_chunks, b * h, float(lk), HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), num_warps=8)
     return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
                               "v_scale": v_scale.view(b, h, d)}
 
