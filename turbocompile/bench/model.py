@@ -72,26 +72,24 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     def apply(*names: str) -> None:
         PassManager([BY_NAME[n] for n in names if n not in skip], ctx, (x, t, c)).run(prog)
 
-    def pass_rung(name: str, pass_name: str) -> torch.Tensor | None:
-        """Apply one pass and time its rung, or record that --skip-pass left it out."""
+    def pass_rung(name: str, pass_name: str) -> None:
+        """Time the rung of a pass just applied, or record that --skip-pass left it out."""
         if pass_name in skip:
             report.add(section, {"rung": name, "note": f"skipped (--skip-pass {pass_name})"})
-            return None
-        apply(pass_name)
-        return rung(name, lambda: prog(x, t, c))
+        else:
+            rung(name, lambda: prog(x, t, c))
 
     apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
     rung(RUNGS[1], lambda: prog(x, t, c))
+    apply("fuse_norms")
     pass_rung(RUNGS[2], "fuse_norms")
+    apply("fuse_projections")
     pass_rung(RUNGS[3], "fuse_projections")
     apply("linear_to_w8a8")
     del model  # the bf16 block weights are no longer referenced by the program
     if on_gpu:
         torch.cuda.empty_cache()
-    if "linear_to_w8a8" in skip:
-        report.add(section, {"rung": RUNGS[4], "note": "skipped (--skip-pass linear_to_w8a8)"})
-    else:
-        rung(RUNGS[4], lambda: prog(x, t, c))
+    pass_rung(RUNGS[4], "linear_to_w8a8")
     apply("attention_to_sagesla")
     final = rung(RUNGS[5], lambda: prog(x, t, c))
     if profile and on_gpu:
