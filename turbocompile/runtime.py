@@ -123,6 +123,19 @@ class ProgramEngine(ResidentEngine):
                          dynamic_frames=bool(shapes.get("dynamic_frames")))
 
 
+def _why_no_cuda_graphs(backend: str, dev: torch.device, manifest: dict) -> str | None:
+    """Why this artifact on this device cannot replay CUDA graphs (the error for an explicit request), or None.
+    Whether every expert stays resident is known only once the engine exists (:func:`load` checks it then)."""
+    if backend != "torch":
+        return f"--cuda-graphs applies to the torch backend; this artifact was lowered to {backend} (drop the flag)"
+    if dev.type != "cuda":
+        return "--cuda-graphs needs a CUDA device; drop the flag on this machine"
+    if manifest["shapes"].get("dynamic_frames"):
+        return ("--cuda-graphs needs a static-shape artifact; this one was built with --dynamic-frames (rebuild "
+                "without it, or drop --cuda-graphs)")
+    return None
+
+
 def load(path: str | Path, *, device: str | torch.device | None = None, verify_hashes: bool = True,
          gpu_memory_budget: int | None = None, compile: bool | None = None,
          cuda_graphs: bool | None = None) -> "Engine":
@@ -145,13 +158,12 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
     if device is not None and dev.type == "cuda":
         check_runnable(manifest["target"])
     backend = manifest.get("backend", "torch")
+    why_no_graphs = _why_no_cuda_graphs(backend, dev, manifest)
     auto_graphs = cuda_graphs is None
     if auto_graphs:
-        cuda_graphs = (backend == "torch" and dev.type == "cuda" and compile is not False
-                       and not manifest["shapes"].get("dynamic_frames"))
-    if cuda_graphs and backend != "torch":
-        raise InputError(f"--cuda-graphs applies to the torch backend; this artifact was lowered to {backend} "
-                         "(drop the flag)")
+        cuda_graphs = why_no_graphs is None and compile is not False
+    elif cuda_graphs and why_no_graphs is not None:
+        raise InputError(why_no_graphs)
     if backend in ("onnx", "aoti", "tensorrt"):
         from .backends import open_engine
 
@@ -160,11 +172,6 @@ def load(path: str | Path, *, device: str | torch.device | None = None, verify_h
         compile = backend == "torch" and dev.type == "cuda"
     mode = "default" if compile else None
     if cuda_graphs:
-        if dev.type != "cuda":
-            raise InputError("--cuda-graphs needs a CUDA device; drop the flag on this machine")
-        if manifest["shapes"].get("dynamic_frames"):
-            raise InputError("--cuda-graphs needs a static-shape artifact; this one was built with "
-                             "--dynamic-frames (rebuild without it, or drop --cuda-graphs)")
         mode = "reduce-overhead"
     engine = ProgramEngine(root, manifest, dev, gpu_memory_budget, mode)
     if cuda_graphs and not engine.all_resident and auto_graphs:
