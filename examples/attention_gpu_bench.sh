@@ -13,7 +13,8 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 240 python3 -m pytest -q -m gpu tests/test_sage_attention_gluon.py tests/test_attention_ops.py 2>&1 \
+timeout 240 python3 -m pytest -q -m gpu tests/test_sage_attention_gluon.py tests/test_attention_ops.py \
+  tests/test_linear_stats_gluon.py 2>&1 \
   | tail -5 | tee "$out/gpu_tests.log"
 repo=$(pwd)
 cd /tmp || exit 1   # run the installed package, not the source tree's top-level kernels/ folder

@@ -154,11 +154,17 @@ def linear_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 LINEAR_STATS_CONFIG: tuple[int, int, int] = (1, 64, 8)
 
 
-def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
-                        proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
-    """One Triton pass over K and V. Returns what the fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16,
-    ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32
-    (``v_scale`` = FP8 V's per-channel scale, ``max(v_amax, 1e-6) / 448``)."""
+def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-chunk ``φ(K)ᵀV`` [C, B·H, D, D], ``Σφ(K)``, ``Σ K``, ``max |V|`` [C, B·H, D]: the Gluon kernel on sm_90
+    (:mod:`.linear_stats_gluon`), the Triton kernel elsewhere (and where the Gluon one declines or fails to run)."""
+    from . import linear_stats_gluon
+
+    if linear_stats_gluon.supported(k, v) is None:
+        try:
+            return linear_stats_gluon.linear_stats_partials(k, v)
+        except Exception as exc:  # noqa: BLE001 - an incompatible Triton: fall back once, see gluon_guard
+            if not linear_stats_gluon.GUARD.launch_failed(exc):
+                raise
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
     per_sm, block_l, warps = LINEAR_STATS_CONFIG
@@ -171,6 +177,17 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     _linear_stats_kernel[(n_chunks, b * h)](
         k, v, kv, z, ksum, vmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, lk,
         chunk, HEAD_DIM=d, BLOCK_L=block_l, EMULATE=_interpreting(), num_warps=warps)
+    return kv, z, ksum, vmax
+
+
+def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                        proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
+    """One pass over K and V (:func:`_stats_partials`), then one launch that sums its chunks. Returns what the
+    fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32
+    (``v_scale`` = FP8 V's per-channel scale, ``max(v_amax, 1e-6) / 448``)."""
+    b, h, lk, d = k.shape
+    kv, z, ksum, vmax = _stats_partials(k, v)
+    n_chunks = kv.shape[0]
     f32 = dict(dtype=torch.float32, device=k.device)
     m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
     z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
@@ -260,6 +277,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     import json
     import os
 
+    from . import linear_stats_gluon
     from .sage_attention import (
         ATTENTION_BENCH_SHAPES,
         _quantize_int8_into,
@@ -272,8 +290,9 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
-    ap.add_argument("--stats-configs", default="1,64,8;2,64,8;1,128,8",
-                    help="(programs per SM, tokens per step, warps) of the linear statistics, ';'-separated")
+    ap.add_argument("--stats-configs", default="gluon,4;gluon,3;gluon,6;gluon-blhd,4;1,64,8",
+                    help="linear statistics kernels, ';'-separated: 'gluon,STAGES' (Hopper; 'gluon-blhd' reads K, V "
+                         "in (B, L, H, D) memory order) or the Triton kernel's 'programs per SM,tokens per step,warps'")
     ap.add_argument("--quant-configs", default="",
                     help="int8 quantizer configs to sweep, ';'-separated 'blk,phi:warps,stages,blocks,prefetch' "
                          "(e.g. '64,1:8,1,8,1'), each timed and checked against the default's output")
@@ -298,20 +317,35 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         ref_z = phi.sum(2).reshape(b * h, d)
         ref_kmean, ref_vamax = k.float().mean(2), v.float().abs().amax(2)
         del phi
-        keep = LINEAR_STATS_CONFIG
+        keep = LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES
         for cfg in args.stats_configs.split(";"):
-            LINEAR_STATS_CONFIG = tuple(int(x) for x in cfg.split(","))
+            kind, _, rest = cfg.partition(",")
+            kk, vv = k, v
+            if kind.startswith("gluon"):  # the Gluon kernel with this many stages
+                os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
+                linear_stats_gluon.NUM_STAGES = int(rest)
+                if kind == "gluon-blhd":
+                    kk, vv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+                why = linear_stats_gluon.supported(kk, vv)
+                if why:
+                    print(f"{shape:10} linear stats {cfg}: not run ({why})", flush=True)
+                    continue
+            else:
+                os.environ["TURBOCOMPILE_LINEAR_STATS_KERNEL"] = "triton"
+                LINEAR_STATS_CONFIG = tuple(int(x) for x in cfg.split(","))
             try:
-                (m, z, _), mom = linear_branch_stats(k, v, w, bias)
+                (m, z, _), mom = linear_branch_stats(kk, vv, w, bias)
                 errs = {"M": float((m.float() - ref_m).norm() / ref_m.norm()),
                         "z": float((z - ref_z).norm() / ref_z.norm()),
                         "kmean": float((mom["k_mean"] - ref_kmean).abs().max() / ref_kmean.abs().max()),
                         "vamax": float((mom["v_amax"] - ref_vamax).abs().max())}
-                say(shape, f"linear stats {LINEAR_STATS_CONFIG}", bench_ms(lambda: linear_branch_stats(k, v, w, bias)),
+                say(shape, f"linear stats {cfg}", bench_ms(lambda: linear_branch_stats(kk, vv, w, bias)),
                     2 * k.numel() * 2, **errs)
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is reported
                 print(f"{shape:10} linear stats {cfg}: failed {exc}", flush=True)
-        LINEAR_STATS_CONFIG = keep
+            del kk, vv
+        os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
+        LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES = keep
         mom = linear_branch_stats(k, v, w, bias)[1]
         quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
         say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
