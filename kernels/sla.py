@@ -280,7 +280,6 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
     from . import linear_stats_gluon
     from .sage_attention import (
         ATTENTION_BENCH_SHAPES,
-        _quantize_int8_into,
         _quantize_v_into,
         bench_meta,
         bench_ms,
@@ -290,9 +289,10 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
-    ap.add_argument("--stats-configs", default="gluon,4;gluon,3;gluon,6;gluon-blhd,4;1,64,8",
-                    help="linear statistics kernels, ';'-separated: 'gluon,STAGES' (Hopper; 'gluon-blhd' reads K, V "
-                         "in (B, L, H, D) memory order) or the Triton kernel's 'programs per SM,tokens per step,warps'")
+    ap.add_argument("--stats-configs", default="gluon,4;gluon,4,2;gluon,3,2;gluon,6,2;gluon-blhd,4,2;1,64,8",
+                    help="linear statistics kernels, ';'-separated: 'gluon,STAGES[,WARPS PER 16 CHANNELS]' (Hopper; "
+                         "'gluon-blhd' reads K, V in (B, L, H, D) memory order) or the Triton kernel's 'programs per "
+                         "SM,tokens per step,warps'")
     ap.add_argument("--quant-configs", default="",
                     help="int8 quantizer configs to sweep, ';'-separated 'blk,phi:warps,stages,blocks,prefetch' "
                          "(e.g. '64,1:8,1,8,1'), each timed and checked against the default's output")
@@ -317,13 +317,15 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         ref_z = phi.sum(2).reshape(b * h, d)
         ref_kmean, ref_vamax = k.float().mean(2), v.float().abs().amax(2)
         del phi
-        keep = LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES
+        keep = LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES, linear_stats_gluon.WARPS_PER_16_CHANNELS
         for cfg in args.stats_configs.split(";"):
             kind, _, rest = cfg.partition(",")
             kk, vv = k, v
-            if kind.startswith("gluon"):  # the Gluon kernel with this many stages
+            if kind.startswith("gluon"):  # the Gluon kernel: stages[, warps per 16 channels]
                 os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
-                linear_stats_gluon.NUM_STAGES = int(rest)
+                stages, _, wf = rest.partition(",")
+                linear_stats_gluon.NUM_STAGES = int(stages)
+                linear_stats_gluon.WARPS_PER_16_CHANNELS = int(wf or 1)
                 if kind == "gluon-blhd":
                     kk, vv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
                 why = linear_stats_gluon.supported(kk, vv)
@@ -345,22 +347,11 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
                 print(f"{shape:10} linear stats {cfg}: failed {exc}", flush=True)
             del kk, vv
         os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
-        LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES = keep
+        LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES, linear_stats_gluon.WARPS_PER_16_CHANNELS = keep
         mom = linear_branch_stats(k, v, w, bias)[1]
         quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
-        say(shape, "quantize Q (int8, 64-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
-            q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0)), q.numel() * 3)
         lin = linear_branch_stats(k, v, w, bias)[0]
-        phi = torch.empty(quant["q"].shape, dtype=torch.bfloat16, device=q.device)
-        ms = bench_ms(lambda: _quantize_int8_into(q, None, quant["q"], quant["q_scale"], quant["q_pool"], 64, 1.0,
-                                                  lin[1], phi))
-        phi_ref = torch.softmax(q.float(), dim=-1)
-        phi_ref = phi_ref / (phi_ref @ lin[1].view(b, h, d, 1) + 1e-5)
-        say(shape, "quantize Q + φ(q)/den for the linear branch", ms, q.numel() * 5,
-            phi=float((phi[:, :, :n].float() - phi_ref).norm() / phi_ref.norm()))
-        del phi_ref, phi
-        say(shape, "quantize K (int8, 128-token blocks, pooled)", bench_ms(lambda: _quantize_int8_into(
-            k, quant["k_mean"], quant["k"], quant["k_scale"], quant["k_pool"], 128, 1.0)), k.numel() * 3)
+        _time_quantizers(shape, q, k, quant, lin, say)
         _sweep_quant_configs(args.quant_configs, shape, q, k, quant, lin, say)
         for order in ("natural", "wgmma"):
             say(shape, f"quantize V (fp8, transposed, {order} order)", bench_ms(lambda: _quantize_v_into(
@@ -373,11 +364,52 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
+def _time_quantizers(shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover - needs a GPU
+    """Time the int8 quantizers (Q; Q with φ(q)/den; K) with the Gluon kernel where it runs and the Triton one;
+    the Gluon outputs are checked against the Triton ones (int8 and scales equal, pools and φ/den close)."""
+    import os
+
+    from .sage_attention import _quantize_int8_into, bench_ms
+
+    b, h, n, d = q.shape
+    phi_ref = torch.softmax(q.float(), dim=-1)
+    phi_ref = phi_ref / (phi_ref @ lin[1].view(b, h, d, 1) + 1e-5)
+    jobs = [("quantize Q (int8, 64-token blocks, pooled)", q, None, "q", 64, False, 3),
+            ("quantize Q + φ(q)/den for the linear branch", q, None, "q", 64, True, 5),
+            ("quantize K (int8, 128-token blocks, pooled)", k, quant["k_mean"], "k", 128, False, 3)]
+    for title, x, mean, name, blk, linear, bytes_per in jobs:
+        outs = {}
+        for kernel in ("gluon", "triton"):
+            os.environ["TURBOCOMPILE_QUANT_KERNEL"] = kernel
+            xq, sc, pool = (torch.full_like(quant[name + sfx], -1) for sfx in ("", "_scale", "_pool"))
+            phi = torch.full(xq.shape, float("nan"), dtype=torch.bfloat16, device=x.device) if linear else None
+            z = lin[1] if linear else None
+            run = lambda: _quantize_int8_into(x, mean, xq, sc, pool, blk, 1.0, z, phi)  # noqa: E731,B023
+            run()
+            outs[kernel] = (xq, sc, pool, phi)
+            extra = {}
+            if linear:
+                extra["phi"] = float((phi[:, :, :n].float() - phi_ref).norm() / phi_ref.norm())
+            if kernel == "triton":
+                g, t = outs["gluon"], outs["triton"]
+                extra["int8_diff"] = float((g[0] != t[0]).float().mean())
+                extra["scale_diff"] = float((g[1] != t[1]).float().mean())
+                extra["pool_err"] = float((g[2] - t[2]).abs().max() / t[2].abs().max())
+                if linear:
+                    extra["phi_vs_triton"] = float((g[3].float() - t[3].float()).abs().max())
+            say(shape, f"{title} [{kernel}]", bench_ms(run), x.numel() * bytes_per, **extra)
+        del outs
+    os.environ.pop("TURBOCOMPILE_QUANT_KERNEL", None)
+
+
 def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover
     """Time each int8 quantizer config of ``spec`` (see ``--quant-configs``); int8 and scales must equal the
     default config's bit for bit (and φ(q)/den with it)."""
+    import os
+
     from . import sage_attention as sa
 
+    os.environ["TURBOCOMPILE_QUANT_KERNEL"] = "triton"  # the configs swept are the Triton kernel's
     for item in filter(None, spec.split(";")):
         key_s, cfg_s = item.split(":")
         blk, linear = (int(t) for t in key_s.split(","))
@@ -406,6 +438,7 @@ def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, s
                 print(f"{shape:10} quantize cfg {item}: failed {exc}", flush=True)
             finally:
                 sa.QUANT_CONFIGS[key] = keep
+    os.environ.pop("TURBOCOMPILE_QUANT_KERNEL", None)
 
 
 if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
