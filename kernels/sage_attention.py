@@ -553,14 +553,6 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
     """x [B, H, L, D] (minus the token ``mean`` [B, H, D] if given) -> pooled block means ``pool``, then x·mul
     -> int8 ``xq`` [B, H, L_pad, D] with one ``scale`` per ``blk``-token block; with ``linear_z`` (z = Σφ(K),
     [B·H, D] fp32) also ``φ(x)/(φ(x)·z + 1e-5)`` into ``phi`` [B, H, L_pad, D] bf16."""
-    from . import sage_quantize_gluon
-
-    if sage_quantize_gluon.supported(x, blk) is None:  # Hopper: the TMA-fed Gluon kernel, same bytes out
-        try:
-            return sage_quantize_gluon.quantize_int8_into(x, mean, xq, scale, pool, blk, mul, linear_z, phi)
-        except Exception as exc:  # noqa: BLE001 - an incompatible Triton: fall back once, see gluon_guard
-            if not sage_quantize_gluon.GUARD.launch_failed(exc):
-                raise
     b, h, n, d = x.shape
     n_pad = xq.shape[2]
     warps, stages, bpp, prefetch = QUANT_CONFIGS[(blk, linear_z is not None)]

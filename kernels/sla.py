@@ -289,10 +289,9 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
     ap = argparse.ArgumentParser(description="SLA/Sage prologue kernels, one by one")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
-    ap.add_argument("--stats-configs", default="gluon,4;gluon,4,2;gluon,3,2;gluon,6,2;gluon-blhd,4,2;1,64,8",
-                    help="linear statistics kernels, ';'-separated: 'gluon,STAGES[,WARPS PER 16 CHANNELS]' (Hopper; "
-                         "'gluon-blhd' reads K, V in (B, L, H, D) memory order) or the Triton kernel's 'programs per "
-                         "SM,tokens per step,warps'")
+    ap.add_argument("--stats-configs", default="gluon,4;gluon,3;gluon,6;gluon-blhd,4;1,64,8",
+                    help="linear statistics kernels, ';'-separated: 'gluon,STAGES' (Hopper; 'gluon-blhd' reads K, V "
+                         "in (B, L, H, D) memory order) or the Triton kernel's 'programs per SM,tokens per step,warps'")
     ap.add_argument("--quant-configs", default="",
                     help="int8 quantizer configs to sweep, ';'-separated 'blk,phi:warps,stages,blocks,prefetch' "
                          "(e.g. '64,1:8,1,8,1'), each timed and checked against the default's output")
@@ -317,15 +316,13 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
         ref_z = phi.sum(2).reshape(b * h, d)
         ref_kmean, ref_vamax = k.float().mean(2), v.float().abs().amax(2)
         del phi
-        keep = LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES, linear_stats_gluon.WARPS_PER_16_CHANNELS
+        keep = LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES
         for cfg in args.stats_configs.split(";"):
             kind, _, rest = cfg.partition(",")
             kk, vv = k, v
-            if kind.startswith("gluon"):  # the Gluon kernel: stages[, warps per 16 channels]
+            if kind.startswith("gluon"):  # the Gluon kernel with this many stages
                 os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
-                stages, _, wf = rest.partition(",")
-                linear_stats_gluon.NUM_STAGES = int(stages)
-                linear_stats_gluon.WARPS_PER_16_CHANNELS = int(wf or 1)
+                linear_stats_gluon.NUM_STAGES = int(rest)
                 if kind == "gluon-blhd":
                     kk, vv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
                 why = linear_stats_gluon.supported(kk, vv)
@@ -347,7 +344,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
                 print(f"{shape:10} linear stats {cfg}: failed {exc}", flush=True)
             del kk, vv
         os.environ.pop("TURBOCOMPILE_LINEAR_STATS_KERNEL", None)
-        LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES, linear_stats_gluon.WARPS_PER_16_CHANNELS = keep
+        LINEAR_STATS_CONFIG, linear_stats_gluon.NUM_STAGES = keep
         mom = linear_branch_stats(k, v, w, bias)[1]
         quant = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma")
         lin = linear_branch_stats(k, v, w, bias)[0]
@@ -365,10 +362,7 @@ def bench_prologue_main(argv: list[str] | None = None) -> None:  # pragma: no co
 
 
 def _time_quantizers(shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover - needs a GPU
-    """Time the int8 quantizers (Q; Q with φ(q)/den; K) with the Gluon kernel where it runs and the Triton one;
-    the Gluon outputs are checked against the Triton ones (int8 and scales equal, pools and φ/den close)."""
-    import os
-
+    """Time the int8 quantizers: Q; Q with φ(q)/den (checked against fp32); K."""
     from .sage_attention import _quantize_int8_into, bench_ms
 
     b, h, n, d = q.shape
@@ -378,38 +372,20 @@ def _time_quantizers(shape: str, q, k, quant: dict, lin: tuple, say) -> None:  #
             ("quantize Q + φ(q)/den for the linear branch", q, None, "q", 64, True, 5),
             ("quantize K (int8, 128-token blocks, pooled)", k, quant["k_mean"], "k", 128, False, 3)]
     for title, x, mean, name, blk, linear, bytes_per in jobs:
-        outs = {}
-        for kernel in ("gluon", "triton"):
-            os.environ["TURBOCOMPILE_QUANT_KERNEL"] = kernel
-            xq, sc, pool = (torch.full_like(quant[name + sfx], -1) for sfx in ("", "_scale", "_pool"))
-            phi = torch.full(xq.shape, float("nan"), dtype=torch.bfloat16, device=x.device) if linear else None
-            z = lin[1] if linear else None
-            run = lambda: _quantize_int8_into(x, mean, xq, sc, pool, blk, 1.0, z, phi)  # noqa: E731,B023
-            run()
-            outs[kernel] = (xq, sc, pool, phi)
-            extra = {}
-            if linear:
-                extra["phi"] = float((phi[:, :, :n].float() - phi_ref).norm() / phi_ref.norm())
-            if kernel == "triton":
-                g, t = outs["gluon"], outs["triton"]
-                extra["int8_diff"] = float((g[0] != t[0]).float().mean())
-                extra["scale_diff"] = float((g[1] != t[1]).float().mean())
-                extra["pool_err"] = float((g[2] - t[2]).abs().max() / t[2].abs().max())
-                if linear:
-                    extra["phi_vs_triton"] = float((g[3].float() - t[3].float()).abs().max())
-            say(shape, f"{title} [{kernel}]", bench_ms(run), x.numel() * bytes_per, **extra)
-        del outs
-    os.environ.pop("TURBOCOMPILE_QUANT_KERNEL", None)
+        xq, sc, pool = (torch.empty_like(quant[name + sfx]) for sfx in ("", "_scale", "_pool"))
+        phi = torch.empty(xq.shape, dtype=torch.bfloat16, device=x.device) if linear else None
+        z = lin[1] if linear else None
+        run = lambda: _quantize_int8_into(x, mean, xq, sc, pool, blk, 1.0, z, phi)  # noqa: E731,B023
+        run()
+        extra = {"phi": float((phi[:, :, :n].float() - phi_ref).norm() / phi_ref.norm())} if linear else {}
+        say(shape, title, bench_ms(run), x.numel() * bytes_per, **extra)
 
 
 def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, say) -> None:  # pragma: no cover
     """Time each int8 quantizer config of ``spec`` (see ``--quant-configs``); int8 and scales must equal the
     default config's bit for bit (and φ(q)/den with it)."""
-    import os
-
     from . import sage_attention as sa
 
-    os.environ["TURBOCOMPILE_QUANT_KERNEL"] = "triton"  # the configs swept are the Triton kernel's
     for item in filter(None, spec.split(";")):
         key_s, cfg_s = item.split(":")
         blk, linear = (int(t) for t in key_s.split(","))
@@ -438,7 +414,6 @@ def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, s
                 print(f"{shape:10} quantize cfg {item}: failed {exc}", flush=True)
             finally:
                 sa.QUANT_CONFIGS[key] = keep
-    os.environ.pop("TURBOCOMPILE_QUANT_KERNEL", None)
 
 
 if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
