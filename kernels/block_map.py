@@ -12,8 +12,9 @@ the shift is kept (it comes free with the smoothed K the Sage path quantizes any
 are skipped.
 
 A partial last block pools only its valid tokens, so padding never moves a score. On the GPU the Sage path gets the
-pooled means from its fused quantization kernel and only calls :func:`lut_from_pooled` here, whose selection step
-runs as the Triton kernel below (:func:`topk_lut_triton`) instead of ``torch.topk`` + ``torch.sort``.
+pooled means from its fused quantization kernel and only calls :func:`lut_from_pooled` here, whose scores come from
+:func:`block_scores_triton` (3xTF32 tensor-core GEMM, fp32-accurate) and whose selection step runs as the Triton
+kernel below (:func:`topk_lut_triton`) instead of ``torch.topk`` + ``torch.sort``.
 
 Why a kernel: at 14B@720p (47 280 rows of 591 scores, 59 kept) ``torch.topk`` + ``torch.sort`` took 2.14 ms on an
 H200 for 113 MB of scores (~30 µs of bandwidth). The kernel does a radix select per row (32 rounds of
@@ -45,7 +46,7 @@ except ImportError:  # pragma: no cover
 
 
 __all__ = ["num_kept_blocks", "block_mean", "lut_from_pooled", "sla_block_map", "check_block_size",
-           "topk_lut_reference", "topk_lut_triton", "compare_luts", "bench_main"]
+           "topk_lut_reference", "topk_lut_triton", "block_scores_triton", "compare_luts", "bench_main"]
 
 #: Longest score row the selection kernel holds in registers (padded to a power of two); longer rows use torch.
 TOPK_MAX_NK = 8192
@@ -81,12 +82,16 @@ def block_mean(x: torch.Tensor, blk: int) -> torch.Tensor:
 def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> torch.Tensor:
     """Top-k key blocks per query block from pooled (smoothed) Q and K [B, H, M, D]; int32 [B, H, Mq, T], ascending.
 
-    The scores are an fp32 ``torch.matmul`` on every device; the selection is :func:`topk_lut_triton` on CUDA (same
-    LUT as torch for distinct scores, faster) and :func:`topk_lut_reference` elsewhere.
+    On CUDA the fp32 scores come from :func:`block_scores_triton` (fp32-accurate; the LUT may differ from torch's only
+    among scores equal within fp32 rounding) and the selection from :func:`topk_lut_triton`; elsewhere both are torch.
     """
     # D^-1/2 is left out: a positive scale cannot change which blocks are largest (and one pass over the scores
     # fewer is 0.06 ms at the 14B shape)
-    scores = torch.matmul(pooled_q.float(), pooled_k.float().transpose(-1, -2))
+    pq, pk = pooled_q.float(), pooled_k.float()
+    if pq.is_cuda and HAS_TRITON and _block_scores_fits(pq, pk):
+        scores = block_scores_triton(pq, pk)
+    else:
+        scores = torch.matmul(pq, pk.transpose(-1, -2))
     nk = scores.shape[-1]
     t = num_kept_blocks(topk, nk)
     if t == nk:
@@ -192,6 +197,83 @@ def topk_lut_triton(scores: torch.Tensor, t: int, config: tuple[int, int] | None
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Block scores pooled_q · pooled_kᵀ on the tensor cores (3xTF32)
+# ----------------------------------------------------------------------------------------------------------------
+#: Largest head dim :func:`block_scores_triton` takes (the whole D is one dot per tile).
+SCORES_MAX_D = 128
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _block_scores_kernel(Q, K, OUT, n_heads, mq, nk, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d,
+                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+        """One BLOCK_M x BLOCK_N tile of Q·Kᵀ of one (b, h): the whole D in one 3xTF32 dot (fp32-accurate)."""
+        bh = tl.program_id(2)
+        b = (bh // n_heads).to(tl.int64)
+        h = (bh % n_heads).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, D_PAD)
+        d_ok = dd < HEAD_DIM
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + dd[None, :] * sq_d,
+                    mask=(rows[:, None] < mq) & d_ok[None, :], other=0.0)
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + dd[None, :] * sk_d,
+                    mask=(cols[:, None] < nk) & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+        tl.store(OUT + bh.to(tl.int64) * mq * nk + rows[:, None] * nk + cols[None, :], s,
+                 mask=(rows[:, None] < mq) & (cols[None, :] < nk))
+
+
+def _block_scores_fits(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> bool:
+    """Whether :func:`block_scores_triton` takes these (fp32) operands: same [B, H] and D <= 128, grid in range."""
+    return (pooled_q.ndim == 4 and pooled_k.ndim == 4 and pooled_q.shape[:2] == pooled_k.shape[:2]
+            and pooled_q.shape[-1] == pooled_k.shape[-1] and 1 <= pooled_q.shape[-1] <= SCORES_MAX_D
+            and pooled_q.dtype == pooled_k.dtype == torch.float32 and pooled_q.device == pooled_k.device
+            and pooled_q.shape[0] * pooled_q.shape[1] <= 65535)
+
+
+def _scores_config(mq: int, nk: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) of :func:`block_scores_triton`, measured on the H200 (CUDA-graph replay, D = 128):
+    128 x 128 x 8 warps took 9.7 µs at 1.3B (64 x 64 x 4: 9.6) and 143 µs at 14B (64 x 64 x 4: 151; cuBLAS 14.0 and
+    213 µs). A 1-pass TF32 dot took 6.3 / 93 µs, so the three passes of 3xTF32 are most of the time."""
+    return 128, 128, 8
+
+
+def block_scores_triton(pooled_q: torch.Tensor, pooled_k: torch.Tensor, out: torch.Tensor | None = None,
+                        config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``pooled_q @ pooled_kᵀ`` of fp32 [B, H, Mq, D] and [B, H, Nk, D] (any strides, D <= 128) as contiguous fp32
+    [B, H, Mq, Nk], by 3xTF32 tensor-core dots (error ~1e-7 relative, like fp32 FMA in another order).
+
+    Why: at 1.3B (12 x 512 x 256, D = 128) cuBLAS picked an fp32 FFMA sgemm that took 15 µs on an H200, as long as
+    the whole top-k selection after it. CUDA, or CPU under TRITON_INTERPRET=1; ``out`` receives the scores,
+    ``config`` = (BLOCK_M, BLOCK_N, warps).
+    """
+    if not HAS_TRITON:
+        raise UnsupportedShapeError("block_scores_triton needs triton; use torch.matmul")
+    if not _block_scores_fits(pooled_q, pooled_k):
+        raise UnsupportedShapeError(
+            f"block_scores_triton takes fp32 [B, H, M, D] operands with the same B, H, D, D <= {SCORES_MAX_D} and "
+            f"B*H <= 65535 on one device; got {tuple(pooled_q.shape)} {pooled_q.dtype} and "
+            f"{tuple(pooled_k.shape)} {pooled_k.dtype}")
+    b, h, mq, d = pooled_q.shape
+    nk = pooled_k.shape[2]
+    shape = (b, h, mq, nk)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=pooled_q.device)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise UnsupportedShapeError(f"out must be a contiguous fp32 {shape} tensor")
+    if out.numel() == 0:
+        return out
+    block_m, block_n, warps = config or _scores_config(mq, nk)
+    grid = (triton.cdiv(mq, block_m), triton.cdiv(nk, block_n), b * h)
+    _block_scores_kernel[grid](pooled_q, pooled_k, out, h, mq, nk, *pooled_q.stride(), *pooled_k.stride(),
+                               HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
+                               BLOCK_N=block_n, num_warps=warps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GPU benchmark: python -m turbocompile.kernels.block_map --bench [--out DIR]
 # ----------------------------------------------------------------------------------------------------------------
 #: (B, H, Mq, Nk, T) of the LUT at the Wan shapes (blk_q 64, blk_k 128, top-k 0.1).
@@ -206,9 +288,41 @@ def compare_luts(scores: torch.Tensor, lut: torch.Tensor, ref: torch.Tensor) -> 
             "same_scores": bool(torch.equal(kept(lut), kept(ref)))}
 
 
+def _bench_scores(bench, pq: torch.Tensor, pk: torch.Tensor, t: int) -> dict:  # pragma: no cover - needs a GPU
+    """torch.matmul vs :func:`block_scores_triton` (default config and a few tiles): GPU times (CUDA-graph replay;
+    ``eager_*`` with the host's launch cost), errors against float64 relative to sum |q_i k_i|, and whether the LUT
+    selected from the Triton scores keeps torch's scores. ``bench`` is the graph-replay timer."""
+    s_torch = torch.matmul(pq, pk.transpose(-1, -2))
+    s_tri = block_scores_triton(pq, pk, out=torch.full_like(s_torch, float("nan")))
+    ref = torch.matmul(pq.double(), pk.double().transpose(-1, -2))
+    scale = torch.matmul(pq.double().abs(), pk.double().abs().transpose(-1, -2))
+    rel = lambda s: float(((s.double() - ref).abs() / scale).max())  # noqa: E731
+    lut_torch = topk_lut_triton(s_torch, t)
+    res = {"torch_matmul_ms": bench(lambda: torch.matmul(pq, pk.transpose(-1, -2))),
+           "triton_ms": bench(lambda: block_scores_triton(pq, pk)), "default_config": list(_scores_config(
+               pq.shape[2], pk.shape[2])), "nan": bool(torch.isnan(s_tri).any()),
+           "max_rel_diff": float(((s_tri.double() - s_torch.double()).abs() / scale).max()),
+           "rel_err_triton": rel(s_tri), "rel_err_torch": rel(s_torch),
+           "lut": compare_luts(s_torch, topk_lut_triton(s_tri, t), lut_torch), "sweep": {}}
+    res["speedup"] = res["torch_matmul_ms"] / res["triton_ms"]
+    eager = lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
+    res["eager_torch_matmul_ms"] = eager(lambda: torch.matmul(pq, pk.transpose(-1, -2)))
+    res["eager_triton_ms"] = eager(lambda: block_scores_triton(pq, pk))
+    # the whole LUT stage before (torch scores) and now (lut_from_pooled)
+    res["stage_torch_scores_ms"] = bench(lambda: topk_lut_triton(torch.matmul(pq, pk.transpose(-1, -2)), t))
+    res["stage_ms"] = bench(lambda: lut_from_pooled(pq, pk, 0.1))
+    for cfg in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 4), (128, 128, 8)):
+        s_cfg = block_scores_triton(pq, pk, config=cfg)
+        res["sweep"]["{}x{}x{}w".format(*cfg)] = {"ms": bench(lambda: block_scores_triton(pq, pk, config=cfg)),
+                                                  "rel_err": rel(s_cfg)}
+    return res
+
+
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a GPU
-    """Time torch.topk + torch.sort against the Triton selection at the Wan shapes; check the LUTs are equal."""
-    ap = argparse.ArgumentParser(description="SLA top-k LUT: torch.topk + sort vs the Triton radix select")
+    """Time torch.topk + torch.sort against the Triton selection, and the torch fp32 score matmul against
+    :func:`block_scores_triton`, at the Wan shapes; check the LUTs agree."""
+    ap = argparse.ArgumentParser(description="SLA top-k LUT: torch.topk + sort vs the Triton radix select, "
+                                             "torch fp32 matmul vs the 3xTF32 score kernel")
     ap.add_argument("--bench", action="store_true", help="run the benchmark (needs a CUDA GPU)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for topk_lut_bench.json")
     args = ap.parse_args(argv)
@@ -235,7 +349,9 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                "triton_ms": bench(lambda: topk_lut_triton(scores, t)),
                **compare_luts(scores, topk_lut_triton(scores, t, out=torch.full_like(ref, -7)), ref), "sweep": {}}
         row["speedup"] = row["torch_topk_sort_ms"] / row["triton_ms"]
-        row["lut_from_pooled_ms"] = bench(lambda: lut_from_pooled(pq, pk, 0.1))  # the whole stage (matmul + select)
+        row["lut_from_pooled_ms"] = bench(lambda: lut_from_pooled(pq, pk, 0.1))  # the whole stage (scores + select)
+        graph_bench = lambda fn: float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))  # noqa
+        row["scores"] = _bench_scores(graph_bench, pq, pk, t)
         print(shape, {k: v for k, v in row.items() if k != "sweep"}, flush=True)
         for block_r in (1, 2, 4, 8):
             for warps in (1, 2, 4):
@@ -256,6 +372,19 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
         print(f"{r['shape']:10} {r['rows']:>6} {r['nk']:>4} {r['t']:>3} {r['scores_matmul_ms']:>9.4f} "
               f"{r['torch_topk_sort_ms']:>12.4f} {r['triton_ms']:>9.4f} {r['speedup']:>6.1f}x {str(r['equal']):>5} "
               f"{r['rows_differ']:>11} {str(r['same_scores']):>11}")
+    print("scores, CUDA-graph replay (eager in brackets); errors vs float64 relative to sum |q_i k_i|; LUT from "
+          "the 3xTF32 scores vs from torch's; LUT stage = scores + selection")
+    print(f"{'shape':10} {'torch ms':>16} {'3xTF32 ms':>16} {'speedup':>7} {'max rel diff':>12} {'err 3xTF32':>10} "
+          f"{'err torch':>9} {'rows differ':>11} {'same scores':>11} {'NaN':>4} {'LUT stage ms torch -> now':>25}")
+    for r in results:
+        sc = r["scores"]
+        print(f"{r['shape']:10} {sc['torch_matmul_ms']:>7.4f} ({sc['eager_torch_matmul_ms']:.4f}) "
+              f"{sc['triton_ms']:>7.4f} ({sc['eager_triton_ms']:.4f}) {sc['speedup']:>6.2f}x "
+              f"{sc['max_rel_diff']:>12.2e} {sc['rel_err_triton']:>10.2e} {sc['rel_err_torch']:>9.2e} "
+              f"{sc['lut']['rows_differ']:>11} {str(sc['lut']['same_scores']):>11} {str(sc['nan']):>4} "
+              f"{sc['stage_torch_scores_ms']:>15.4f} -> {sc['stage_ms']:.4f}")
+        print(f"{r['shape']} score tiles (BLOCK_M x BLOCK_N x warps, default {sc['default_config']}): "
+              + ", ".join(f"{k} {v['ms']:.4f} (err {v['rel_err']:.1e})" for k, v in sc["sweep"].items()))
     for r in results:
         best = min(r["sweep"].items(), key=lambda kv: kv[1]["ms"])
         print(f"{r['shape']} sweep (rows/program x warps, default {r['default_config']}): "
