@@ -140,13 +140,17 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     ap.add_argument("--topk", default="0.05,0.1,0.15", help="top-k fractions to time")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU kernels of 20 sage_sla calls (torch.profiler), largest first")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time every row, baselines included, as the replay of a CUDA graph of the call (how a "
+                         "built engine runs it: no launch gaps between an op's kernels)")
     args = ap.parse_args(argv)
     only = args.only or only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dev = torch.device("cuda")
     cc = torch.cuda.get_device_capability(dev)
     blk_sla = (64, 128) if cc[0] == 9 else (128, 64)
-    meta = {**bench_meta(), "cc": list(cc), "sla_blocks": list(blk_sla)}
+    meta = {**bench_meta(), "cc": list(cc), "sla_blocks": list(blk_sla),
+            "timing": "CUDA graph replay" if args.cuda_graph else "triton.testing.do_bench"}
     log.info("%s", meta)
     results: list[dict] = []
     rows_out: list[tuple] = []
@@ -193,7 +197,8 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     # 2. speed at the Wan shapes
     for shape in args.shapes.split(","):
         try:
-            _bench_shape(shape, ATTENTION_BENCH_SHAPES[shape], only, args, blk_sla, bench_ms, record)
+            _bench_shape(shape, ATTENTION_BENCH_SHAPES[shape], only, args, blk_sla,
+                         bench_ms_graph if args.cuda_graph else bench_ms, record)
         except Exception:  # noqa: BLE001 - report and go on to the next shape
             log.exception("shape %s failed", shape)
         torch.cuda.empty_cache()
@@ -205,6 +210,13 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     print(f"{'shape':10} {'name':44} {'ms':>9} {'TF/s eff':>9} {'cos':>8} {'relL1':>7}")
     for r in rows_out:
         print(f"{r[0]:10} {r[1]:44} {r[2]:>9} {r[3]:>9} {r[4]:>8} {r[5]:>7}")
+
+
+def bench_ms_graph(fn) -> float:  # pragma: no cover - needs a GPU
+    """Median milliseconds of one replay of a CUDA graph of ``fn`` (``triton.testing.do_bench_cudagraph``)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no cover - needs a GPU
