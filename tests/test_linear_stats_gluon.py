@@ -7,9 +7,12 @@ lengths that are not multiples of a tile, in both memory orders, bf16 and fp16, 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -89,6 +92,52 @@ def test_kernel_compiles_for_sm90a_with_async_wgmmas_and_no_spills(head_dim, dty
     assert res.returncode == 0, report
     assert "C7514" not in report and "C7515" not in report, report  # serialized wgmmas
     assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
+
+
+_FALLBACK_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from turbocompile.kernels import linear_stats_gluon as LG
+    from turbocompile.kernels.sage_attention import structured_qkv
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    def broken(*args, **kwargs):  # what an incompatible Triton does at the first launch
+        raise AttributeError("async_copy_global_to_shared has been removed; call async_load instead")
+
+    LG.supported = lambda k, v: None if LG.GUARD.disabled is None else "off"  # as on a Hopper GPU
+    LG.linear_stats_partials = broken
+    _, k, v = structured_qkv(1, 2, 100, 64, torch.bfloat16, seed=5)
+    w, b = torch.randn(64, 64) * 0.05, torch.randn(64) * 0.05
+    (m, z, _), mom = linear_branch_stats(k, v, w, b)
+    phi = torch.softmax(k.float(), dim=-1)
+    ref_m = (torch.matmul(phi.transpose(-1, -2), v.float()) @ w.t()).reshape(m.shape)
+    r = {"m_rel": float((m.float() - ref_m).norm() / ref_m.norm()),
+         "z_rel": float((z - phi.sum(2).reshape(z.shape)).norm() / z.norm()),
+         "disabled": LG.GUARD.disabled}
+    LG.GUARD.disabled, LG.GUARD.launched = None, True  # once a launch has worked, a failure is a real error
+    try:
+        linear_branch_stats(k, v, w, b)
+        r["after_success"] = "no error"
+    except AttributeError:
+        r["after_success"] = "raised"
+    print("RESULT" + json.dumps(r))
+""")
+
+
+def test_failed_first_gluon_launch_falls_back_to_triton_interpreted():
+    """An incompatible Triton (Gluon is experimental) must not break the statistics: the first failed launch
+    switches the Gluon kernel off for the process with one warning and the Triton kernel gives the result; after a
+    launch has succeeded, a failure propagates."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert r["m_rel"] <= 5e-3 and r["z_rel"] <= 5e-3, r
+    assert r["disabled"].startswith("AttributeError: async_copy_global_to_shared has been removed"), r
+    assert r["after_success"] == "raised", r
+    assert "using the Triton kernel from now on" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------------- GPU
