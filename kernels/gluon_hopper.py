@@ -1,8 +1,8 @@
-"""Gluon's Hopper API for the Gluon kernels, imported in one place, with the shims for names that changed after
-Triton 3.6 (the GPU image; the CPU dev box has 3.9): the TMA load was ``async_copy_global_to_shared`` and is
-``async_load``; a shared-memory view's ``_reinterpret`` became ``reinterpret`` (called here as
-``reinterpret(view, dtype, shape, layout)``); the CTA barrier ``gl.thread_barrier`` became ``gl.barrier``. Without Triton or without Gluon's Hopper API every name is None and
-the kernels' modules report themselves unavailable."""
+"""Gluon's Hopper API for the Gluon kernels, imported in one place, with the shims for names that changed after Triton
+3.6 (the GPU image; the CPU dev box has 3.9): the TMA load was ``async_copy_global_to_shared`` and is
+``async_load``; a shared-memory view's ``_reinterpret`` became ``reinterpret`` (called here as ``reinterpret(view,
+dtype, shape, layout)``); the CTA barrier ``gl.thread_barrier`` became ``gl.barrier``. Without Triton or without
+Gluon's Hopper API every name is None and the kernels' modules report themselves unavailable."""
 from __future__ import annotations
 
 try:

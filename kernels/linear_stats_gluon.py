@@ -237,8 +237,9 @@ def chunking(lk: int, heads: int, sms: int, block_l: int = BLOCK_L) -> tuple[int
 
 
 def linear_stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-chunk ``φ(K)ᵀV`` [C, B·H, D, D], ``Σφ(K)``, ``Σ K``, ``max |V|`` [C, B·H, D] (fp32) of (B, H, L, D) K and
-    V, for :func:`turbocompile.kernels.sla.linear_branch_stats` to sum. Call only where :func:`supported` is None."""
+    """Per-chunk ``φ(K)ᵀV`` [C, B·H, D, D], ``Σφ(K)``, ``Σ K``, ``max |V|`` [C, B·H, D] (fp32) of (B, H, L, D) K
+    and V, for :func:`turbocompile.kernels.sla.linear_branch_stats` to sum. Call only where :func:`supported` is
+    None."""
     b, h, lk, d = k.shape
     n_chunks, chunk = chunking(lk, b * h, torch.cuda.get_device_properties(k.device).multi_processor_count,
                                BLOCK_L)

@@ -155,8 +155,9 @@ LINEAR_STATS_CONFIG: tuple[int, int, int] = (1, 64, 8)
 
 
 def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-chunk ``φ(K)ᵀV`` [C, B·H, D, D], ``Σφ(K)``, ``Σ K``, ``max |V|`` [C, B·H, D]: the Gluon kernel on sm_90
-    (:mod:`.linear_stats_gluon`), the Triton kernel elsewhere (and where the Gluon one declines or fails to run)."""
+    """Per-chunk ``φ(K)ᵀV`` [C, B·H, D, D], ``Σφ(K)``, ``Σ K``, ``max |V|`` [C, B·H, D]: the Gluon kernel on
+    sm_90 (:mod:`.linear_stats_gluon`), the Triton kernel elsewhere (and where the Gluon one declines or fails to
+    run)."""
     from . import linear_stats_gluon
 
     if linear_stats_gluon.supported(k, v) is None:
@@ -183,8 +184,9 @@ def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                         proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
     """One pass over K and V (:func:`_stats_partials`), then one launch that sums its chunks. Returns what the
-    fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32
-    (``v_scale`` = FP8 V's per-channel scale, ``max(v_amax, 1e-6) / 448``)."""
+    fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the
+    moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32 (``v_scale`` = FP8 V's per-channel scale,
+    ``max(v_amax, 1e-6) / 448``)."""
     b, h, lk, d = k.shape
     kv, z, ksum, vmax = _stats_partials(k, v)
     n_chunks = kv.shape[0]
