@@ -153,6 +153,7 @@ def _sums(parts):
                                               (64, 64, torch.float16, "bhld"), (65, 128, torch.float16, "blhd"),
                                               (1000, 64, torch.bfloat16, "blhd"),
                                               (4097, 128, torch.bfloat16, "bhld"),
+                                              (700, 128, torch.bfloat16, "mixed"),
                                               (32760, 128, torch.bfloat16, "blhd")])
 @pytest.mark.gpu
 @needs_hopper
@@ -166,6 +167,8 @@ def test_partials_match_triton_kernel_and_fp32(n, d, dtype, layout, monkeypatch)
     k = k + 0.5 * torch.randn(1, 1, 1, d, device=dev, dtype=dtype)  # a channel offset: Σ K is not ~0
     if layout == "blhd":  # (B, L, H, D) in memory, as a Wan attention passes it
         k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    elif layout == "mixed":  # K (B, H, L, D), V (B, L, H, D): each tensor has its own rows and columns
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
     assert LG.supported(k, v) is None
     parts = LG.linear_stats_partials(k, v)
     assert all(torch.isfinite(p).all() for p in parts)  # every element written (torch.empty holds garbage)
