@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import time
 
 import torch
 
@@ -233,11 +232,10 @@ def _block_scores_fits(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> bool:
             and pooled_q.shape[0] * pooled_q.shape[1] <= 65535)
 
 
-def _scores_config(mq: int, nk: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) of :func:`block_scores_triton`, measured on the H200 (CUDA-graph replay, D = 128):
-    128 x 128 x 8 warps took 9.7 µs at 1.3B (64 x 64 x 4: 9.6) and 143 µs at 14B (64 x 64 x 4: 151; cuBLAS 14.0 and
-    213 µs). A 1-pass TF32 dot took 6.3 / 93 µs, so the three passes of 3xTF32 are most of the time."""
-    return 128, 128, 8
+#: (BLOCK_M, BLOCK_N, warps) of :func:`block_scores_triton`, measured on the H200 (CUDA-graph replay, D = 128):
+#: 128 x 128 x 8 warps took 9.7 µs at 1.3B (64 x 64 x 4: 9.6) and 143 µs at 14B (64 x 64 x 4: 151; cuBLAS 14.0 and
+#: 213 µs). A 1-pass TF32 dot took 6.3 / 93 µs, so the three passes of 3xTF32 are most of the time.
+SCORES_CONFIG: tuple[int, int, int] = (128, 128, 8)
 
 
 def block_scores_triton(pooled_q: torch.Tensor, pooled_k: torch.Tensor, out: torch.Tensor | None = None,
@@ -265,7 +263,7 @@ def block_scores_triton(pooled_q: torch.Tensor, pooled_k: torch.Tensor, out: tor
         raise UnsupportedShapeError(f"out must be a contiguous fp32 {shape} tensor")
     if out.numel() == 0:
         return out
-    block_m, block_n, warps = config or _scores_config(mq, nk)
+    block_m, block_n, warps = config or SCORES_CONFIG
     grid = (triton.cdiv(mq, block_m), triton.cdiv(nk, block_n), b * h)
     _block_scores_kernel[grid](pooled_q, pooled_k, out, h, mq, nk, *pooled_q.stride(), *pooled_k.stride(),
                                HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
@@ -288,10 +286,12 @@ def compare_luts(scores: torch.Tensor, lut: torch.Tensor, ref: torch.Tensor) -> 
             "same_scores": bool(torch.equal(kept(lut), kept(ref)))}
 
 
-def _bench_scores(bench, pq: torch.Tensor, pk: torch.Tensor, t: int) -> dict:  # pragma: no cover - needs a GPU
+def _bench_scores(pq: torch.Tensor, pk: torch.Tensor, t: int) -> dict:  # pragma: no cover - needs a GPU
     """torch.matmul vs :func:`block_scores_triton` (default config and a few tiles): GPU times (CUDA-graph replay;
     ``eager_*`` with the host's launch cost), errors against float64 relative to sum |q_i k_i|, and whether the LUT
-    selected from the Triton scores keeps torch's scores. ``bench`` is the graph-replay timer."""
+    selected from the Triton scores keeps torch's scores."""
+    from .sage_attention import bench_ms as eager, bench_ms_graph as bench
+
     s_torch = torch.matmul(pq, pk.transpose(-1, -2))
     s_tri = block_scores_triton(pq, pk, out=torch.full_like(s_torch, float("nan")))
     ref = torch.matmul(pq.double(), pk.double().transpose(-1, -2))
@@ -299,13 +299,12 @@ def _bench_scores(bench, pq: torch.Tensor, pk: torch.Tensor, t: int) -> dict:  #
     rel = lambda s: float(((s.double() - ref).abs() / scale).max())  # noqa: E731
     lut_torch = topk_lut_triton(s_torch, t)
     res = {"torch_matmul_ms": bench(lambda: torch.matmul(pq, pk.transpose(-1, -2))),
-           "triton_ms": bench(lambda: block_scores_triton(pq, pk)), "default_config": list(_scores_config(
-               pq.shape[2], pk.shape[2])), "nan": bool(torch.isnan(s_tri).any()),
+           "triton_ms": bench(lambda: block_scores_triton(pq, pk)), "default_config": list(SCORES_CONFIG),
+           "nan": bool(torch.isnan(s_tri).any()),
            "max_rel_diff": float(((s_tri.double() - s_torch.double()).abs() / scale).max()),
            "rel_err_triton": rel(s_tri), "rel_err_torch": rel(s_torch),
            "lut": compare_luts(s_torch, topk_lut_triton(s_tri, t), lut_torch), "sweep": {}}
     res["speedup"] = res["torch_matmul_ms"] / res["triton_ms"]
-    eager = lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
     res["eager_torch_matmul_ms"] = eager(lambda: torch.matmul(pq, pk.transpose(-1, -2)))
     res["eager_triton_ms"] = eager(lambda: block_scores_triton(pq, pk))
     # the whole LUT stage before (torch scores) and now (lut_from_pooled)
@@ -331,10 +330,10 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
         return
     if not (HAS_TRITON and torch.cuda.is_available()):
         ap.error("--bench needs a CUDA GPU and triton")
+    from .sage_attention import bench_meta, bench_ms as bench
+
     dev = torch.device("cuda")
-    meta = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    bench = lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))  # noqa: E731
+    meta = bench_meta()
     results = []
     for shape, (b, h, mq, nk, t) in BENCH_SHAPES.items():
         g = torch.Generator(device=dev).manual_seed(0)
@@ -350,8 +349,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                **compare_luts(scores, topk_lut_triton(scores, t, out=torch.full_like(ref, -7)), ref), "sweep": {}}
         row["speedup"] = row["torch_topk_sort_ms"] / row["triton_ms"]
         row["lut_from_pooled_ms"] = bench(lambda: lut_from_pooled(pq, pk, 0.1))  # the whole stage (scores + select)
-        graph_bench = lambda fn: float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))  # noqa
-        row["scores"] = _bench_scores(graph_bench, pq, pk, t)
+        row["scores"] = _bench_scores(pq, pk, t)
         print(shape, {k: v for k, v in row.items() if k != "sweep"}, flush=True)
         for block_r in (1, 2, 4, 8):
             for warps in (1, 2, 4):

@@ -28,6 +28,7 @@ from .gluon_hopper import (
     gl,
     gluon,
     mbarrier,
+    on_hopper,
     tma_load,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -193,11 +194,9 @@ GUARD = GluonGuard("int8-block GEMM")
 
 
 def available() -> bool:
-    """True when the Gluon kernel can run here: Gluon's Hopper API imports, the current GPU is sm_90, and it has
-    not been switched off by a failed first launch."""
-    if gluon is None or GUARD.disabled is not None or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() == (9, 0)
+    """True when the Gluon kernel can run here: Gluon's Hopper API imports, the current GPU is sm_90 (not the CPU
+    interpreter), and it has not been switched off by a failed first launch."""
+    return GUARD.disabled is None and on_hopper()
 
 
 #: Output dtypes the epilogue writes.

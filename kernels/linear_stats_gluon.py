@@ -32,10 +32,12 @@ import torch
 from .gluon_guard import GluonGuard
 from .gluon_hopper import (
     TensorDescriptor,
+    compile_for_sm90a,
     fence_async_shared,
     gl,
     gluon,
     mbarrier,
+    on_hopper,
     thread_barrier,
     tma_load,
     warpgroup_mma,
@@ -212,10 +214,8 @@ def supported(k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"switched off after its first launch failed ({GUARD.disabled})"
     if os.environ.get("TURBOCOMPILE_LINEAR_STATS_KERNEL", "").lower() == "triton":
         return "TURBOCOMPILE_LINEAR_STATS_KERNEL=triton"
-    if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "needs Triton's Gluon and a GPU (not the interpreter)"
-    if not (k.is_cuda and v.is_cuda) or torch.cuda.get_device_capability(k.device) != (9, 0):
-        return "needs an sm_90 GPU"
+    if not (k.is_cuda and v.is_cuda and on_hopper(k.device)):
+        return "needs an sm_90 GPU and Triton's Gluon (not the interpreter)"
     if k.dtype not in (torch.bfloat16, torch.float16) or v.dtype != k.dtype:
         return f"dtypes {k.dtype}/{v.dtype} are not both bf16 or both fp16"
     if k.shape[-1] not in (64, 128) or k.shape != v.shape:
@@ -227,11 +227,14 @@ def supported(k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def chunking(lk: int, heads: int, sms: int, block_l: int = BLOCK_L) -> tuple[int, int]:
-    """(chunks per head, tokens per chunk): about one program per SM, each chunk a whole number of tiles.
+def chunking(lk: int, heads: int, slots: int, block_l: int) -> tuple[int, int]:
+    """(chunks per head, tokens per chunk) of a statistics pass (this kernel's and the Triton one's): all programs
+    in one wave of ``slots`` (programs per SM x SMs), each chunk a whole number of ``block_l``-token steps and at
+    least four of them.
 
-    Rounded down: a few programs past the last full wave would double the pass's time."""
-    n_chunks = max(1, min(-(-lk // (4 * block_l)), PROGRAMS_PER_SM * sms // heads))
+    Rounded down: a few programs past the last full wave would double the pass's time (14B@720p: 560 programs for
+    528 slots with the rounded-up count)."""
+    n_chunks = max(1, min(-(-lk // (4 * block_l)), slots // heads))
     chunk = -(-(-(-lk // n_chunks)) // block_l) * block_l
     return -(-lk // chunk), chunk
 
@@ -241,8 +244,8 @@ def linear_stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
     and V, for :func:`turbocompile.kernels.sla.linear_branch_stats` to sum. Call only where :func:`supported` is
     None."""
     b, h, lk, d = k.shape
-    n_chunks, chunk = chunking(lk, b * h, torch.cuda.get_device_properties(k.device).multi_processor_count,
-                               BLOCK_L)
+    sms = torch.cuda.get_device_properties(k.device).multi_processor_count
+    n_chunks, chunk = chunking(lk, b * h, PROGRAMS_PER_SM * sms, BLOCK_L)
     f32 = dict(dtype=torch.float32, device=k.device)
     kv = torch.empty((n_chunks, b * h, d, d), **f32)
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), **f32) for _ in range(3))
@@ -260,22 +263,10 @@ def linear_stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
 
 def compile_for_sm90(head_dim: int = 128, dtype: str = "bf16", num_stages: int = NUM_STAGES,
                      block_l: int = BLOCK_L):
-    """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
-    registers, spills and wgmma-serialization warnings before any device time is spent)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    warps = head_dim // 16
+    """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for([block_l, head_dim], getattr(gl, {"bf16": "bfloat16",
                                                                                 "fp16": "float16"}[dtype]))
     desc = f"tensordesc<{dtype}[{block_l}, {head_dim}],{lay!r}>"
-    consts = {"NUM_STAGES": num_stages, "num_warps": warps}
-    names = _linear_stats_gluon_kernel.arg_names
-    sig = {"k_desc": desc, "v_desc": desc}
-    ptrs = ("KV", "Z", "KSUM", "VMAX")
-    for name in names:
-        sig.setdefault(name, "constexpr" if name in consts else "*fp32" if name in ptrs else "i32")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
-    src = GluonASTSource(_linear_stats_gluon_kernel, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptrs = {"KV": "*fp32", "Z": "*fp32", "KSUM": "*fp32", "VMAX": "*fp32"}
+    return compile_for_sm90a(_linear_stats_gluon_kernel, {"k_desc": desc, "v_desc": desc, **ptrs},
+                             {"NUM_STAGES": num_stages, "num_warps": head_dim // 16}, ptrs)

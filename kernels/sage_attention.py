@@ -253,6 +253,12 @@ def bench_ms(fn) -> float:  # pragma: no cover - needs a GPU
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def bench_ms_graph(fn) -> float:  # pragma: no cover - needs a GPU
+    """Median milliseconds of one replay of a CUDA graph of ``fn`` (``triton.testing.do_bench_cudagraph``): the
+    GPU time without the host's launches in the loop."""
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ from .gluon_guard import GluonGuard
 
 from .gluon_hopper import (
     TensorDescriptor,
+    compile_for_sm90a,
     fence_async_shared,
     gl,
     gluon,
     mbarrier,
+    on_hopper,
     reinterpret,
     tma_load,
     warpgroup_mma,
@@ -293,9 +295,7 @@ GUARD = GluonGuard("attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the
 
 def available() -> bool:
     """True when the kernel can run here: Gluon's Hopper API imports, the GPU is sm_90, not the CPU interpreter."""
-    if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() == (9, 0)
+    return on_hopper()
 
 
 def supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
@@ -385,31 +385,22 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
                      block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False):
-    """Compile the kernel for sm_90a without a GPU (the tests read its PTX; ``ptxas -v`` on that PTX gives the
-    registers, spills and wgmma-serialization warnings before any device time is spent)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
+    """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
     q_desc = f"tensordesc<i8[{block_m}, {d}],{lay([block_m, d], gl.int8)!r}>"
+    ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
+            "LIN_Z": "*fp32", "LIN_B": "*fp32"}
     sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc,
-           "p_desc": f"tensordesc<bf16[{block_m}, {d}],{lay([block_m, d], gl.bfloat16)!r}>" if phi_pre else q_desc}
-    ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "QRAW": "*bf16",
-            "LIN_Z": "*fp32", "LIN_B": "*fp32"}
+           "p_desc": f"tensordesc<bf16[{block_m}, {d}],{lay([block_m, d], gl.bfloat16)!r}>" if phi_pre else q_desc,
+           **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre,
               "num_warps": block_m // 16}
-    names = _sage_attn_fwd_gluon.arg_names
-    for name in names:
-        sig.setdefault(name, "constexpr" if name in consts else ptrs.get(name, "i32"))
-    aligned = [n for n in names if n in ptrs or n in ("stride_ob", "stride_oh", "stride_rb", "stride_rh")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(_sage_attn_fwd_gluon, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": block_m // 16})
+    return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
+                             [*ptrs, "stride_ob", "stride_oh", "stride_rb", "stride_rh"])
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The

@@ -31,6 +31,7 @@ from .sage_attention import (
     attention_fp32_reference,
     bench_meta,
     bench_ms,
+    bench_ms_graph,
     block_attention_triton,
     sage_kernel_for,
     sage_quantize_triton,
@@ -210,13 +211,6 @@ def bench_main(only: str | None = None, argv: list[str] | None = None) -> None: 
     print(f"{'shape':10} {'name':44} {'ms':>9} {'TF/s eff':>9} {'cos':>8} {'relL1':>7}")
     for r in rows_out:
         print(f"{r[0]:10} {r[1]:44} {r[2]:>9} {r[3]:>9} {r[4]:>8} {r[5]:>7}")
-
-
-def bench_ms_graph(fn) -> float:  # pragma: no cover - needs a GPU
-    """Median milliseconds of one replay of a CUDA graph of ``fn`` (``triton.testing.do_bench_cudagraph``)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def _bench_shape(shape, dims, only, args, blk_sla, bench, record):  # pragma: no cover - needs a GPU

@@ -169,10 +169,7 @@ def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...
     b, h, lk, d = k.shape
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 132
     per_sm, block_l, warps = LINEAR_STATS_CONFIG
-    # Rounded down: a few programs past the last full wave would double the pass's time (14B: 560 programs for
-    # 528 slots with the rounded-up count).
-    n_chunks = max(1, min(-(-lk // 256), per_sm * sms // (b * h)))
-    chunk = -(-lk // n_chunks)
+    n_chunks, chunk = linear_stats_gluon.chunking(lk, b * h, per_sm * sms, block_l)
     kv = torch.empty((n_chunks, b * h, d, d), dtype=torch.float32, device=k.device)
     z, ksum, vmax = (torch.empty((n_chunks, b * h, d), dtype=torch.float32, device=k.device) for _ in range(3))
     _linear_stats_kernel[(n_chunks, b * h)](
