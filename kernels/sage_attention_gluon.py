@@ -42,6 +42,7 @@ from .gluon_hopper import (
     mbarrier,
     on_hopper,
     reinterpret,
+    thread_barrier,
     tma_load,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -78,6 +79,28 @@ if gluon is not None:
             return kb * BLKK + (j % SUB) * BLOCK_N
         else:
             return j * BLOCK_N
+
+    @gluon.jit
+    def _smem_scalar(buf, i, layout: gl.constexpr):
+        """Element ``i`` of a [N, 1] shared-memory table as a scalar (one broadcast shared load per thread)."""
+        return gl.max(buf.index(i).load(layout), axis=0)
+
+    @gluon.jit
+    def _start_at(st_s, lut_base, j, n_tiles, SPARSE: gl.constexpr, BLKK: gl.constexpr, BLOCK_N: gl.constexpr,
+                  TILES: gl.constexpr, one: gl.constexpr):
+        """First key of tile ``j``: from the shared-memory table when the program preloaded it, else from the LUT."""
+        if TILES > 1 and SPARSE:
+            return _smem_scalar(st_s, gl.minimum(j, TILES - 1), one)
+        else:
+            return _tile_start(lut_base, j, n_tiles, SPARSE, BLKK, BLOCK_N)
+
+    @gluon.jit
+    def _kscale_at(ks_s, ks_row, j, start, BLKK: gl.constexpr, TILES: gl.constexpr, one: gl.constexpr):
+        """K scale of tile ``j`` (keys from ``start``): from the preloaded table, else a global load."""
+        if TILES > 1:
+            return _smem_scalar(ks_s, gl.minimum(j, TILES - 1), one)
+        else:
+            return gl.load(ks_row + start // BLKK)
 
     @gluon.jit
     def _load_kv(k_desc, v_desc, k_s, v_s, ready, t, start, k_row0, v_row0, pred, NUM_STAGES: gl.constexpr):
@@ -136,7 +159,7 @@ if gluon is not None:
         stride_ob, stride_oh, stride_ol, stride_rb, stride_rh, stride_rl,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
-        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr,
+        NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
@@ -185,14 +208,38 @@ if gluon is not None:
         else:
             n_tiles = gl.cdiv(Lk, BN)
         lut_base = LUT + (bh * MQ_LUT + (pid_m * BM) // BLKQ) * T
+        ks_row = KS + bh * NKS
         k_row0 = bh * LKP
         v_row0 = bh * HEAD_DIM
 
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
+
+        # TILES > 1: every tile's first key and K scale go to shared memory up front. Loaded from global memory
+        # inside the loop, their ~1 µs latency stalled the warps once per tile (ptxas moves each loaded scalar to a
+        # uniform register right after its load; Nsight Compute: ~6% of the warps' samples in long-scoreboard
+        # waits on those loads). From shared memory each is a ~30-cycle read.
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        tab_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        st_flat = gl.allocate_shared_memory(gl.int32, [TILES], tab_smem)
+        ks_flat = gl.allocate_shared_memory(gl.float32, [TILES], tab_smem)
+        st_s = reinterpret(st_flat, gl.int32, [TILES, 1], tab_smem)  # rows read one at a time with .index(j)
+        ks_s = reinterpret(ks_flat, gl.float32, [TILES, 1], tab_smem)
+        if TILES > 1:
+            jv = gl.arange(0, TILES, layout=one)
+            if SPARSE:
+                sv = _tile_start(lut_base, jv, n_tiles, SPARSE, BLKK, BN)
+                st_flat.store(sv)
+                thread_barrier()
+            else:
+                sv = jv * BN
         for i in gl.static_range(NUM_STAGES - 1):  # the loop's first iteration fills the last stage
-            _load_kv(k_desc, v_desc, k_s, v_s, ready, i, _tile_start(lut_base, i, n_tiles, SPARSE, BLKK, BN),
+            _load_kv(k_desc, v_desc, k_s, v_s, ready, i,
+                     _start_at(st_s, lut_base, i, n_tiles, SPARSE, BLKK, BN, TILES, one),
                      k_row0, v_row0, i < n_tiles, NUM_STAGES)
+        if TILES > 1:  # the K scales' gather overlaps the first copies
+            ks_flat.store(gl.load(ks_row + sv // BLKK, mask=jv < n_tiles, other=1.0))
+            thread_barrier()
         if LINEAR:
             if M_IN_STAGES:  # loaded after the loop into K's (then idle) stages: no extra shared memory
                 m_s = reinterpret(k_s, m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
@@ -216,10 +263,10 @@ if gluon is not None:
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
 
         # Scalars carried one iteration ahead: start/scale of the current and next tile, start of the next copy.
-        cur_start = _tile_start(lut_base, 0, n_tiles, SPARSE, BLKK, BN)
-        cur_c = qs * gl.load(KS + bh * NKS + cur_start // BLKK)
-        nxt_start = _tile_start(lut_base, 1, n_tiles, SPARSE, BLKK, BN)
-        fill_start = _tile_start(lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN)
+        cur_start = _start_at(st_s, lut_base, 0, n_tiles, SPARSE, BLKK, BN, TILES, one)
+        cur_c = qs * _kscale_at(ks_s, ks_row, 0, cur_start, BLKK, TILES, one)
+        nxt_start = _start_at(st_s, lut_base, 1, n_tiles, SPARSE, BLKK, BN, TILES, one)
+        fill_start = _start_at(st_s, lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN, TILES, one)
 
         mbarrier.wait(aux.index(0), 0)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
@@ -239,12 +286,12 @@ if gluon is not None:
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
             _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
                      j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
-            fill_start = _tile_start(lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN)
+            fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
-                cur_c = qs * gl.load(KS + bh * NKS + nxt_start // BLKK)
+                cur_c = qs * _kscale_at(ks_s, ks_row, j + 1, nxt_start, BLKK, TILES, one)
                 cur_start = nxt_start
-                nxt_start = _tile_start(lut_base, j + 2, n_tiles, SPARSE, BLKK, BN)
+                nxt_start = _start_at(st_s, lut_base, j + 2, n_tiles, SPARSE, BLKK, BN, TILES, one)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
@@ -326,16 +373,32 @@ def uses_lin_phi(blk_k: int, head_dim: int) -> bool:
     return _phi_fits(BLOCK_N if blk_k % BLOCK_N == 0 else 64, head_dim)
 
 
+#: Largest per-program tile table (first key and K scale of every key tile) kept in shared memory: 4 KiB next to
+#: the ~106 KiB of stages, so two programs still share an SM.
+MAX_TABLE_BYTES = 4096
+
+
+def preload_tiles(n_tiles: int, sparse: bool) -> int:
+    """Rows of the shared-memory tile table for a program of ``n_tiles`` key tiles (a power of two), or 1 (no
+    table: the loop loads each tile's first key and scale from global memory) when it would not fit
+    :data:`MAX_TABLE_BYTES` (sparse tables hold 8 bytes a tile, dense ones 4: their first keys are computed)."""
+    rows = 1 << max(int(n_tiles) - 1, 1).bit_length()
+    return rows if rows * (8 if sparse else 4) <= MAX_TABLE_BYTES else 1
+
+
 def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor | None,
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
-                         m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None) -> torch.Tensor:
+                         m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None,
+                         preload: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
     ``linear`` = (M [B·H, D, D] bf16, z [B·H, D] fp32, bias [D] fp32) with the raw query ``q_raw`` adds the SLA
     linear branch. ``lin_phi`` [B, H, Lq_pad, D] bf16, ``φ(q)/(φ(q)·z + 1e-5)`` from the Q quantizer
-    (``sage_quantize_triton(..., linear_z=z)``), spares the epilogue computing it from ``q_raw``."""
+    (``sage_quantize_triton(..., linear_z=z)``), spares the epilogue computing it from ``q_raw``. ``preload``
+    puts every tile's first key and K scale in shared memory before the loop (:func:`preload_tiles`); by default
+    only for block-sparse calls, where it was measured faster (dense lost 1%: docs/kernels-attention.md)."""
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -371,6 +434,10 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     lut_t = lut if lut is not None else quant["q_scale"]
     t = lut.shape[-1] if lut is not None else 0
     mq_lut = lut.shape[2] if lut is not None else 0
+    n_tiles = t * (blk_k // block_n) if lut is not None else -(-lk // block_n)
+    if preload is None:
+        preload = lut is not None
+    tiles = preload_tiles(n_tiles, lut is not None) if preload else 1
     grid = (-(-lq // block_m), b * h)
     _sage_attn_fwd_gluon[grid](
         q_desc, k_desc, v_desc, m_desc, p_desc or m_desc,
@@ -378,13 +445,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
@@ -397,7 +464,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            "p_desc": f"tensordesc<bf16[{block_m}, {d}],{lay([block_m, d], gl.bfloat16)!r}>" if phi_pre else q_desc,
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
-              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre,
+              "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
               "num_warps": block_m // 16}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_rb", "stride_rh"])
@@ -405,7 +472,8 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"block_m": 128}, {"num_stages": 2}, {"linear_off": True}, {"phi_pre": True}]
+BENCH_VARIANTS = [{}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
+                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "preload": False}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU

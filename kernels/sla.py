@@ -393,7 +393,7 @@ def _sweep_quant_configs(spec: str, shape: str, q, k, quant: dict, lin: tuple, s
         x, mean = (q, None) if blk == 64 else (k, quant["k_mean"])
         mul = 1.0
         outs = []
-        for cfg in (sa.QUANT_CONFIGS[key], (w, st, bpp, bool(pf))):
+        for cfg in (sa.QUANT_CONFIGS[key], (w, st, bpp, pf if pf == sa.TWO_PASS else bool(pf))):
             keep = sa.QUANT_CONFIGS[key]
             sa.QUANT_CONFIGS[key] = cfg
             try:

@@ -298,13 +298,16 @@ _INTERP_SCRIPT = textwrap.dedent("""
             r["phi"] = rel(qt["lin_phi"][:, :, :n], phi)
             r["phi_nan"] = bool(qt["lin_phi"].isnan().any())
             # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
-            # on and off, one block per program; and strided inputs
+            # on and off, one block per program; the two-pass kernel in 16-row chunks (loop unrolled by 2) and
+            # 32-row chunks; pooled means up to the fp32 summation order, which the chunking sets; strided inputs
             keep, same = dict(sa.QUANT_CONFIGS), []
-            for bpp, pf in ((2, True), (2, False), (1, False)):
-                sa.QUANT_CONFIGS.update({key: (cfg[0], cfg[1], bpp, pf) for key, cfg in keep.items()})
+            for stages, bpp, pf in ((1, 2, True), (1, 2, False), (1, 1, False), (2, 16, sa.TWO_PASS),
+                                    (1, 32, sa.TWO_PASS)):
+                sa.QUANT_CONFIGS.update({key: (cfg[0], stages, bpp, pf) for key, cfg in keep.items()})
                 qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z)
-                same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "q_pool",
-                                                                     "k_pool", "lin_phi")))
+                same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "lin_phi"))
+                            and all(torch.allclose(qt[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
+                                    for x, t in (("q_pool", q), ("k_pool", k))))
             sa.QUANT_CONFIGS.update(keep)
             # (B, H, L, D) views of (B, L, H, D) tensors, as the exported Wan graph passes them: same bytes
             view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)

@@ -344,3 +344,40 @@ def test_lin_phi_is_requested_only_where_the_kernel_takes_it():
     assert G.uses_lin_phi(128, 128) and G.uses_lin_phi(128, 64) and G.uses_lin_phi(256, 128)
     assert not G.uses_lin_phi(64, 128) and not G.uses_lin_phi(64, 64)
     assert not G._phi_fits(128, 128, num_stages=2)  # M alone fills both stages
+
+
+def test_preload_tiles_sizes_the_shared_memory_table_or_declines():
+    """The per-program table of first keys and K scales: a power of two at least the tile count, within 4 KiB
+    (8 bytes a tile sparse, 4 dense), else 1 (the loop loads from global memory as before)."""
+    assert G.preload_tiles(26, sparse=True) == 32 and G.preload_tiles(32, sparse=True) == 32
+    assert G.preload_tiles(33, sparse=True) == 64 and G.preload_tiles(1, sparse=True) == 2
+    assert G.preload_tiles(512, sparse=True) == 512 and G.preload_tiles(513, sparse=True) == 1
+    assert G.preload_tiles(591, sparse=False) == 1024 and G.preload_tiles(1025, sparse=False) == 1
+    for n in (1, 7, 26, 59, 256, 591):
+        rows = G.preload_tiles(n, sparse=False)
+        assert rows >= n and rows & (rows - 1) == 0
+
+
+@pytest.mark.parametrize("n,sparse,blk_k", [(4096, True, 128), (3000, True, 128), (700, True, 64),
+                                            (4096, False, 128), (1000, False, 128), (63, False, 128)])
+@pytest.mark.gpu
+@needs_hopper
+def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse, blk_k):
+    """The table changes where the loop reads each tile's first key and K scale, not the arithmetic: bit-equal
+    outputs, tile counts at and off a power of two, 64- and 128-key blocks, dense and sparse + linear branch."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + blk_k)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+    lin, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
+    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
+    outs = [G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, blk_k, preload=p, **kw)
+            for p in (True, False)]
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
