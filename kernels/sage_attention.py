@@ -594,12 +594,13 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
 #: with the next block's load prefetched in registers beat one block per program for K (0.070 against 0.116 ms).
 #: The blocks per program are a cap: :func:`_quantize_int8_into` lowers it to keep ~8 programs per SM.
 #: An entry ending in TWO_PASS runs ``_quant_int8_two_pass_kernel`` instead, read as (warps, loop unroll factor,
-#: rows per chunk, TWO_PASS): Q with φ/den (sage_sla's) in 16-row chunks measured 0.087 against 0.094 ms at
-#: 1.3B@480p and 0.613 against 0.643 at 14B@720p (H200, 2026-11-27); K lost (0.064 against 0.061).
+#: rows per chunk, TWO_PASS). Swept on an H200 (2026-11-27, 1.3B@480p / 14B@720p, ms): Q with φ/den (sage_sla's)
+#: in 8-row chunks 0.084 / 0.572 against 0.094 / 0.643 one-pass; Q alone 0.061 / 0.363 against 0.066 / 0.402; K
+#: lost or tied (0.062 / 0.371 against 0.061 / 0.380).
 TWO_PASS = 2
 QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool | int]] = {
-    (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
-    (64, True): (4, 2, 16, TWO_PASS), (128, True): (4, 1, 8, True),
+    (64, False): (4, 4, 8, TWO_PASS), (128, False): (4, 1, 8, True),
+    (64, True): (4, 2, 8, TWO_PASS), (128, True): (4, 1, 8, True),
 }
 
 

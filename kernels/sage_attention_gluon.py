@@ -53,6 +53,7 @@ BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
+PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -436,7 +437,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     mq_lut = lut.shape[2] if lut is not None else 0
     n_tiles = t * (blk_k // block_n) if lut is not None else -(-lk // block_n)
     if preload is None:
-        preload = lut is not None
+        preload = PRELOAD_SPARSE and lut is not None
     tiles = preload_tiles(n_tiles, lut is not None) if preload else 1
     grid = (-(-lq // block_m), b * h)
     _sage_attn_fwd_gluon[grid](
