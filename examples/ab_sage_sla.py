@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     load_ops()
     after = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS))
-    before = (False, {**sa.QUANT_CONFIGS, (64, False): (4, 1, 8, True), (64, True): (4, 1, 8, True)})
+    before = (False, {**sa.QUANT_CONFIGS, (64, True): (4, 1, 8, True)})
 
     def use(state):
         G.PRELOAD_SPARSE = state[0]

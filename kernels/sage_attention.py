@@ -595,11 +595,12 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
 #: The blocks per program are a cap: :func:`_quantize_int8_into` lowers it to keep ~8 programs per SM.
 #: An entry ending in TWO_PASS runs ``_quant_int8_two_pass_kernel`` instead, read as (warps, loop unroll factor,
 #: rows per chunk, TWO_PASS). Swept on an H200 (2026-11-27, 1.3B@480p / 14B@720p, ms): Q with φ/den (sage_sla's)
-#: in 8-row chunks 0.084 / 0.572 against 0.094 / 0.643 one-pass; Q alone 0.061 / 0.363 against 0.066 / 0.402; K
-#: lost or tied (0.062 / 0.371 against 0.061 / 0.380).
+#: in 8-row chunks 0.084 / 0.572 against 0.094 / 0.643 one-pass; K lost or tied (0.062 / 0.371 against 0.061 /
+#: 0.380). Q alone measured 0.061 / 0.363 against 0.066 / 0.402, but the dense op it serves did not get faster
+#: (8.640 against 8.565 ms, A/B in one process), so it stays one-pass.
 TWO_PASS = 2
 QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool | int]] = {
-    (64, False): (4, 4, 8, TWO_PASS), (128, False): (4, 1, 8, True),
+    (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
     (64, True): (4, 2, 8, TWO_PASS), (128, True): (4, 1, 8, True),
 }
 
