@@ -8,8 +8,9 @@ memory one byte per store (128 ``STS.U8`` per thread and 64x128 tile, plus barri
 * P never leaves the registers: the wgmma accumulator layout of the scores and the register A-operand layout of
   the FP8 P·V differ only in which of 32 keys a thread holds, so V is stored with its keys permuted inside every
   32-key group (:func:`wgmma_key_order`, applied by the V quantizer) and P is relabelled, not moved;
-* K/V tiles arrive by TMA into a ring of ``NUM_STAGES`` shared-memory stages (Q once); LUT entries and K scales
-  are loaded one tile ahead, so no load latency sits in front of a copy or a softmax;
+* K/V tiles arrive by TMA into a ring of ``NUM_STAGES`` shared-memory stages (Q once); a sparse program first
+  copies its LUT row and the K scales it selects into a shared-memory table, so the loop reads no global memory
+  but its K/V tiles (dense programs load each K scale one tile ahead);
 * the linear branch's [D, D] M is loaded after the loop into K's idle stages (no extra shared memory); with
   ``lin_phi`` (what ``sage_sla`` passes: φ(q)/(φ(q)·z + 1e-5) written by the Q quantizer) that tile comes by TMA
   too, both are requested at the top of the last key tile, and the branch is one wgmma with both operands in
@@ -216,15 +217,17 @@ if gluon is not None:
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         tma_load(q_desc, [bh * LQP + pid_m * BM, 0], aux.index(0), q_s)
 
-        # TILES > 1: every tile's first key and K scale go to shared memory up front. Loaded from global memory
-        # inside the loop, their ~1 µs latency stalled the warps once per tile (ptxas moves each loaded scalar to a
-        # uniform register right after its load; Nsight Compute: ~6% of the warps' samples in long-scoreboard
-        # waits on those loads). From shared memory each is a ~30-cycle read.
+        # TILES > 1: every tile's first key (sparse) and K scale go to a shared-memory table up front, and the loop
+        # reads them from there. Loaded from global memory inside the loop, each waited ~1 µs on L2 latency (ptxas
+        # moves a loaded scalar to a uniform register right after its load; Nsight Compute: ~6% of the warps'
+        # samples), mostly hidden under the scores' wgmma: sparse programs gain ~2%, dense ones lost 1%, so the
+        # wrapper builds the table for sparse calls only (docs/kernels-attention.md).
         one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         tab_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        st_flat = gl.allocate_shared_memory(gl.int32, [TILES], tab_smem)
+        ST_ROWS: gl.constexpr = TILES if SPARSE else 1  # dense first keys are computed, not stored
+        st_flat = gl.allocate_shared_memory(gl.int32, [ST_ROWS], tab_smem)
         ks_flat = gl.allocate_shared_memory(gl.float32, [TILES], tab_smem)
-        st_s = reinterpret(st_flat, gl.int32, [TILES, 1], tab_smem)  # rows read one at a time with .index(j)
+        st_s = reinterpret(st_flat, gl.int32, [ST_ROWS, 1], tab_smem)  # rows read one at a time with .index(j)
         ks_s = reinterpret(ks_flat, gl.float32, [TILES, 1], tab_smem)
         if TILES > 1:
             jv = gl.arange(0, TILES, layout=one)
