@@ -1,24 +1,31 @@
-"""A/B of the attention ops in one process: the code of a named earlier state against today's defaults.
+"""A/B of the attention ops (and optionally the fp8-row linear) in one process: earlier states against today's defaults.
 
 Across device calls the same kernel moves by 1-2% (a fresh machine each time), more than the changes it is meant to
-judge, so both states are timed here, alternating, as CUDA-graph replays, next to cuDNN SDPA bf16.
+judge, so the states are timed here, alternating, as CUDA-graph replays, next to cuDNN SDPA / cuBLAS bf16.
 
-    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5]
+    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--out FILE.json]
 
-"before" = the 2026-11-27 04:55 UTC state (sparse programs load their tile starts and K scales inside the loop;
-the one-pass int8 quantizer for Q); "after" = the module defaults.
+States: "04:55" = the 2026-11-27 04:55 UTC code (sparse programs load their tile starts and K scales inside the
+loop, the one-pass int8 quantizer for Q, no programmatic dependent launch); "no-pdl" = today's defaults with
+TURBOCOMPILE_PDL off; "now" = today's defaults. ``--linear`` also times the fp8-row W8A8 linear (activation
+quantization + GEMM) with and without PDL against cuBLAS bf16 at the twelve Wan shapes and prints the geomeans.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
 
+LINEAR_SHAPES = [(m, k, n) for m in (32760, 75600)
+                 for k, n in ((1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120))]
+
 
 def main() -> None:
     from turbocompile.kernels import load_ops
+    from turbocompile.kernels import pdl
     from turbocompile.kernels import sage_attention as sa
     from turbocompile.kernels import sage_attention_gluon as G
     from turbocompile.kernels.sage_attention import ATTENTION_BENCH_SHAPES, bench_meta, bench_ms_graph, structured_qkv
@@ -26,23 +33,34 @@ def main() -> None:
     from turbocompile.kernels.sage_sla import sage_sla
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
+    ap.add_argument("--shapes", default="1.3B@480p,14B@720p", help="attention shapes ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--linear", action="store_true", help="also the fp8-row linear, PDL on and off")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     load_ops()
-    after = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS))
-    before = (False, {**sa.QUANT_CONFIGS, (64, True): (4, 1, 8, True)})
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), pdl.ENABLED)
+    states = {"04:55": (False, {**sa.QUANT_CONFIGS, (64, True): (4, 1, 8, True)}, False),
+              "no-pdl": (now[0], now[1], False), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE = state[0]
+        G.PRELOAD_SPARSE, configs, pdl.ENABLED = state
         sa.QUANT_CONFIGS.clear()
-        sa.QUANT_CONFIGS.update(state[1])
+        sa.QUANT_CONFIGS.update(configs)
+
+    def report(shape, times, base, rows):
+        med = {key: statistics.median(v) for key, v in times.items()}
+        for key, ms in med.items():
+            ratio = med[base] / ms
+            rows.append({"shape": shape, "what": key, "ms": ms, "x_baseline": ratio, "all_ms": times[key]})
+            print(f"{shape:22} {key:24} {ms:8.3f} ms  {ratio:6.3f}x {base}  (rounds: "
+                  + " ".join(f"{t:.3f}" for t in times[key]) + ")", flush=True)
+        return med
 
     meta = bench_meta()
     print(meta, flush=True)
-    rows = []
-    for shape in args.shapes.split(","):
+    rows: list[dict] = []
+    for shape in filter(None, args.shapes.split(",")):
         b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, torch.device("cuda"), seed=1)
         w, bias = torch.randn(d, d, device="cuda") * 0.05, torch.randn(d, device="cuda") * 0.05
@@ -54,18 +72,41 @@ def main() -> None:
             for _ in range(args.rounds):
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
-                    for tag, state in (("before", before), ("after", after)):
+                    for tag, state in states.items():
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
-        use(after)
-        med = {key: statistics.median(v) for key, v in times.items()}
-        for key, ms in med.items():
-            ratio = med["cudnn"] / ms
-            rows.append({"shape": shape, "what": key, "ms": ms, "x_cudnn": ratio, "all_ms": times[key]})
-            print(f"{shape:10} {key:24} {ms:8.3f} ms  {ratio:6.2f}x cuDNN  (rounds: "
-                  + " ".join(f"{t:.3f}" for t in times[key]) + ")", flush=True)
+        use(now)
+        report(shape, times, "cudnn", rows)
         del q, k, v
         torch.cuda.empty_cache()
+
+    if args.linear:
+        from turbocompile.kernels.linear_w8a8 import cuda_linear, quantize_weight
+
+        speed: dict[str, list[float]] = {"no-pdl": [], "now": []}
+        for m, k, n in LINEAR_SHAPES:
+            g = torch.Generator(device="cuda").manual_seed(m + k + n)
+            x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+            wt = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * k ** -0.5
+            bl = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)
+            wq = quantize_weight(wt, "fp8-row")
+            times = {}
+            for _ in range(args.rounds):
+                times.setdefault("cublas bf16", []).append(
+                    bench_ms_graph(lambda: torch.nn.functional.linear(x, wt, bl)))  # noqa: B023
+                for tag in ("no-pdl", "now"):
+                    use(states[tag])
+                    times.setdefault(f"fp8-row {tag}", []).append(bench_ms_graph(
+                        lambda: cuda_linear(x, wq["w_q"], wq["w_scale"], bl, "fp8-row")))  # noqa: B023
+            use(now)
+            med = report(f"linear {m}x{k}x{n}", times, "cublas bf16", rows)
+            for tag in speed:
+                speed[tag].append(med["cublas bf16"] / med[f"fp8-row {tag}"])
+            del x, wt, wq
+        for tag, v in speed.items():
+            geo = math.exp(sum(math.log(r) for r in v) / len(v))
+            rows.append({"shape": "linear geomean", "what": f"fp8-row {tag}", "x_baseline": geo})
+            print(f"fp8-row {tag}: geomean {geo:.3f}x cuBLAS bf16 over {len(v)} shapes", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
