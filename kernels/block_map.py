@@ -33,8 +33,6 @@ import torch
 
 from turbocompile.errors import InputError, UnsupportedShapeError
 
-from .pdl import launch_kwargs, use_pdl
-
 try:
     import triton
     import triton.language as tl
@@ -126,13 +124,10 @@ def topk_lut_reference(scores: torch.Tensor, t: int) -> torch.Tensor:
 
 
 if HAS_TRITON:
-    from .pdl import pdl_enter
 
     @triton.jit
-    def _topk_lut_kernel(S, OUT, n_rows, nk, t, stride_s, NK_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                         PDL: tl.constexpr = False):
+    def _topk_lut_kernel(S, OUT, n_rows, nk, t, stride_s, NK_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
         """BLOCK_R rows per program: radix-select the t-th largest key, then write the kept columns in order."""
-        pdl_enter(PDL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, NK_PAD)
         row_ok = rows < n_rows
@@ -196,8 +191,7 @@ def topk_lut_triton(scores: torch.Tensor, t: int, config: tuple[int, int] | None
     nk_pad = max(16, triton.next_power_of_2(nk))
     block_r, warps = config or _topk_config(nk_pad)
     _topk_lut_kernel[(triton.cdiv(n_rows, block_r),)](s2, out, n_rows, nk, t, s2.stride(0), NK_PAD=nk_pad,
-                                                      BLOCK_R=block_r, num_warps=warps,
-                                                      **launch_kwargs(use_pdl(s2)))
+                                                      BLOCK_R=block_r, num_warps=warps)
     return out
 
 
@@ -212,9 +206,8 @@ if HAS_TRITON:
     @triton.jit
     def _block_scores_kernel(Q, K, OUT, n_heads, mq, nk, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d,
                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_N: tl.constexpr):
         """One BLOCK_M x BLOCK_N tile of Q·Kᵀ of one (b, h): the whole D in one 3xTF32 dot (fp32-accurate)."""
-        pdl_enter(PDL)
         bh = tl.program_id(2)
         b = (bh // n_heads).to(tl.int64)
         h = (bh % n_heads).to(tl.int64)
@@ -274,7 +267,7 @@ def block_scores_triton(pooled_q: torch.Tensor, pooled_k: torch.Tensor, out: tor
     grid = (triton.cdiv(mq, block_m), triton.cdiv(nk, block_n), b * h)
     _block_scores_kernel[grid](pooled_q, pooled_k, out, h, mq, nk, *pooled_q.stride(), *pooled_k.stride(),
                                HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
-                               BLOCK_N=block_n, num_warps=warps, **launch_kwargs(use_pdl(pooled_q)))
+                               BLOCK_N=block_n, num_warps=warps)
     return out
 
 

@@ -27,7 +27,6 @@ from turbocompile.errors import UnsupportedShapeError
 
 log = logging.getLogger(__name__)
 
-from turbocompile.kernels.pdl import launch_kwargs, use_pdl
 from turbocompile.kernels.quantize_activations import interp_round_bits
 
 try:
@@ -201,7 +200,6 @@ if triton is not None:
 
 
 if triton is not None:
-    from turbocompile.kernels.pdl import pdl_enter
 
     @triton.jit
     def _gemm_scaled_tma_kernel(
@@ -210,11 +208,10 @@ if triton is not None:
         stride_sam, stride_sak, stride_sbn, stride_sbk,
         HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, ROW_SCALED: tl.constexpr, NUM_SMS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr, PDL: tl.constexpr = False,
+        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr,
     ):
         """Persistent TMA variant: ``ROW_SCALED`` = one scale per row of A and of B applied in the epilogue
         (int8-row / fp8-row), else the block scheme of ``_gemm_block_scaled_kernel``. TMA zero-fills the edges."""
-        pdl_enter(PDL)
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
@@ -286,7 +283,7 @@ def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale:
     return _gemm_scaled_tma_kernel[grid](
         a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else out, m, n, k, out.stride(0),
         *strides, HAS_BIAS=bias is not None, A_PER_ROW=a_per_row, ROW_SCALED=row_scaled, NUM_SMS=_NUM_SMS[dev],
-        OUT_ROUND=interp_round_bits(out.dtype), **cfg.launch_kwargs(), **launch_kwargs(use_pdl(a_q)))
+        OUT_ROUND=interp_round_bits(out.dtype), **cfg.launch_kwargs())
 
 
 def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:

@@ -30,7 +30,6 @@ import os
 import torch
 
 from .gluon_guard import GluonGuard
-from .pdl import launch_kwargs, pdl_enter_gluon, use_pdl
 from .gluon_hopper import (
     TensorDescriptor,
     compile_for_sm90a,
@@ -111,10 +110,9 @@ if gluon is not None:
     @gluon.jit
     def _linear_stats_gluon_kernel(k_desc, v_desc, KV, Z, KSUM, VMAX, H, L, CHUNK,
                                    k_rows_b, k_rows_h, k_cols_h, v_rows_b, v_rows_h, v_cols_h,
-                                   NUM_STAGES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                                   NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """One program: one token chunk of one (batch, head). Token ``l`` of head (b, h) is row
         ``b·rows_b + h·rows_h + l`` and columns ``h·cols_h`` .. +D of its tensor's 2-D view."""
-        pdl_enter_gluon(PDL)
         BLOCK_L: gl.constexpr = k_desc.block_type.shape[0]
         D: gl.constexpr = k_desc.block_type.shape[1]
         dtype: gl.constexpr = k_desc.dtype
@@ -258,17 +256,17 @@ def linear_stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
     v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_L, d], layout)
     _linear_stats_gluon_kernel[(n_chunks, b * h)](
         k_desc, v_desc, kv, z, ksum, vmax, h, lk, chunk, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
-        NUM_STAGES=NUM_STAGES, num_warps=d // 16, **launch_kwargs(use_pdl(k)))
+        NUM_STAGES=NUM_STAGES, num_warps=d // 16)
     GUARD.succeeded()
     return kv, z, ksum, vmax
 
 
 def compile_for_sm90(head_dim: int = 128, dtype: str = "bf16", num_stages: int = NUM_STAGES,
-                     block_l: int = BLOCK_L, pdl: bool = False):
+                     block_l: int = BLOCK_L):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for([block_l, head_dim], getattr(gl, {"bf16": "bfloat16",
                                                                                 "fp16": "float16"}[dtype]))
     desc = f"tensordesc<{dtype}[{block_l}, {head_dim}],{lay!r}>"
     ptrs = {"KV": "*fp32", "Z": "*fp32", "KSUM": "*fp32", "VMAX": "*fp32"}
     return compile_for_sm90a(_linear_stats_gluon_kernel, {"k_desc": desc, "v_desc": desc, **ptrs},
-                             {"NUM_STAGES": num_stages, "PDL": pdl, "num_warps": head_dim // 16}, ptrs)
+                             {"NUM_STAGES": num_stages, "num_warps": head_dim // 16}, ptrs)

@@ -29,8 +29,6 @@ import torch
 
 from turbocompile.quantization import quantize_int8_block
 
-from .pdl import launch_kwargs, use_pdl
-
 log = logging.getLogger(__name__)
 
 try:  # Triton is optional: without it every caller uses the references.
@@ -107,7 +105,6 @@ def quant_fp8_group_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 if triton is not None:
-    from .pdl import pdl_enter
 
     @triton.jit
     def rne(v, INTERP: tl.constexpr):
@@ -170,9 +167,8 @@ if triton is not None:
     @triton.jit
     def _quant_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                           QMAX: tl.constexpr, IS_FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                          INTERP: tl.constexpr, PDL: tl.constexpr = False):
+                          INTERP: tl.constexpr):
         """``ROWS`` whole rows per program held in registers (BLOCK_K >= K): one read of x."""
-        pdl_enter(PDL)
         pid = tl.program_id(0)
         offs_m = pid * ROWS + tl.arange(0, ROWS)
         offs_k = tl.arange(0, BLOCK_K)
@@ -257,7 +253,7 @@ def _quant_row(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _quant_row_kernel[(triton.cdiv(m, rows),)](x2, q, s, m, k, x2.stride(0), q.stride(0),
                                                QMAX=FP8_MAX if fp8 else INT8_ROW_MAX, IS_FP8=fp8,
                                                ROWS=rows, BLOCK_K=block_k, INTERP=INTERPRET,
-                                               num_warps=warps, **launch_kwargs(use_pdl(x2)))
+                                               num_warps=warps)
     return q, s
 
 

@@ -38,7 +38,6 @@ import torch
 from turbocompile.errors import InputError, UnsupportedShapeError
 
 from .block_map import check_block_size
-from .pdl import launch_kwargs, use_pdl
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +265,6 @@ def bench_ms_graph(fn) -> float:  # pragma: no cover - needs a GPU
 _PAD = 128  # quantized Q/K/Vᵀ are padded to a multiple of this, so the hot loop loads without masks
 
 if HAS_TRITON:
-    from .pdl import pdl_enter
 
     @triton.jit
     def _fp8_e4m3(x, EMULATE: tl.constexpr, CLAMP: tl.constexpr):
@@ -292,7 +290,7 @@ if HAS_TRITON:
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
                            stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, BPP, mul,
                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
-                           LINEAR: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
+                           LINEAR: tl.constexpr, PREFETCH: tl.constexpr):
         """``BPP`` consecutive token blocks of one head: subtract the token mean (K), pool, scale by ``mul``,
         quantize to int8 with one scale per block.
 
@@ -308,7 +306,6 @@ if HAS_TRITON:
         which the Gluon attention epilogue then takes by TMA into one wgmma. This pass reads the query anyway;
         the exponentials, row sums and register shuffles it takes here sat on the attention kernel's critical
         path. (Doing the product with M here too was measured slower: docs/kernels-attention.md.)"""
-        pdl_enter(PDL)
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         cols = tl.arange(0, HEAD_DIM)
@@ -351,8 +348,7 @@ if HAS_TRITON:
     def _quant_int8_two_pass_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
                                     stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
                                     BLK: tl.constexpr, HEAD_DIM: tl.constexpr, CH: tl.constexpr,
-                                    HAS_MEAN: tl.constexpr, LINEAR: tl.constexpr, UNROLL: tl.constexpr,
-                                    PDL: tl.constexpr = False):
+                                    HAS_MEAN: tl.constexpr, LINEAR: tl.constexpr, UNROLL: tl.constexpr):
         """The same outputs as ``_quant_int8_kernel`` (int8 values, scales and φ/den bit for bit; pooled means up
         to the fp32 summation order), one token block per program, read twice in ``CH``-row chunks: the first pass
         keeps only the running |x| maxima and column sums, the second (the same bytes again, from L1/L2)
@@ -360,7 +356,6 @@ if HAS_TRITON:
         programs per SM (228-255 registers; Nsight Compute: 2.4-2.5 TB/s of DRAM traffic at 1.3B@480p against
         3.5 for the V quantizer, which needs no block reduction); this one keeps few registers, so many programs
         per SM keep enough loads in flight."""
-        pdl_enter(PDL)
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         cols = tl.arange(0, HEAD_DIM)
@@ -404,14 +399,13 @@ if HAS_TRITON:
     @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
                             BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
-                            WGMMA_ORDER: tl.constexpr, PDL: tl.constexpr = False):
+                            WGMMA_ORDER: tl.constexpr):
         """One token block of V -> FP8 e4m3 with the per-channel scale, written transposed [B·H, D, L_PAD].
 
         WGMMA_ORDER stores key ``16a + 8e + 2q + i`` at ``16a + 4q + 2e + i`` (the order in which the Gluon
         kernel's P registers arrive, see ``sage_attention_gluon.wgmma_key_order``). It permutes which rows it
         loads (whole rows, by the inverse map) rather than where it stores, so the transposed stores stay runs of
         contiguous keys (permuted stores cost +25% at 14B@720p)."""
-        pdl_enter(PDL)
         bh = tl.program_id(1)
         pos = tl.program_id(0) * BLK + tl.arange(0, BLK)  # key slots written by this program, in order
         if WGMMA_ORDER:
@@ -632,7 +626,7 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
             linear_z if linear_z is not None else scale, phi if phi is not None else xq,
             x.stride(0), x.stride(1), x.stride(2), h, n, n_pad, scale.shape[-1], mul, BLK=blk, HEAD_DIM=d,
             CH=min(bpp, blk), HAS_MEAN=mean is not None, LINEAR=linear_z is not None, UNROLL=max(1, stages),
-            num_warps=warps, **launch_kwargs(use_pdl(x)))
+            num_warps=warps)
         return
     # at most ``bpp`` blocks per program, fewer where that leaves under ~8 programs per SM (a half-empty last wave
     # of long programs cost K 25% at 1.3B@480p)
@@ -642,7 +636,7 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
         linear_z if linear_z is not None else scale, phi if phi is not None else xq,
         x.stride(0), x.stride(1), x.stride(2), h, n, n_pad, scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d,
         HAS_MEAN=mean is not None, LINEAR=linear_z is not None, PREFETCH=prefetch, num_warps=warps,
-        num_stages=stages, **launch_kwargs(use_pdl(x)))
+        num_stages=stages)
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:
@@ -651,7 +645,7 @@ def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v
     lk_pad = vt.shape[-1]
     _quant_v_fp8_kernel[(lk_pad // 64, b * h)](
         v, v_scale, vt, v.stride(0), v.stride(1), v.stride(2), h, lk, lk_pad, BLK=64, HEAD_DIM=d,
-        EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma", num_warps=4, **launch_kwargs(use_pdl(v)))
+        EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma", num_warps=4)
 
 
 def requantize_v(quant: dict, v: torch.Tensor, v_order: str) -> dict:

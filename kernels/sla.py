@@ -25,7 +25,6 @@ import torch
 from turbocompile.errors import UnsupportedShapeError
 
 from .block_map import sla_block_map
-from .pdl import launch_kwargs, use_pdl
 from .sage_attention import (
     HAS_TRITON,
     _interpreting,
@@ -43,7 +42,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import pdl_enter
     from .quantize_activations import round_bits
     from .sage_attention import _dot16
 
@@ -95,11 +93,10 @@ if HAS_TRITON:
     @triton.jit
     def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT,
                                     n_chunks, BH, n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                                    EMULATE: tl.constexpr, PDL: tl.constexpr = False):
+                                    EMULATE: tl.constexpr):
         """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
         accuracy), and in the head's first program the moments summed over the chunks and FP8 V's scale: one launch
         where PyTorch needed eleven small ones."""
-        pdl_enter(PDL)
         bh = tl.program_id(0)
         r0 = tl.program_id(1) * ROWS
         rr = r0 + tl.arange(0, ROWS)
@@ -197,8 +194,7 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     rows = 16  # rows of M per program: 8 warps, no spills (the 3xTF32 operands of 64 rows need 192 KB of shared memory)
     _linear_stats_finish_kernel[(b * h, d // rows)](
         kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
-        n_chunks, b * h, float(lk), HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), num_warps=8,
-        **launch_kwargs(use_pdl(k)))
+        n_chunks, b * h, float(lk), HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), num_warps=8)
     return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
                               "v_scale": v_scale.view(b, h, d)}
 
