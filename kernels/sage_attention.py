@@ -287,6 +287,21 @@ if HAS_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
+    def _store_phi_over_den(x, lin_z, ptrs):
+        """SLA's linear branch short of M for rows ``x`` of the raw query: ``φ/den = e / (Σ e·z + 1e-5·Σ e)``,
+        e = exp(x - max x) (φ = softmax over head_dim), one reciprocal per row, stored in bf16."""
+        e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
+        inv = 1.0 / (tl.sum(e * lin_z[None, :], 1) + 1e-5 * tl.sum(e, 1))
+        tl.store(ptrs, (e * inv[:, None]).to(tl.bfloat16))
+
+    @triton.jit
+    def _store_int8(y, ptrs):
+        """``y`` (|y| <= 127 by construction) rounded half away from zero to int8: ``trunc(y ± 0.5)``, the sign
+        copied by a bit operation (no floor, select or clamp)."""
+        half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)  # ±.5
+        tl.store(ptrs, (y + half).to(tl.int8))
+
+    @triton.jit
     def _quant_int8_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
                            stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, BPP, mul,
                            BLK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MEAN: tl.constexpr,
@@ -328,17 +343,12 @@ if HAS_TRITON:
             else:
                 x = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=row_ok, other=0.0)
                 x = x.to(tl.float32)
-            if LINEAR:  # φ/den = e / (Σ e·z + 1e-5·Σ e), e = exp(x - max x): one reciprocal per row
-                e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
-                inv = 1.0 / (tl.sum(e * lin_z[None, :], 1) + 1e-5 * tl.sum(e, 1))
-                tl.store(PHI + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
-                         (e * inv[:, None]).to(tl.bfloat16))
+            if LINEAR:
+                _store_phi_over_den(x, lin_z, PHI + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :])
             if HAS_MEAN:
                 x = tl.where(row_ok, x - mean[None, :], 0.0)
             scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) * mul, 1e-6) / 127.0
-            y = x * (mul / scale)
-            half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)  # ±.5
-            tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], (y + half).to(tl.int8))
+            _store_int8(x * (mul / scale), OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :])
             if blk < NBLK:
                 n_valid = tl.minimum(L - blk * BLK, BLK).to(tl.float32)
                 tl.store(POOL + (bh * NBLK + blk) * HEAD_DIM + cols, tl.sum(x, 0) / n_valid)
@@ -381,16 +391,11 @@ if HAS_TRITON:
             ok = (rows < L)[:, None]
             x = tl.load(x_base + rows[:, None] * stride_xl + cols[None, :], mask=ok, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            if LINEAR:  # φ/den of the raw query rows, as in the one-pass kernel
-                e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
-                inv = 1.0 / (tl.sum(e * lin_z[None, :], 1) + 1e-5 * tl.sum(e, 1))
-                tl.store(PHI + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :],
-                         (e * inv[:, None]).to(tl.bfloat16))
+            if LINEAR:  # φ/den of the raw query rows
+                _store_phi_over_den(x, lin_z, PHI + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :])
             if HAS_MEAN:
                 x = tl.where(ok, x - mean[None, :], 0.0)
-            y = x * f
-            half = ((y.to(tl.int32, bitcast=True) & -2147483648) | 0x3F000000).to(tl.float32, bitcast=True)
-            tl.store(OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :], (y + half).to(tl.int8))
+            _store_int8(x * f, OUT + bh * L_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :])
         if blk < NBLK:
             n_valid = tl.minimum(L - blk * BLK, BLK).to(tl.float32)
             tl.store(POOL + (bh * NBLK + blk) * HEAD_DIM + cols, tl.sum(csum, 0) / n_valid)
