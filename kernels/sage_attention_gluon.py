@@ -536,6 +536,8 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                 if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and (
                         "linear_off" in var or "phi_pre" in var)):
                     continue
+                if set(var) == {"preload"} and var["preload"] == (PRELOAD_SPARSE and lut is not None):
+                    continue  # that is this mode's default row again
                 # linear_off: what the fused linear epilogue costs; phi_pre: φ(q)/den from the Q quantizer (what
                 # sage_sla runs), against the default computing it from the raw query
                 lin_v = None if var.get("linear_off") else li
