@@ -3,11 +3,13 @@
 Across device calls the same kernel moves by 1-2% (a fresh machine each time), more than the changes it is meant to
 judge, so the states are timed here, alternating, as CUDA-graph replays, next to cuDNN SDPA / cuBLAS bf16.
 
-    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--out FILE.json]
+    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
 States: "04:55" = the 2026-11-27 04:55 UTC code (sparse programs load their tile starts and K scales inside the
 loop, the one-pass int8 quantizer for Q); "now" = today's defaults. ``--linear`` also times the fp8-row W8A8 linear
-(activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean.
+(activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
+times the cross-attention choice of the ``attention_to_sagesla`` pass (option ``cross``): ``sage_attention`` against
+the SDPA backends at the video length of each shape against Wan's 512 text tokens.
 
 (The 06:26 UTC H100 run in docs/measurements/ab_pdl_h100_0626.* had a third state, programmatic dependent launch
 between the kernels, since removed: it was slower. Its "no-pdl" rows are today's code.)
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p", help="attention shapes ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--linear", action="store_true", help="also the fp8-row linear against cuBLAS bf16")
+    ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     load_ops()
@@ -79,6 +82,31 @@ def main() -> None:
         report(shape, times, "cudnn", rows)
         del q, k, v
         torch.cuda.empty_cache()
+
+    if args.cross:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for shape in ATTENTION_BENCH_SHAPES:
+            b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
+            g = torch.Generator(device="cuda").manual_seed(n)
+            q = torch.randn(b, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+            k, v = (torch.randn(b, h, 512, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+            ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            times = {}
+            for _ in range(args.rounds):
+                times.setdefault("sdpa default dispatch", []).append(bench_ms_graph(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)))  # noqa: B023
+                for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                    with sdpa_kernel(backend):
+                        times.setdefault(name, []).append(bench_ms_graph(
+                            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)))  # noqa: B023
+                times.setdefault("sage_attention 64x128", []).append(
+                    bench_ms_graph(lambda: sage_attention(q, k, v, 64, 128)))  # noqa: B023
+            o = sage_attention(q, k, v, 64, 128).float()
+            print(f"cross {shape}: sage_attention rel L2 vs fp32 {float((o - ref).norm() / ref.norm()):.2e}")
+            report(f"cross {shape} (Lk 512)", times, "cudnn", rows)
+            del q, k, v, ref, o
+            torch.cuda.empty_cache()
 
     if args.linear:
         from turbocompile.kernels.linear_w8a8 import cuda_linear, quantize_weight

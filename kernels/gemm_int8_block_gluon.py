@@ -24,6 +24,7 @@ from turbocompile.errors import GPUError, UnsupportedShapeError
 from .gluon_guard import GluonGuard
 from .gluon_hopper import (
     TensorDescriptor,
+    compile_for_sm90a,
     fence_async_shared,
     gl,
     gluon,
@@ -85,19 +86,70 @@ if gluon is not None:
         return acc, scale
 
     @gluon.jit
+    def _to_float(done, MAGIC: gl.constexpr):
+        """Exact int32 -> fp32 of a block product: the convert instruction (``I2FP.F32.S32``, a quarter-rate pipe
+        on Hopper), or the magic-number trick (an integer add and an FADD, on the INT and FP32 pipes)."""
+        if MAGIC:
+            # 0x4B400000 is the bit pattern of 1.5 * 2**23, and adding any |d| < 2**22 to it gives the float
+            # 12582912 + d (one 128-deep int8 block stays under 2**21).
+            return (done + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+        else:
+            return done.to(gl.float32)
+
+    @gluon.jit
+    def _halves(x):
+        """The left and right column halves of a [R, C] tensor in the wgmma accumulator layout (or a half of it).
+
+        The top column bit is a register bit there (each thread holds 2 adjacent columns of every 8-column group),
+        so reshape + permute + split only relabel a thread's registers: no data moves."""
+        R: gl.constexpr = x.shape[0]
+        C: gl.constexpr = x.shape[1]
+        return gl.split(gl.permute(gl.reshape(x, [R, 2, C // 2]), (0, 2, 1)))
+
+    @gluon.jit
+    def _unhalves(left, right, like):
+        """Inverse of :func:`_halves`, back in the layout of ``like`` (asserted to be the same registers)."""
+        R: gl.constexpr = left.shape[0]
+        C: gl.constexpr = left.shape[1]
+        x = gl.reshape(gl.permute(gl.join(left, right), (0, 2, 1)), [R, 2 * C])
+        return gl.convert_layout(x, like.type.layout, assert_trivial=True)
+
+    @gluon.jit
+    def _fma(acc, done, scale, MAGIC: gl.constexpr):
+        """acc + float(done) * scale in one fused multiply-add."""
+        return gl.fma(_to_float(done, MAGIC), scale, acc)
+
+    @gluon.jit
+    def _fold_split(acc, done, scale, MAGIC_QUARTERS: gl.constexpr):
+        """acc + float(done) * scale with ``MAGIC_QUARTERS`` of the 4 column quarters converted by the magic-number
+        trick and the rest by I2FP. I2FP alone throttles its quarter-rate pipe (the tensor cores wait on it), the
+        magic trick alone costs more issue slots (IADD + FADD); split, each pipe takes a share of the work at once
+        (as FA4 splits its exp2 between MUFU and FMA). Both are exact: the sum has the same bits either way."""
+        a_l, a_r = _halves(acc)
+        d_l, d_r = _halves(done)
+        a_ll, a_lr = _halves(a_l)
+        d_ll, d_lr = _halves(d_l)
+        a_rl, a_rr = _halves(a_r)
+        d_rl, d_rr = _halves(d_r)
+        Q: gl.constexpr = MAGIC_QUARTERS
+        a_l = _unhalves(_fma(a_ll, d_ll, scale, Q >= 4), _fma(a_lr, d_lr, scale, Q >= 3), a_l)
+        a_r = _unhalves(_fma(a_rl, d_rl, scale, Q >= 2), _fma(a_rr, d_rr, scale, Q >= 1), a_r)
+        return _unhalves(a_l, a_r, acc)
+
+    @gluon.jit
     def _fold(acc, done, scale, RESCALE: gl.constexpr):
-        """acc += float(done) * scale, ``done`` being a completed int32 block product.
+        """acc += float(done) * scale, ``done`` being a completed int32 block product; RESCALE picks the exact
+        int -> float conversion: 0 all I2FP, 1 all magic-number; 2, 3, 4 magic-number for 1/2, 3/4, 1/4 of the
+        columns and I2FP for the rest (:func:`_fold_split`).
 
         The sum goes through a wgmma wait that leaves one group in flight (a no-op for the tensor cores): that pins
         the fold before the next wgmma issue. Otherwise LLVM sinks the fold below it, the finished accumulator
         outlives the start of the next one, and the loop-carried copy of an in-flight accumulator makes ptxas
         serialize every wgmma (warning C7514)."""
-        if RESCALE == 1:
-            # Exact without the convert instruction: 0x4B400000 is the bit pattern of 1.5 * 2**23, and adding any
-            # |d| < 2**22 to it gives the float 12582912 + d (one 128-deep int8 block stays under 2**21).
-            acc = gl.fma((done + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0, scale, acc)
+        if RESCALE >= 2:
+            acc = _fold_split(acc, done, scale, 1 if RESCALE == 4 else RESCALE)
         else:
-            acc = gl.fma(done.to(gl.float32), scale, acc)
+            acc = _fma(acc, done, scale, RESCALE == 1)
         return warpgroup_mma_wait(num_outstanding=1, deps=[acc])
 
     @gluon.jit
@@ -199,6 +251,9 @@ def available() -> bool:
     return GUARD.disabled is None and on_hopper()
 
 
+#: ``rescale`` values: how the fold converts int32 to fp32 (0 I2FP, 1 magic number; 2, 3, 4 magic number for 1/2,
+#: 3/4, 1/4 of the columns and I2FP for the rest).
+RESCALE_MODES = (0, 1, 2, 3, 4)
 #: Output dtypes the epilogue writes.
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: The last compiled kernel launched (the self-check reads registers, spills and shared memory from it).
@@ -236,8 +291,8 @@ def check_inputs(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous()):
         raise UnsupportedShapeError(f"out must be a contiguous {out_dtype} ({m}, {n}) tensor, got "
                                     f"{out.dtype} {tuple(out.shape)}")
-    if block_n not in (64, 128) or rescale not in (0, 1) or not 2 <= num_stages <= 6:
-        raise UnsupportedShapeError(f"gluon int8 GEMM takes block_n 64/128, rescale 0/1 and 2-6 stages, got "
+    if block_n not in (64, 128) or rescale not in RESCALE_MODES or not 2 <= num_stages <= 6:
+        raise UnsupportedShapeError(f"gluon int8 GEMM takes block_n 64/128, rescale 0-4 and 2-6 stages, got "
                                     f"{block_n}/{rescale}/{num_stages}")
 
 
@@ -250,8 +305,9 @@ def gemm_int8_block_gluon(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.T
     ``a_scale`` is float32 ``[ceil(M/128), K/128]``, ``w_scale`` float32 ``[N/128, K/128]``; K and N must be
     multiples of 128 (M is free: TMA zero-fills the tail rows and the store masks them). ``out`` is written in
     place when given. Tuning knobs: ``rescale`` 0 converts each block's int32 result with the convert instruction,
-    1 with the exact magic-number trick (integer add, float subtract); ``block_n`` 64 runs 4 warps on 128 x 64
-    tiles; ``num_stages`` shared-memory stages of 16 KiB per 64 columns of the tile plus 16 KiB.
+    1 with the exact magic-number trick (integer add, float subtract), 2, 3, 4 with the trick for 1/2, 3/4, 1/4 of
+    the columns and the convert for the rest (all give the same bits); ``block_n`` 64 runs 4 warps on
+    128 x 64 tiles; ``num_stages`` shared-memory stages of 16 KiB per 64 columns of the tile plus 16 KiB.
     """
     check_inputs(a_q, a_scale, w_q, w_scale, bias, out_dtype, out, rescale, num_stages, block_n)
     if gluon is None or not a_q.is_cuda:
@@ -278,6 +334,18 @@ def gemm_int8_block_gluon(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.T
         num_warps=NUM_WARPS if block_n == 128 else 4)
     GUARD.succeeded()
     return out
+
+
+def compile_for_sm90(rescale: int = 0, block_n: int = 128, num_stages: int = NUM_STAGES, has_bias: bool = True):
+    """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`), specialized as a
+    launch from :func:`gemm_int8_block_gluon` with bf16 out and contiguous scales would be (K-strides of 1)."""
+    lay = gl.NVMMASharedLayout.get_default_for
+    ptrs = {"c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32"}
+    sig = {"a_desc": f"tensordesc<i8[{BLOCK}, {BLOCK}],{lay([BLOCK, BLOCK], gl.int8)!r}>",
+           "b_desc": f"tensordesc<i8[{block_n}, {BLOCK}],{lay([block_n, BLOCK], gl.int8)!r}>", **ptrs}
+    consts = {"stride_sak": 1, "stride_sbk": 1, "HAS_BIAS": has_bias, "GROUP_M": GROUP_M, "NUM_STAGES": num_stages,
+              "RESCALE": rescale, "num_warps": NUM_WARPS if block_n == 128 else 4}
+    return compile_for_sm90a(_gemm_int8_block_kernel, sig, consts, [*ptrs, "N", "K", "stride_cm"])
 
 
 def reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -308,7 +376,8 @@ BENCH_SHAPES = [(32760, 1536, 1536), (32760, 1536, 8960), (32760, 8960, 1536),
                 (75600, 5120, 5120), (75600, 5120, 13824), (75600, 13824, 5120)]
 #: Gluon variants timed beside the default (name -> wrapper keywords).
 BENCH_VARIANTS = {"gluon": {}, "gluon_s3": {"num_stages": 3}, "gluon_magic": {"rescale": 1},
-                  "gluon_n64": {"block_n": 64}}
+                  "gluon_split2": {"rescale": 2}, "gluon_split4": {"rescale": 3}, "gluon_split4b": {"rescale": 4},
+                  "gluon_n64": {"block_n": 64}}  # split2/4/4b: magic number for 1/2, 3/4, 1/4 of the columns
 
 
 def _random_inputs(m: int, k: int, n: int, gen: torch.Generator, dev: torch.device):
@@ -353,6 +422,8 @@ def _check(m: int, k: int, n: int, gen: torch.Generator, dev: torch.device, vari
         num_tri += (tri[rows].double() - ref).square().sum().item()
         del ref
     for name, o in outs.items():
+        if "rescale" in variants[name] and "gluon" in outs:  # the conversions are exact: the same bits as I2FP
+            res[f"{name}/same_bits"] = bool(torch.equal(o, outs["gluon"]))
         res[f"{name}/rel_fp32"] = math.sqrt(num[name] / den)
         res[f"{name}/maxerr_over_maxref"] = max_err[name] / ref_max
         res[f"{name}/nan"] = bool(torch.isnan(o).any().item())
@@ -362,7 +433,8 @@ def _check(m: int, k: int, n: int, gen: torch.Generator, dev: torch.device, vari
     return res
 
 
-def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True) -> dict:  # pragma: no cover
+def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True,
+           only: list[str] | None = None) -> dict:  # pragma: no cover
     import datetime
     from triton.testing import do_bench
 
@@ -380,6 +452,11 @@ def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True)
     say, dump = log.say, log.dump
 
     vs = BENCH_VARIANTS if variants else {"gluon": {}}
+    if only:  # the default ("gluon") always runs: the summary compares against it
+        unknown = sorted(set(only) - set(BENCH_VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {', '.join(BENCH_VARIANTS)}")
+        vs = {name: kw for name, kw in BENCH_VARIANTS.items() if name == "gluon" or name in only}
     say(f"# {res['device']}  torch {res['torch']}  triton {res['triton']}  {res['date']}")
 
     # ---- compiled-kernel facts (registers, spills, shared memory, wgmma waits in the PTX) ---------------------
@@ -402,7 +479,7 @@ def _bench(out_dir: str | None, check_only: bool = False, variants: bool = True)
     for m, k, n in [(1000, 512, 384), (77, 384, 256), (129, 128, 128)] + BENCH_SHAPES:
         r = _check(m, k, n, gen, dev, vs)
         res["check"][f"{m}x{k}x{n}"] = r
-        bad = [key for key, v in r.items() if (key.endswith("nan") and v) or
+        bad = [key for key, v in r.items() if (key.endswith("nan") and v) or (key.endswith("same_bits") and not v) or
                (key.endswith("rel_fp32") and v > 1e-5) or (key.endswith("rel_bf16") and v > 5e-3)]
         ok &= not bad
         say(f"check M={m:>6} K={k:>5} N={n:>5}: gluon rel(fp32) {r['gluon/rel_fp32']:.2e} "
@@ -462,5 +539,8 @@ if __name__ == "__main__":  # pragma: no cover
     p.add_argument("--out", default=None, help="folder for bench_gluon_int8.json / .log")
     p.add_argument("--check-only", action="store_true", help="correctness only, no timing")
     p.add_argument("--no-variants", action="store_true", help="only the default Gluon configuration")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(BENCH_VARIANTS)} (the default 'gluon' always runs)")
     args = p.parse_args()
-    _bench(args.out, check_only=args.check_only, variants=not args.no_variants)
+    _bench(args.out, check_only=args.check_only, variants=not args.no_variants,
+           only=args.variants.split(",") if args.variants else None)

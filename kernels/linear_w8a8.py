@@ -226,12 +226,19 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
             out = fp8_block_scaled_mm(q, s, w_q, w_scale, bias, x.dtype)
         else:
             out = gemm_block_scaled(q, s, w_q, w_scale, bias, x.dtype, a_per_row=True)
-    elif backend == "cublas" and cublas_ok(m, n, k):
-        fn = fp8_row_scaled_mm if scheme == "fp8-row" else int8_row_int_mm
-        out = fn(q, s, w_q, w_scale, bias, x.dtype)
     else:
-        out = gemm_rowscale(q, s, w_q, w_scale, bias, x.dtype)
+        out = _row_gemm(q, s, w_q, w_scale, bias, x.dtype, scheme, backend)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _row_gemm(q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, scheme: str, backend: str) -> torch.Tensor:
+    """The GEMM of a per-row scheme on quantized 2-D activations ``q`` [M, K] with row scales ``s`` [M]."""
+    m, k = q.shape
+    if backend == "cublas" and cublas_ok(m, w_q.shape[0], k):
+        fn = fp8_row_scaled_mm if scheme == "fp8-row" else int8_row_int_mm
+        return fn(q, s, w_q, w_scale, bias, out_dtype)
+    return gemm_rowscale(q, s, w_q, w_scale, bias, out_dtype)
 
 
 _SCHEMA = "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor"
@@ -260,6 +267,55 @@ int8_block_linear = _define("int8-block")
 int8_row_linear = _define("int8-row")
 fp8_row_linear = _define("fp8-row")
 fp8_block_linear = _define("fp8-block")
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8-row GEMM on activations a fused norm already quantized (``norms.*_fp8_row``; pass ``fuse_norm_quant``)
+# ----------------------------------------------------------------------------------------------------------------
+def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+    if x_q.dtype != torch.float8_e4m3fn or x_q.ndim < 1:
+        raise InputError(f"fp8_row_gemm: x_q must be float8_e4m3fn [..., K], got {x_q.dtype} {tuple(x_q.shape)}")
+    if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != tuple(x_q.shape[:-1]):
+        raise UnsupportedShapeError(f"fp8_row_gemm: x_scale must be fp32 {tuple(x_q.shape[:-1])} (one per row), "
+                                    f"got {x_scale.dtype} {tuple(x_scale.shape)}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise InputError(f"fp8_row_gemm: out_dtype must be bf16/fp16/fp32, got {out_dtype}")
+    _check("fp8-row", x_q.new_empty((0, x_q.shape[-1]), dtype=out_dtype), w_q, w_scale, bias)
+
+
+@torch.library.custom_op("turbocompile::fp8_row_gemm", mutates_args=())
+def fp8_row_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``fp8_row_linear`` without its activation quantization: ``x_q`` e4m3 [..., K] with fp32 row scales
+    ``x_scale`` [...] (what ``layernorm_modulate_fp8_row`` / ``layer_norm_affine_fp8_row`` return); output
+    [..., N] in ``out_dtype``. Reference: the same dequantized product as ``reference_linear``'s fp8-row branch."""
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    xd = x_q.reshape(-1, x_q.shape[-1]).float() * x_scale.reshape(-1, 1)
+    out = xd @ dequantize_weight(w_q, w_scale, "fp8-row").t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).reshape(*x_q.shape[:-1], w_q.shape[0])
+
+
+@fp8_row_gemm.register_kernel("cuda")
+def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    n = w_q.shape[0]
+    q2 = x_q.reshape(-1, x_q.shape[-1])
+    if q2.shape[0] == 0:
+        return x_q.new_empty((*x_q.shape[:-1], n), dtype=out_dtype)
+    if q2.stride(-1) != 1:
+        q2 = q2.contiguous()
+    out = _row_gemm(q2, x_scale.reshape(-1).contiguous(), w_q, w_scale, bias, out_dtype, "fp8-row",
+                    GEMM_BACKENDS["fp8-row"])
+    return out.reshape(*x_q.shape[:-1], n)
+
+
+@fp8_row_gemm.register_fake
+def _fp8_row_gemm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
 
 #: scheme -> the op overload the ``linear_to_w8a8`` pass inserts
 SCHEMES: dict[str, torch._ops.OpOverload] = {

@@ -11,6 +11,9 @@ Ops (``torch.ops.turbocompile.*``), all fp32 math and output in ``x.dtype``:
   shift/scale fp32 broadcastable to [B, L, D] ([B, 1, D] per sample, or [B, L, D] per token).
 - ``layer_norm_affine(x [..., D], weight [D], bias [D], eps)``: ``LN(x, weight, bias)``.
 - ``rms_norm(x [..., D], weight [D], eps)``: ``x * rsqrt(mean(x^2) + eps) * weight``.
+- ``layernorm_modulate_fp8_row`` / ``layer_norm_affine_fp8_row``: the first two followed by the fp8-row linears'
+  activation quantization, (e4m3 values, fp32 row scales), for a following ``fp8_row_gemm`` (pass
+  ``fuse_norm_quant``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import logging
 import torch
 
 from turbocompile.errors import InputError, UnsupportedShapeError
-from turbocompile.kernels.quantize_activations import interp_round_bits
+from turbocompile.kernels.quantize_activations import INTERPRET, interp_round_bits, quant_fp8_row_ref
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbocompile.kernels.quantize_activations import round_bits
+    from turbocompile.kernels.quantize_activations import round_bits, to_e4m3
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -90,8 +93,13 @@ if triton is not None:
                      mul_sb, mul_sl, add_sb, add_sl, eps,
                      CENTER: tl.constexpr, ONE_PLUS: tl.constexpr, HAS_ADD: tl.constexpr, PARAM_ROWS: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr, OUT_ROUND: tl.constexpr,
-                     X_EVICT: tl.constexpr = "", P_EVICT: tl.constexpr = ""):
-        """``y = norm(x) * (ONE_PLUS + mul[b, l]) + add[b, l]``; row r is (b, l) = divmod(r, L)."""
+                     X_EVICT: tl.constexpr = "", P_EVICT: tl.constexpr = "", scale_ptr=None,
+                     FP8_ROW: tl.constexpr = False, INTERP: tl.constexpr = False):
+        """``y = norm(x) * (ONE_PLUS + mul[b, l]) + add[b, l]``; row r is (b, l) = divmod(r, L).
+
+        FP8_ROW: ``y`` rounded to x's dtype (what the unfused op returns), then quantized per row as
+        ``quant_fp8_row`` does (e4m3 values to ``out_ptr``, ``amax/448`` to ``scale_ptr``): the fp8-row linear
+        that reads the norm's output then needs no quantization pass of its own."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
@@ -123,7 +131,19 @@ if triton is not None:
             y += tl.load(add_ptr + (b * add_sb + l * add_sl)[:, None] + cols[None, :], mask=mask, other=0.0,
                          eviction_policy=P_EVICT)
         y = round_bits(y, OUT_ROUND)
-        tl.store(out_ptr + r64[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8_ROW:  # the same bits as layernorm -> x.dtype -> _quant_row_kernel
+            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-8)
+            inv = tl.math.div_rn(tl.full([ROWS], 448.0, tl.float32), amax)
+            q = to_e4m3(tl.minimum(tl.maximum(y * inv[:, None], -448.0), 448.0), INTERP)
+            # stored in runs of 8 bytes (the same column offsets, written so that Triton sees 8-element runs):
+            # a 16-byte fp8 store would make Triton give every thread 16 columns instead of the bf16 load's 8,
+            # which reorders the row sums and moves the norm by an ulp against the unfused kernel
+            cols8 = (cols // 8) * 8 + cols % 8
+            tl.store(out_ptr + r64[:, None] * stride_o + cols8[None, :], q, mask=mask)
+            tl.store(scale_ptr + r64, amax / 448.0, mask=row_ok)
+        else:
+            tl.store(out_ptr + r64[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
     @triton.jit
@@ -220,7 +240,9 @@ def _bl_strides(p: torch.Tensor, b: int, l: int, d: int, name: str) -> tuple[tor
 
 
 def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: float, center: bool,
-            one_plus: bool) -> torch.Tensor:
+            one_plus: bool, fp8_row: bool = False):
+    """The norm's output in ``x.dtype``; with ``fp8_row`` its per-row e4m3 quantization instead, as
+    (values [..., D], scales fp32 [...])."""
     d = x.shape[-1]
     if d > MAX_D:
         raise UnsupportedShapeError(f"fused norms hold a row in registers: D={d} > {MAX_D}; use the reference")
@@ -229,9 +251,10 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     x2 = x3.reshape(-1, d)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    out = torch.empty((x2.shape[0], d), dtype=torch.float8_e4m3fn if fp8_row else x.dtype, device=x.device)
+    scales = torch.empty((x2.shape[0],), dtype=torch.float32, device=x.device) if fp8_row else None
     if x2.shape[0] == 0:
-        return out.reshape(x.shape)
+        return (out.reshape(x.shape), scales.reshape(x.shape[:-1])) if fp8_row else out.reshape(x.shape)
     mul, mul_sb, mul_sl = _bl_strides(mul, bsz, seq, d, "scale/weight")
     has_add = add is not None
     if has_add:
@@ -241,7 +264,7 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
     param_rows = bool(mul_sb or mul_sl or add_sb or add_sl)
     chunk = (chunk_for(d, center, one_plus, bool(mul_sl or add_sl), _device_name(x.device)) if CHUNK is None
              else CHUNK)
-    if chunk:
+    if chunk and not fp8_row:  # (the row's amax needs the whole row: the quantizing norm keeps it in registers)
         _norm_chunked_kernel[(x2.shape[0],)](
             x2, mul, add, out, x2.shape[0], seq, d, x2.stride(0), out.stride(0),
             mul_sb, mul_sl, add_sb, add_sl, float(eps),
@@ -258,7 +281,10 @@ def _launch(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor | None, eps: f
         CENTER=center, ONE_PLUS=one_plus, HAS_ADD=has_add, PARAM_ROWS=param_rows,
         ROWS=rows, BLOCK_D=block_d,
         OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps,
-        **({"X_EVICT": "evict_first", "P_EVICT": PARAM_EVICT} if PARAM_EVICT and not (mul_sl or add_sl) else {}))
+        **({"X_EVICT": "evict_first", "P_EVICT": PARAM_EVICT} if PARAM_EVICT and not (mul_sl or add_sl) else {}),
+        **({"scale_ptr": scales, "FP8_ROW": True, "INTERP": INTERPRET} if fp8_row else {}))
+    if fp8_row:
+        return out.reshape(x.shape), scales.reshape(x.shape[:-1])
     return out.reshape(x.shape)
 
 
@@ -272,6 +298,12 @@ def _check_x(op: str, x: torch.Tensor, ndim3: bool = False) -> None:
 def _check_vec(op: str, name: str, p: torch.Tensor, d: int) -> None:
     if tuple(p.shape) != (d,):
         raise UnsupportedShapeError(f"{op}: {name} must have shape ({d},), got {tuple(p.shape)}")
+
+
+def _check_affine(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    _check_x(op, x)
+    _check_vec(op, "weight", weight, x.shape[-1])
+    _check_vec(op, "bias", bias, x.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,17 +333,13 @@ def _layernorm_modulate_fake(x, shift, scale, eps):
 @torch.library.custom_op("turbocompile::layer_norm_affine", mutates_args=())
 def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x.float(), weight, bias).to(x.dtype)`` over the last dim."""
-    _check_x("layer_norm_affine", x)
-    _check_vec("layer_norm_affine", "weight", weight, x.shape[-1])
-    _check_vec("layer_norm_affine", "bias", bias, x.shape[-1])
+    _check_affine("layer_norm_affine", x, weight, bias)
     return layer_norm_affine_ref(x, weight, bias, eps)
 
 
 @layer_norm_affine.register_kernel("cuda")
 def _layer_norm_affine_cuda(x, weight, bias, eps):
-    _check_x("layer_norm_affine", x)
-    _check_vec("layer_norm_affine", "weight", weight, x.shape[-1])
-    _check_vec("layer_norm_affine", "bias", bias, x.shape[-1])
+    _check_affine("layer_norm_affine", x, weight, bias)
     if triton is None:
         return layer_norm_affine_ref(x, weight, bias, eps)
     return _launch(x, weight, bias, eps, center=True, one_plus=False)
@@ -346,10 +374,67 @@ def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)
 
 
-def launch_triton(op: str, *args) -> torch.Tensor:
+# The norms that feed an fp8-row W8A8 linear, with that linear's activation quantization fused in (the
+# ``fuse_norm_quant`` pass inserts them; the linear becomes ``fp8_row_gemm``). Same bits as the norm followed by
+# ``quant_fp8_row``: the row is rounded to x's dtype first, as the norm's output would be.
+def _fp8_row(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = quant_fp8_row_ref(y)
+    return q.reshape(y.shape), s.reshape(y.shape[:-1])
+
+
+def _fp8_row_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("turbocompile::layernorm_modulate_fp8_row", mutates_args=())
+def layernorm_modulate_fp8_row(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layernorm_modulate`` then per-row e4m3 quantization: (values [B, L, D] e4m3, scales [B, L] fp32)."""
+    _check_x("layernorm_modulate_fp8_row", x, ndim3=True)
+    return _fp8_row(layernorm_modulate_ref(x, shift, scale, eps))
+
+
+@layernorm_modulate_fp8_row.register_kernel("cuda")
+def _layernorm_modulate_fp8_row_cuda(x, shift, scale, eps):
+    _check_x("layernorm_modulate_fp8_row", x, ndim3=True)
+    if triton is None:
+        return _fp8_row(layernorm_modulate_ref(x, shift, scale, eps))
+    return _launch(x, scale, shift, eps, center=True, one_plus=True, fp8_row=True)
+
+
+@layernorm_modulate_fp8_row.register_fake
+def _layernorm_modulate_fp8_row_fake(x, shift, scale, eps):
+    _check_x("layernorm_modulate_fp8_row", x, ndim3=True)
+    return _fp8_row_fake(x)
+
+
+@torch.library.custom_op("turbocompile::layer_norm_affine_fp8_row", mutates_args=())
+def layer_norm_affine_fp8_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer_norm_affine`` then per-row e4m3 quantization: (values [..., D] e4m3, scales [...] fp32)."""
+    _check_affine("layer_norm_affine_fp8_row", x, weight, bias)
+    return _fp8_row(layer_norm_affine_ref(x, weight, bias, eps))
+
+
+@layer_norm_affine_fp8_row.register_kernel("cuda")
+def _layer_norm_affine_fp8_row_cuda(x, weight, bias, eps):
+    _check_affine("layer_norm_affine_fp8_row", x, weight, bias)
+    if triton is None:
+        return _fp8_row(layer_norm_affine_ref(x, weight, bias, eps))
+    return _launch(x, weight, bias, eps, center=True, one_plus=False, fp8_row=True)
+
+
+@layer_norm_affine_fp8_row.register_fake
+def _layer_norm_affine_fp8_row_fake(x, weight, bias, eps):
+    _check_x("layer_norm_affine_fp8_row", x)
+    return _fp8_row_fake(x)
+
+
+def launch_triton(op: str, *args):
     """Run an op's Triton kernel directly on any device (CPU under TRITON_INTERPRET=1, used by the tests)."""
     fns = {"layernorm_modulate": _layernorm_modulate_cuda, "layer_norm_affine": _layer_norm_affine_cuda,
-           "rms_norm": _rms_norm_cuda}
+           "rms_norm": _rms_norm_cuda, "layernorm_modulate_fp8_row": _layernorm_modulate_fp8_row_cuda,
+           "layer_norm_affine_fp8_row": _layer_norm_affine_fp8_row_cuda}
     return fns[op](*args)
 
 
@@ -423,6 +508,38 @@ def _bench(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
     return res
 
 
+def _bench_fp8_row(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    """The norms that feed fp8-row linears, fused with the linear's activation quantization, against the norm
+    followed by the quantizer (two kernels, as before ``fuse_norm_quant``), both as CUDA-graph replays."""
+    from turbocompile.kernels import quantize_activations as qa
+    from turbocompile.kernels.benchlog import BenchLog
+    from turbocompile.kernels.sage_attention import bench_ms_graph
+
+    dev = torch.device("cuda")
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+                 "rows": []}
+    log = BenchLog(out_dir, "bench_norms_fp8_row", res)
+    ops = torch.ops.turbocompile
+    for l, d in [(32760, 1536), (75600, 5120)]:
+        x = torch.randn(1, l, d, device=dev, dtype=torch.bfloat16) * 2 + 0.5
+        shift, scale = torch.randn(1, 1, d, device=dev), torch.randn(1, 1, d, device=dev) * 0.3
+        w, bias = torch.randn(d, device=dev), torch.randn(d, device=dev)
+        for name, args in (("layernorm_modulate", (x, shift, scale, 1e-6)), ("layer_norm_affine", (x, w, bias, 1e-6))):
+            norm, fused = getattr(ops, name), getattr(ops, name + "_fp8_row")
+            unfused_ms = bench_ms_graph(lambda: qa.quant_fp8_row(norm(*args)))  # noqa: B023
+            fused_ms = bench_ms_graph(lambda: fused(*args))  # noqa: B023
+            norm_ms = bench_ms_graph(lambda: norm(*args))  # noqa: B023
+            row = {"op": name, "L": l, "D": d, "norm_ms": norm_ms, "norm_then_quant_ms": unfused_ms,
+                   "fused_ms": fused_ms, "saved_ms": unfused_ms - fused_ms,
+                   "fused_TBps": x.numel() * 3 / fused_ms / 1e9}  # bf16 read + e4m3 write
+            res["rows"].append(row)
+            log.say(f"{name:<20} L={l:>6} D={d:>5}: norm {norm_ms * 1e3:6.1f} us, norm + quant_fp8_row "
+                    f"{unfused_ms * 1e3:6.1f} us, fused {fused_ms * 1e3:6.1f} us ({row['fused_TBps']:.2f} TB/s), "
+                    f"saves {row['saved_ms'] * 1e3:5.1f} us")
+        log.dump()
+    return res
+
+
 def _max_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest error in units of bf16 spacing at the reference value (floored at 1e-3)."""
     spacing = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-3)
@@ -446,4 +563,10 @@ if __name__ == "__main__":  # pragma: no cover
     p = argparse.ArgumentParser(description="check and time the fused norm ops on a GPU")
     p.add_argument("--bench", action="store_true", required=True)
     p.add_argument("--out", default=None)
-    _bench(p.parse_args().out)
+    p.add_argument("--fp8-row", action="store_true",
+                   help="only the norms fused with the fp8-row quantization, against norm + quantizer")
+    a = p.parse_args()
+    if a.fp8_row:
+        _bench_fp8_row(a.out)
+    else:
+        _bench(a.out)

@@ -7,12 +7,18 @@ loop is unrolled by two and has separate tails).
 from __future__ import annotations
 
 import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from turbocompile.errors import GPUError, UnsupportedShapeError
 from turbocompile.kernels import gemm_int8_block_gluon as G
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cubin_tools import cuobjdump  # noqa: E402
 
 
 def _inputs(m: int, k: int, n: int, seed: int, device: str = "cpu"):
@@ -62,7 +68,7 @@ def test_unsupported_options_and_out():
     a_q, a_s, w_q, w_s, b = _inputs(130, 256, 256, seed=1)
     for kw, msg in [({"out_dtype": torch.int32}, "writes bf16, fp16 or fp32"),
                     ({"block_n": 32}, "block_n 64/128"),
-                    ({"rescale": 3}, "rescale 0/1"),
+                    ({"rescale": 5}, "rescale 0-4"),
                     ({"out": torch.empty(130, 128, dtype=torch.bfloat16)}, "out must be a contiguous")]:
         with pytest.raises(UnsupportedShapeError, match=msg):
             G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, **kw)
@@ -84,6 +90,49 @@ def test_reference_matches_per_block_definition():
     assert torch.allclose(G.reference(a_q, a_s, w_q, w_s, b), want, rtol=1e-12, atol=1e-9)
     assert torch.equal(G.reference(a_q, a_s, w_q, w_s, b, rows=slice(100, 130)),
                        G.reference(a_q, a_s, w_q, w_s, b)[100:130])
+
+
+def _sass_main_loop(sass: str) -> list[str]:
+    """The instructions of the K loop in a ``cuobjdump -sass`` listing: the shortest backward branch whose span
+    holds a wgmma (the mbarrier retry branches jump back from the end of the kernel, over the whole loop)."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = None
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any("GMMA" in t for t in body) and (best is None or len(body) < len(best)):
+                best = body
+    return best or []
+
+
+@pytest.mark.parametrize("rescale,block_n", [(2, 128), (3, 128), (4, 128), (2, 64)])
+def test_split_rescale_compiles_for_sm90a_without_spills_or_moves(rescale, block_n):
+    """The split conversions (:func:`_fold_split`) compiled for sm_90a on the CPU: no stack frame (spills), the
+    wgmma kept asynchronous (one group in flight: only ``DEPBAR.LE gsb0, 0x1`` in the loop), and both paths in
+    the loop (``I2FP`` and the magic-number integer add + FADD) with no shuffles or byte permutes (the halves are
+    registers of the accumulator layout, not moved data)."""
+    if G.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = G.compile_for_sm90(rescale=rescale, block_n=block_n)
+    assert kernel.asm["ptx"].count("wgmma.wait_group.sync.aligned 1;") == 8
+    dumps = cuobjdump(kernel, "--dump-resource-usage", "-sass")
+    if dumps is None:
+        pytest.skip("Triton ships no cuobjdump here to read the SASS with")
+    usage, sass = dumps
+    assert int(re.search(r"STACK:(\d+)", usage).group(1)) == 0, usage
+    loop = _sass_main_loop(sass)
+    warpgroups = 2 if block_n == 128 else 1  # 8 or 4 warps; the 128 rows are m64 wgmmas, 4 k32 steps per K block
+    assert sum("GMMA" in t for t in loop) == 2 * 4 * 2 // warpgroups  # two K blocks per loop trip
+    assert {re.search(r"DEPBAR\S*\s+\S+\s+(\S+)", t).group(1) for t in loop if "DEPBAR" in t} == {"0x1"}
+    i2f = sum(t.startswith("I2FP.F32.S32") for t in loop)
+    magic = sum(bool(re.match(r"(IADD3|VIADD|IMAD\.IADD)\b.*0x4b400000", t)) for t in loop)
+    fadd = sum(bool(re.match(r"FADD\b.*-12582912", t)) for t in loop)
+    per_trip = 2 * 128 * block_n // (128 * warpgroups)  # values a thread converts per trip (64 per K block)
+    magic_quarters = {2: 2, 3: 3, 4: 1}[rescale]
+    assert i2f == per_trip * (4 - magic_quarters) // 4
+    assert magic == fadd == per_trip - i2f
+    assert not any(t.split()[0] in ("PRMT", "SHFL.IDX", "SHFL.BFLY", "STS", "LDS") for t in loop)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,8 +172,8 @@ def test_cuda_matches_reference(m, k, n, with_bias):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [{"rescale": 1}, {"num_stages": 3}, {"block_n": 64}, {"num_stages": 2},
-                                {"num_stages": 5}])
+@pytest.mark.parametrize("kw", [{"rescale": 1}, {"rescale": 2}, {"rescale": 3}, {"rescale": 4}, {"num_stages": 3},
+                                {"block_n": 64}, {"num_stages": 2}, {"num_stages": 5}, {"rescale": 2, "block_n": 64}])
 def test_cuda_variants_match_reference(kw):
     _need_hopper()
     a_q, a_s, w_q, w_s, b = _inputs(333, 1024, 256, seed=7, device="cuda")
@@ -132,6 +181,9 @@ def test_cuda_variants_match_reference(kw):
     G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.float32, out=out, **kw)
     assert not torch.isnan(out).any()
     assert _rel(out, G.reference(a_q, a_s, w_q, w_s, b)) < 1e-6
+    if "rescale" in kw:  # every int -> float conversion is exact: the same bits as the I2FP-only default
+        kw0 = {key: v for key, v in kw.items() if key != "rescale"}
+        assert torch.equal(out, G.gemm_int8_block_gluon(a_q, a_s, w_q, w_s, b, torch.float32, **kw0))
     # many programs, bf16 out, every element written
     a_q, a_s, w_q, w_s, b = _inputs(3000, 512, 1024, seed=9, device="cuda")
     out16 = torch.full((3000, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)

@@ -139,6 +139,28 @@ def _interpret_checks() -> dict:
             rep[f"chunk{chunk}/rms/{b}x{l}x{d}"] = _cmp(N.launch_triton("rms_norm", x, w, EPS),
                                                        N.rms_norm_ref(x, w, EPS))
     N.CHUNK = None
+    # the norms with the fp8-row quantization fused in: the same bits as the norm kernel then the quantizer
+    # kernel (both interpreted); D not a power of two, per-sample and per-token parameters, bf16 and fp32 x
+    from turbocompile.kernels import quantize_activations as qa
+
+    fused = {}
+    for b, l, d in [(2, 37, 384), (3, 4, 200)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = _x(b, l, d, seed=7 * d + l, dtype=dtype)
+            shift, scale = torch.randn(b, l, d, generator=g), torch.randn(b, 1, d, generator=g) * 0.3
+            w, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+            for name, args in (("layernorm_modulate", (x, shift, scale, EPS)), ("layer_norm_affine", (x, w, bias, EPS))):
+                q, sc = N.launch_triton(name + "_fp8_row", *args)
+                q0, s0 = qa.quant_fp8_row(N.launch_triton(name, *args))
+                deq = q.float() * sc[..., None]
+                want = getattr(N, name + "_ref")(*args).float()
+                fused[f"{name}/{b}x{l}x{d}/{str(dtype)[6:]}"] = {
+                    "q_dtype": str(q.dtype), "shapes": [list(q.shape), list(sc.shape)],
+                    "same_bits": bool(torch.equal(q.view(torch.uint8), q0.view(torch.uint8).reshape(q.shape))
+                                      and torch.equal(sc, s0.reshape(sc.shape))),
+                    "finite": bool(torch.isfinite(deq).all()),
+                    "rel_vs_norm": ((deq - want).norm() / want.norm()).item()}
+    rep["fp8_row"] = fused
     torch.empty = real_empty
     return rep
 
@@ -158,8 +180,9 @@ def interp_report(tmp_path_factory) -> dict:
 
 
 def test_interp_norm_kernel_matches_references(interp_report):
-    assert len(interp_report) == 3 * 2 * 6 + 2 * 2 * 2 + 2 * 3
-    for key, r in interp_report.items():
+    report = {k: v for k, v in interp_report.items() if k != "fp8_row"}
+    assert len(report) == 3 * 2 * 6 + 2 * 2 * 2 + 2 * 3
+    for key, r in report.items():
         assert r["finite"] and r["shape"] and r["dtype"], key
         if key.startswith("offset/"):  # rows of mean 40, std 0.5: no worse than PyTorch's own fp32 LayerNorm
             assert r["err_vs_fp64"] <= 1.05 * r["torch_err_vs_fp64"] + 1e-7, (key, r)
@@ -167,6 +190,49 @@ def test_interp_norm_kernel_matches_references(interp_report):
             assert r["rel"] < 1e-5, (key, r)
         else:  # within bf16 rounding of PyTorch's fp32 result
             assert r["ulps"] <= 1, (key, r)
+
+
+def test_interp_norm_fp8_row_is_the_norm_then_the_quantizer(interp_report):
+    """The fused norm + fp8-row quantization kernel writes exactly what the norm kernel followed by the fp8-row
+    quantizer writes (values and row scales, every element: outputs are NaN-poisoned), within e4m3's rounding of
+    the norm."""
+    fused = interp_report["fp8_row"]
+    assert len(fused) == 2 * 2 * 2
+    for key, r in fused.items():
+        assert r["q_dtype"] == "torch.float8_e4m3fn" and r["shapes"][0][:-1] == r["shapes"][1], (key, r)
+        assert r["same_bits"] and r["finite"], (key, r)
+        assert r["rel_vs_norm"] < 0.05, (key, r)  # e4m3 per-row: ~3-4% relative error on Gaussian rows
+
+
+def test_fused_norm_fp8_row_ops_equal_norm_then_fp8_row_linear():
+    """CPU references: norm + fp8_row_linear == the *_fp8_row norm + fp8_row_gemm, bit for bit; errors are one
+    line; the ops export and pass opcheck."""
+    from turbocompile.errors import InputError
+    from turbocompile.kernels import linear_w8a8 as L
+
+    x = _x(2, 40, 256, seed=11)
+    g = torch.Generator().manual_seed(12)
+    shift, scale = torch.randn(2, 1, 256, generator=g), torch.randn(2, 1, 256, generator=g) * 0.3
+    w, bias = torch.randn(256, generator=g), torch.randn(256, generator=g)
+    wq = L.quantize_weight((torch.randn(384, 256, generator=g) * 0.05).bfloat16(), "fp8-row")
+    lin_b = torch.randn(384, generator=g).bfloat16()
+    ops = torch.ops.turbocompile
+    for name, args in (("layernorm_modulate", (x, shift, scale, EPS)), ("layer_norm_affine", (x, w, bias, EPS))):
+        fused = getattr(ops, name + "_fp8_row")
+        want = ops.fp8_row_linear(getattr(ops, name)(*args), wq["w_q"], wq["w_scale"], lin_b)
+        q, s = fused(*args)
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 40)
+        got = ops.fp8_row_gemm(q, s, wq["w_q"], wq["w_scale"], lin_b, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        torch.library.opcheck(fused.default, args)
+    torch.library.opcheck(ops.fp8_row_gemm.default, (q, s, wq["w_q"], wq["w_scale"], lin_b, torch.bfloat16),
+                          test_utils=("test_faketensor",))  # (the schema test cannot run on fp8 CPU tensors)
+    with pytest.raises(UnsupportedShapeError, match=r"x_scale must be fp32 \(2, 40\)"):
+        ops.fp8_row_gemm(q, s[:, :5], wq["w_q"], wq["w_scale"], None, torch.bfloat16)
+    with pytest.raises(InputError, match="x_q must be float8_e4m3fn"):
+        ops.fp8_row_gemm(x, s, wq["w_q"], wq["w_scale"], None, torch.bfloat16)
+    with pytest.raises(UnsupportedShapeError, match="x has 128 input features but the weight has 256"):
+        ops.fp8_row_gemm(q[..., :128], s, wq["w_q"], wq["w_scale"], None, torch.bfloat16)
 
 
 def test_chunk_choice_per_gpu():
@@ -202,6 +268,31 @@ def test_cuda_norms_match_references():
     w, bias = torch.randn(5120, device="cuda"), torch.randn(5120, device="cuda")
     got = torch.ops.turbocompile.layer_norm_affine(x, w, bias, EPS)
     assert not got.isnan().any() and _ulps_bf16(got, N.layer_norm_affine_ref(x, w, bias, EPS)) <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1536, 5120])
+def test_cuda_norm_fp8_row_is_the_norm_then_the_quantizer(d):
+    """On the GPU the fused kernel gives the bits of the unfused whole-row norm kernel followed by fp8_row_linear's
+    quantizer. (On an H200 the unfused op takes the chunked kernel at D = 5120, which sums the row in another
+    order; the fused one always holds the row, so the comparison pins the unfused op to the whole-row kernel.)"""
+    from turbocompile.kernels import quantize_activations as qa
+
+    x = _x(1, 1000, d, seed=d).cuda()
+    shift, scale = torch.randn(1, 1, d, device="cuda"), torch.randn(1, 1, d, device="cuda") * 0.3
+    w, bias = torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+    for name, args in (("layernorm_modulate", (x, shift, scale, EPS)), ("layer_norm_affine", (x, w, bias, EPS))):
+        q, s = getattr(torch.ops.turbocompile, name + "_fp8_row")(*args)
+        keep, N.CHUNK = N.CHUNK, 0
+        try:
+            q0, s0 = qa.quant_fp8_row(getattr(torch.ops.turbocompile, name)(*args))
+        finally:
+            N.CHUNK = keep
+        assert torch.equal(q.view(torch.uint8).reshape(q0.shape), q0.view(torch.uint8)), name
+        assert torch.equal(s.reshape(-1), s0), name
+        deq = q.float() * s[..., None]
+        want = getattr(N, name + "_ref")(*args).float()
+        assert ((deq - want).norm() / want.norm()).item() < 0.05, name
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -113,6 +113,53 @@ def test_fused_projections_program_matches_the_unfused_program(scheme):
     assert torch.isfinite(a).all() and rel < 1e-6, rel
 
 
+@pytest.mark.parametrize("scheme", ["fp8-row", "int8-block"])
+def test_norm_quant_fusion_gives_the_same_program_output(scheme):
+    """``fuse_norm_quant`` on the wan-tiny program: with fp8-row linears every norm that feeds them (2 modulated
+    LayerNorms and the cross-attention LayerNorm per block) writes the e4m3 input itself, the linears become
+    ``fp8_row_gemm``, and the program's output is bit-identical to the unfused one; with another scheme the pass
+    changes nothing and says why."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6)
+    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
+             "linear_to_w8a8", "fuse_norms", "fuse_norm_quant"]
+    outs, records = [], []
+    for skip in ([], ["fuse_norm_quant"]):
+        prog = capture(model, inputs)
+        ctx = PassContext(spec=spec, target=get_target("sm_90"), options={"linear_to_w8a8": {"scheme": scheme}})
+        pm = PassManager([BY_NAME[n] for n in names if n not in skip], ctx, inputs)
+        pm.run(prog)
+        outs.append(prog(*inputs))
+        records.append({r.name: r.result for r in pm.records})
+        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+        if not skip and scheme == "fp8-row":
+            layers = spec.dit.num_layers
+            assert targets.count("turbocompile.layernorm_modulate_fp8_row.default") == 2 * layers
+            assert targets.count("turbocompile.layer_norm_affine_fp8_row.default") == layers
+            assert targets.count("turbocompile.fp8_row_gemm.default") == 3 * layers  # fused qkv, cross q, FFN in
+            assert "turbocompile.layernorm_modulate.default" not in targets
+    fused = records[0]["fuse_norm_quant"]
+    if scheme == "fp8-row":
+        assert fused.extra == {"norms": 3 * spec.dit.num_layers, "linears": 3 * spec.dit.num_layers}
+    else:
+        assert fused.rewritten == 0 and "scheme is not fp8-row" in fused.notes[0]
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_onnx_builds_leave_out_the_norm_quant_fusion():
+    from turbocompile.passes import ONNX_SKIPPED_PASSES, PASSES
+
+    assert "fuse_norm_quant" in ONNX_SKIPPED_PASSES and ONNX_SKIPPED_PASSES[0] in [p.name for p in PASSES]
+    assert [p.name for p in PASSES].index("fuse_norm_quant") > [p.name for p in PASSES].index("fuse_norms")
+
+
 def test_norms_fused(full_build: Path):
     s = _stage(full_build, "fuse_norms")
     assert s["extra"] == {"layernorm_modulate": 4, "layer_norm_affine": 2, "rms_norm": 8}

@@ -27,6 +27,9 @@ from turbocompile.kernels.sage_attention import (
     structured_qkv,
 )
 
+sys.path.insert(0, os.path.dirname(__file__))
+from cubin_tools import cuobjdump  # noqa: E402
+
 load_ops()
 ON_HOPPER = G.available()
 
@@ -240,8 +243,6 @@ def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, lin
     pytest.importorskip("triton", reason="Triton is not installed")
     if G.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    import triton
-
     kernel = G.compile_for_sm90(sparse=sparse, linear=linear, block_m=block_m, phi_pre=phi_pre)
     ptx = kernel.asm["ptx"]
     if phi_pre:  # the linear branch's φ(q)/den·M: one bf16 wgmma with both operands in shared memory
@@ -252,17 +253,10 @@ def test_kernel_compiles_for_sm90a_with_p_in_registers_and_no_spills(sparse, lin
     assert pv, "the FP8 P·V wgmma does not read its A operand from registers"
     assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx  # the INT8 scores
     assert not re.search(r"st\.shared(\.v\d)?\.(u8|b8|s8)", ptx), "P goes through shared memory byte by byte"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    dumps = cuobjdump(kernel, "--dump-resource-usage")
+    if dumps is None:
         pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
-    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sage_attn_{os.getpid()}_{int(sparse)}_{block_m}.cubin")
-    with open(cubin, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    try:
-        res = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True,
-                             timeout=120).stdout
-    finally:
-        os.unlink(cubin)
+    res = dumps[0]
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
     assert regs <= 255, res

@@ -106,10 +106,12 @@ def build(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> 
     say = progress or (lambda msg: log.info(msg))
 
     import turbocompile.kernels as kernels
-    from .passes import select_passes
+    from .passes import ONNX_SKIPPED_PASSES, select_passes
 
     kernels.load_ops()
     passes = select_passes(opts.passes, opts.skip_passes)
+    if opts.backend in ("onnx", "tensorrt"):  # their plugins cover the unfused norm and linear ops only
+        passes = [p for p in passes if p.name not in ONNX_SKIPPED_PASSES]
     t_start = time.perf_counter()
     with artifact.atomic_directory(opts.out, force=opts.force) as tmp:
         say(f"loading {spec.id}")

@@ -1,8 +1,8 @@
 """One DiT forward at real size as an incremental ladder, and whole-video DiT time (original vs rCM).
 
 Ladder rungs, each timed on the same input and compared (cosine) with the diffusers eager bf16 output:
-diffusers eager bf16 -> captured graph (clean-up passes) -> + fused norms -> + W8A8 -> + SageSLA
--> + torch.compile (the ``torch`` backend). Passes are applied incrementally to one program, so each rung
+diffusers eager bf16 -> captured graph (clean-up passes) -> + fused norms -> + fused q/k/v projections -> + W8A8
+-> + fp8 input written by the norms -> + SageSLA -> + torch.compile (the ``torch`` backend). Passes are applied incrementally to one program, so each rung
 adds exactly one optimization.
 """
 from __future__ import annotations
@@ -19,7 +19,10 @@ from . import Report, cuda_time, environment, rel_err
 log = logging.getLogger(__name__)
 
 RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
-         "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ SageSLA (topk 0.1)", "+ torch.compile"]
+         "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
+         "+ SageSLA (topk 0.1)", "+ torch.compile"]
+#: index of the SageSLA rung (the last one before compilation) and of the compiled rung
+_SLA, _COMPILED = 6, 7
 RUNG_GRAPHS = "+ CUDA graphs (compile mode reduce-overhead)"
 
 
@@ -90,11 +93,13 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     if on_gpu:
         torch.cuda.empty_cache()
     pass_rung(RUNGS[4], "linear_to_w8a8")
+    apply("fuse_norm_quant")
+    pass_rung(RUNGS[5], "fuse_norm_quant")
     apply("attention_to_sagesla")
-    final = rung(RUNGS[5], lambda: prog(x, t, c))
+    final = rung(RUNGS[_SLA], lambda: prog(x, t, c))
     if profile and on_gpu:
-        _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[5]} ({spec.id}@{resolution})",
-                 times[RUNGS[5]])
+        _profile(lambda: prog(x, t, c), report, f"where the time goes: {RUNGS[_SLA]} ({spec.id}@{resolution})",
+                 times[RUNGS[_SLA]])
     if compile:
         compiled_s = _compiled_rung(prog, (x, t, c), on_gpu, rung, report, section, None, profile=profile)
         if compiled_s is not None:
@@ -104,7 +109,7 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
             if graphs_s is not None:
                 report.header[f"{section}: first CUDA-graph call s"] = round(graphs_s, 1)
     else:
-        report.add(section, {"rung": RUNGS[6], "note": "skipped (--no-compile)"})
+        report.add(section, {"rung": RUNGS[_COMPILED], "note": "skipped (--no-compile)"})
     report.header[f"{section}: capture s"] = round(capture_s, 1)
     del final, base
     return {"times": times, "tokens": L, "flops": flops}
@@ -133,7 +138,7 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
     ``mode="reduce-overhead"`` also replays the forward as a CUDA graph (static shapes): its rung is named
     ``+ CUDA graphs``. A graph replay reuses its output buffer, so each call marks a new step and the
     output is cloned (one latent, a few MB) before the next replay can overwrite it."""
-    name = RUNGS[6] if mode is None else RUNG_GRAPHS
+    name = RUNGS[_COMPILED] if mode is None else RUNG_GRAPHS
     try:
         weights = prog.ordered_weights()
         torch._dynamo.reset()
@@ -231,7 +236,7 @@ def bench_e2e(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, com
                      profile=profile)
     times = ladder["times"]
     base = times[RUNGS[0]]
-    best_name = min((r for r in RUNGS[5:] if r in times), key=lambda r: times[r])
+    best_name = min((r for r in RUNGS[_SLA:] if r in times), key=lambda r: times[r])
     best = times[best_name]
     te = _text_encoder_time(spec, repeats)
     vae = _vae_decode_time(spec, resolution)
