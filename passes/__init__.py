@@ -25,8 +25,9 @@ PASSES: list[PassInfo] = [
              "precompute weight-only subgraphs (RoPE tables for the static shape)"),
     PassInfo("eliminate_dead_code", eliminate_dead_code, "drop unused nodes and weights"),
     PassInfo("attention_to_sagesla", attention_to_sagesla,
-             "self-attention SDPA -> sage_sla / sage_attention / sla; cross-attention -> sage_attention",
-             options={"method": "sagesla", "topk": 0.1, "cross": "sage", "dense_first": 0, "dense_last": 0}),
+             "self-attention SDPA -> sage_sla / sage_attention / sla; cross-attention -> sage_attention (or SDPA "
+             "where faster)",
+             options={"method": "sagesla", "topk": 0.1, "cross": "auto", "dense_first": 0, "dense_last": 0}),
     PassInfo("fuse_projections", fuse_projections,
              "Linear layers of a block that read the same input (q/k/v, context k/v) -> one GEMM + split"),
     PassInfo("linear_to_w8a8", linear_to_w8a8,

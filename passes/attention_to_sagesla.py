@@ -1,6 +1,7 @@
 """Replace attention: self-attention SDPA in the transformer blocks becomes SageSLA (sparse + linear,
 INT8/FP8), or dense SageAttention, or bf16 SLA, or stays SDPA (option ``method``); cross-attention becomes
-dense SageAttention or stays (option ``cross``). The first/last N blocks can stay dense (a quality knob).
+dense SageAttention or stays (option ``cross``; ``auto``, the default, keeps SDPA on sm_90, where cuDNN is
+faster at 512 text keys, see ``CROSS_AUTO``). The first/last N blocks can stay dense (a quality knob).
 
 SLA's linear branch needs the per-block ``proj_l`` of a TurboDiffusion checkpoint; without one the
 projection is zero and SLA is plain block-sparse attention (the build log says so).
@@ -18,6 +19,11 @@ from turbocompile.program import Program
 aten = torch.ops.aten
 NAME = "attention_to_sagesla"
 METHODS = ("sagesla", "sage", "sla", "sdpa")
+#: ``cross="auto"``: what cross-attention (video queries, 512 text keys) becomes per target, measured. On an H200
+#: cuDNN's SDPA took 0.204 / 1.57 ms at the 1.3B@480p / 14B@720p shapes against 0.30 / 1.75 ms for
+#: ``sage_attention``, whose quantization of all of Q costs as much as the four key tiles' attention
+#: (docs/kernels-attention.md); elsewhere (not measured) SageAttention.
+CROSS_AUTO = {"sm_90": "sdpa"}
 _MODULE = re.compile(r"^blocks\.(\d+)\.(attn1|attn2)$")
 
 
@@ -39,14 +45,16 @@ def attention_to_sagesla(prog: Program, ctx: PassContext) -> PassResult:
     ops = torch.ops.turbocompile
 
     method = str(ctx.option(NAME, "method", "sagesla"))
-    cross = str(ctx.option(NAME, "cross", "sage"))
+    cross = str(ctx.option(NAME, "cross", "auto"))
+    if cross == "auto":
+        cross = CROSS_AUTO.get(ctx.target.name, "sage")
     topk = float(ctx.option(NAME, "topk", 0.1))
     dense_first = int(ctx.option(NAME, "dense_first", 0))
     dense_last = int(ctx.option(NAME, "dense_last", 0))
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if cross not in ("sage", "sdpa"):
-        raise ValueError(f"cross must be 'sage' or 'sdpa', got {cross!r}")
+        raise ValueError(f"cross must be 'auto', 'sage' or 'sdpa', got {cross!r}")
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     blk_q, blk_k = ctx.target.attn_blocks

@@ -153,6 +153,30 @@ def test_norm_quant_fusion_gives_the_same_program_output(scheme):
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
+def test_cross_attention_auto_is_sdpa_on_sm90_and_sage_elsewhere():
+    """``cross="auto"`` (the default): cross-attention stays SDPA for sm_90 (cuDNN measured faster than
+    sage_attention at 512 text keys), becomes sage_attention for other targets; explicit choices win."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6)
+    layers = spec.dit.num_layers
+    for target, options, want in (("sm_90", {}, {"sdpa": layers, "sage_attention": 0}),
+                                  ("cpu", {}, {"sdpa": 0, "sage_attention": layers}),
+                                  ("sm_90", {"cross": "sage"}, {"sdpa": 0, "sage_attention": layers})):
+        prog = capture(model, inputs)
+        ctx = PassContext(spec=spec, target=get_target(target), options={"attention_to_sagesla": options})
+        pm = PassManager([BY_NAME["attention_to_sagesla"]], ctx, inputs)
+        pm.run(prog)
+        extra = next(r.result.extra for r in pm.records if r.name == "attention_to_sagesla")
+        assert {k: extra[k] for k in want} == want and extra["sage_sla"] == layers, (target, options, extra)
+
+
 def test_onnx_builds_leave_out_the_norm_quant_fusion():
     from turbocompile.passes import ONNX_SKIPPED_PASSES, PASSES
 
