@@ -5,8 +5,10 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "04:55" = the 2026-11-27 04:55 UTC code (sparse programs load their tile starts and K scales inside the
-loop, the one-pass int8 quantizer for Q); "now" = today's defaults. ``--linear`` also times the fp8-row W8A8 linear
+States: "06:53" = the code at 2026-11-27 06:53 UTC (the top-k LUT by the 32-round radix select); "now" = today's
+defaults (the LUT by the interpolation search of ``block_map._topk_search_kernel``). (The 05:58-06:26 UTC runs in
+docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
+the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
 (activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
 times the cross-attention choice of the ``attention_to_sagesla`` pass (option ``cross``): ``sage_attention`` against
 the SDPA backends at the video length of each shape against Wan's 512 text tokens.
@@ -42,12 +44,14 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from turbocompile.kernels import block_map as bm
+
     load_ops()
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS))
-    states = {"04:55": (False, {**sa.QUANT_CONFIGS, (64, True): (4, 1, 8, True)}), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG)
+    states = {"06:53": (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TopkConfig(kernel="radix")), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 

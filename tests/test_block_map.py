@@ -1,7 +1,10 @@
-"""Top-k LUT selection: the Triton radix-select kernel (``topk_lut_triton``) under TRITON_INTERPRET=1 in a
-subprocess against ``torch.topk`` + ``torch.sort``, on random scores (exact equality), ties, NaN, ±0 and ±inf; the
-3xTF32 score kernel (``block_scores_triton``) against a float64 matmul at odd shapes and strided views; and the CUDA
-path of ``lut_from_pooled`` where a GPU exists. The checks run in well under a second of interpreter time."""
+"""Top-k LUT selection: the Triton kernels of ``topk_lut_triton`` (the search kernel, default, in each of its
+options, and the radix-select kernel) under TRITON_INTERPRET=1 in a subprocess against ``torch.topk`` +
+``torch.sort``, on random scores (exact equality), ties, NaN, ±0, ±inf, denormals and huge values (against a plain
+Python ranking); the 3xTF32 score kernel (``block_scores_triton``) against a float64 matmul at odd shapes and strided
+views; and, where a GPU exists, the CUDA path of ``lut_from_pooled`` and every selection option against each other
+(the PTX ``set.ge`` path of the search kernel runs only there; its integer arithmetic runs in the interpreter as
+``TopkConfig(emulate=True)``). The interpreter checks take ~25 s on 2 CPU cores."""
 from __future__ import annotations
 
 import json
@@ -10,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from turbocompile.kernels.block_map import compare_luts, lut_from_pooled, num_kept_blocks, topk_lut_reference
+from turbocompile.kernels.block_map import (TopkConfig, compare_luts, lut_from_pooled, num_kept_blocks,
+                                            topk_lut_reference)
 
 POISON = -7
 
@@ -19,6 +23,15 @@ RANDOM_CASES = [(37, 100, 10), (5, 1, 1), (3, 17, 1), (9, 33, 32), (4, 17, 17), 
                 (2, 5, 4), (1, 1000, 999)]
 #: (rows, Nk, T, distinct values): many equal scores per row
 TIE_CASES = [(11, 64, 7, 3), (7, 100, 30, 5), (5, 40, 39, 2), (3, 50, 10, 1), (9, 300, 31, 11)]
+#: search-kernel options beside the default (whose PTX path the interpreter replaces by plain Triton): the GPU
+#: path's integer count emulated, key bisection only on 2 warps, one chunk (no 512 + 128 split) on 4 warps
+SEARCH_CONFIGS = [TopkConfig(emulate=True), TopkConfig(strategy="bisect", warps=2),
+                  TopkConfig(split=False, emulate=True, warps=4)]
+#: (rows, Nk, T) for them: two chunks (600 = 512 + 128, 300 = 256 + 64, 591), one chunk, T = 1, T = Nk - 1, Nk = 1
+SEARCH_CASES = [(5, 600, 60), (4, 300, 30), (3, 591, 59), (4, 256, 25), (3, 17, 1), (2, 33, 32), (2, 1, 1),
+                (2, 100, 99)]
+#: (Nk, T) of rows drawn from NaN, ±inf, ±0, ±denormal, ±3.4e38 and a few ordinary values
+SPECIAL_CASES = [(7, 3), (45, 1), (45, 20), (45, 44), (150, 40)]
 #: (B, H, Mq, Nk, D, config) of the score kernel: Mq, Nk not multiples of the tile, 1-row/1-column outputs
 SCORE_CASES = [(1, 1, 1, 1, 64, None), (1, 2, 7, 3, 128, None), (2, 1, 65, 129, 64, None),
                (1, 1, 130, 129, 128, None), (1, 3, 130, 1, 64, (64, 64, 4)), (2, 2, 65, 129, 128, (32, 64, 4)),
@@ -74,6 +87,24 @@ def check_near_topk(scores: torch.Tensor, lut: torch.Tensor, t: int, rtol: float
     errs += [f"row {r}: kept score {kept[r].min().item()} below the t-th best {bound[r].item()} (minus tolerance)"
              for r in (kept < bound[:, None]).any(-1).nonzero().flatten().tolist()]
     return errs
+
+
+def ranked_reference(scores: torch.Tensor, t: int) -> torch.Tensor:
+    """The documented order in plain Python: largest first, -0.0 == +0.0, NaN below -inf, ties lowest column first;
+    the t first columns of each row, ascending (int32 [rows, t])."""
+    out = []
+    for row in scores.tolist():
+        order = sorted(range(len(row)), key=lambda c: (row[c] != row[c], -(row[c] + 0.0) if row[c] == row[c] else 0, c))
+        out.append(sorted(order[:t]))
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def _special_scores(g: torch.Generator, rows: int, nk: int) -> torch.Tensor:
+    inf, nan = float("inf"), float("nan")
+    neg_nan = torch.tensor([-4194303], dtype=torch.int32).view(torch.float32)  # bits 0xFFC00001
+    pool = torch.cat([torch.tensor([nan, inf, -inf, 0.0, -0.0, 1e-45, -1e-45, 3e-39, 3.4e38, -3.4e38, 1.0, -1.0, 2.5,
+                                    1.0 + 2 ** -23]), neg_nan])
+    return pool[torch.randint(0, len(pool), (rows, nk), generator=g)]
 
 
 def _score_checks(g: torch.Generator) -> dict:
@@ -133,16 +164,39 @@ def _interpret_checks() -> dict:
     rep["non_contiguous"] = {"equal": bool(torch.equal(run(sv, 3), topk_lut_reference(sv, 3))), "poison": False}
     for rows, nk, t, distinct in TIE_CASES:
         s = torch.randint(-(distinct // 2), distinct - distinct // 2, (rows, nk), generator=g).float() * 0.25
-        o = run(s, t, (4, 4))
-        rep[f"ties/{rows}x{nk}/t{t}/v{distinct}"] = {"errors": check_kept_set(s, o, t),
-                                                      "poison": bool((o == POISON).any())}
+        for config in ((4, 4), None, SEARCH_CONFIGS[1]):
+            o = run(s, t, config)
+            rep[f"ties/{rows}x{nk}/t{t}/v{distinct}/{config}"] = {"errors": check_kept_set(s, o, t),
+                                                                   "poison": bool((o == POISON).any())}
+    # the search kernel's options on random scores, rows of a wider tensor (row stride > Nk), special values
+    for rows, nk, t in SEARCH_CASES:
+        s = (torch.randn(rows, nk + 3, generator=g) * 2 - 0.3)[:, :nk]
+        assert s.stride(0) == nk + 3
+        ref = topk_lut_reference(s, t)
+        for config in SEARCH_CONFIGS:
+            o = run(s, t, config)
+            rep[f"search/{rows}x{nk}/t{t}/{config}"] = {"equal": bool(torch.equal(o, ref)),
+                                                         "poison": bool((o == POISON).any())}
+    for nk, t in SPECIAL_CASES:
+        s = _special_scores(g, 3, nk)
+        ref = ranked_reference(s, t)
+        for config in (None, (2, 1), *SEARCH_CONFIGS):
+            o = run(s, t, config)
+            rep[f"special_values/{nk}/t{t}/{config}"] = {"equal": bool(torch.equal(o, ref)),
+                                                          "poison": bool((o == POISON).any())}
     # special values: ±inf and ±0 rank like torch (-0 == +0, ties lowest index); NaN ranks below -inf
     inf, nan = float("inf"), float("nan")
     s = torch.tensor([[0.0, -0.0, 1.0, -inf, inf, -1.0, 0.0, -0.0],
                       [nan, -inf, nan, -1e38, 3e-45, -3e-45, nan, 2.0]])
-    rep["special"] = {"lut": run(s, 4).tolist()}
-    rep["nan_row"] = {"lut": run(torch.full((1, 6), nan), 3).tolist()}
+    rep["special"] = {"lut": [run(s, 4, c).tolist() for c in (None, (1, 1), *SEARCH_CONFIGS)]}
+    rep["nan_row"] = {"lut": [run(torch.full((1, 6), nan), 3, c).tolist() for c in (None, (1, 1), *SEARCH_CONFIGS)]}
     rep.update(_score_checks(g))
+    # lut_from_pooled's head-grouped CUDA path (here on CPU tensors): 2 batches x 5 heads in groups of 2 (3 partial)
+    from turbocompile.kernels.block_map import _lut_grouped, block_scores_triton
+
+    pq, pk = torch.randn(2, 5, 7, 32, generator=g), torch.randn(2, 5, 45, 32, generator=g).transpose(2, 3).mT
+    whole = topk_lut_triton(block_scores_triton(pq, pk), 5)
+    rep["grouped"] = {"equal": bool(torch.equal(_lut_grouped(pq, pk, 5, 2), whole))}
     return rep
 
 
@@ -161,17 +215,45 @@ def test_interp_topk_random_scores_equal_torch(interp_report):
         assert r["equal"] and not r["poison"], (key, r)
 
 
+def test_interp_topk_search_options_equal_torch(interp_report):
+    rows = {k: r for k, r in interp_report.items() if k.startswith("search/")}
+    assert len(rows) == len(SEARCH_CONFIGS) * len(SEARCH_CASES)
+    for key, r in rows.items():
+        assert r["equal"] and not r["poison"], (key, r)
+
+
+def test_interp_topk_special_values_every_option(interp_report):
+    rows = {k: r for k, r in interp_report.items() if k.startswith("special_values/")}
+    assert len(rows) == (2 + len(SEARCH_CONFIGS)) * len(SPECIAL_CASES)
+    for key, r in rows.items():
+        assert r["equal"] and not r["poison"], (key, r)
+
+
+def test_ranked_reference_order():
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([[nan, -inf, 0.0, -0.0, 2.0, 0.0, nan]])
+    assert ranked_reference(s, 1).tolist() == [[4]]
+    assert ranked_reference(s, 3).tolist() == [[2, 3, 4]]  # -0.0 ties +0.0, lowest columns first
+    assert ranked_reference(s, 6).tolist() == [[0, 1, 2, 3, 4, 5]]  # NaN below -inf, the first NaN first
+
+
 def test_interp_topk_ties_lowest_index_first(interp_report):
     rows = {k: r for k, r in interp_report.items() if k.startswith("ties/")}
-    assert len(rows) == len(TIE_CASES)
+    assert len(rows) == 3 * len(TIE_CASES)
     for key, r in rows.items():
         assert not r["errors"] and not r["poison"], (key, r)
 
 
 def test_interp_topk_special_values(interp_report):
     # row 0: +inf, 1.0, then the first two of the four zeros (-0 == +0); row 1: 2.0, 3e-45, -3e-45, -1e38
-    assert interp_report["special"]["lut"] == [[0, 1, 2, 4], [3, 4, 5, 7]]
-    assert interp_report["nan_row"]["lut"] == [[0, 1, 2]]  # all NaN: still t indices, lowest first
+    for lut in interp_report["special"]["lut"]:
+        assert lut == [[0, 1, 2, 4], [3, 4, 5, 7]]
+    for lut in interp_report["nan_row"]["lut"]:
+        assert lut == [[0, 1, 2]]  # all NaN: still t indices, lowest first
+
+
+def test_interp_lut_grouped_by_heads_equals_whole(interp_report):
+    assert interp_report["grouped"]["equal"]
 
 
 def test_interp_block_scores_match_float64(interp_report):
@@ -234,6 +316,41 @@ def test_cuda_lut_from_pooled_equals_torch(mq, nk, topk):
         t = ref.shape[-1]
         errs = check_near_topk(scores.reshape(-1, nk)[bad].cpu(), lut.reshape(-1, t)[bad].cpu(), t)
         assert not errs, errs[:5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b,h,mq,nk,group", [(1, 12, 512, 256, 8), (2, 10, 37, 591, 4), (1, 3, 5, 7, 1)])
+def test_cuda_lut_from_pooled_grouped_by_heads_equal(b, h, mq, nk, group):
+    g = torch.Generator(device="cuda").manual_seed(h)
+    pq = torch.randn(b, h, mq, 128, device="cuda", generator=g)
+    pk = torch.randn(b, nk, h, 128, device="cuda", generator=g).transpose(1, 2)
+    assert torch.equal(lut_from_pooled(pq, pk, 0.1, group_heads=group), lut_from_pooled(pq, pk, 0.1, group_heads=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("nk,t", [(256, 25), (591, 59), (45, 20), (3000, 150), (7, 1)])
+def test_cuda_topk_every_option_equal(nk, t):
+    """The GPU-only PTX path of the search kernel and every other option give the radix kernel's LUT exactly.
+    (Every option at the two Wan row lengths, the default and the radix kernel at the others: each option is a
+    compile per row length, and the suite has a time budget.)"""
+    from turbocompile.kernels.block_map import topk_lut_triton
+
+    g = torch.Generator(device="cuda").manual_seed(nk)
+    normal = torch.randn(257, nk, device="cuda", generator=g)
+    special = _special_scores(torch.Generator().manual_seed(t), 64, nk).cuda()
+    ties = torch.randint(-2, 3, (64, nk), device="cuda", generator=g).float()
+    every = nk in (256, 591)
+    for s in (normal, special, ties, torch.flip(normal, (1,))[:, : nk - 2]):
+        tt = min(t, s.shape[-1])
+        ref = ranked_reference(s.cpu(), tt).cuda()
+        for config in ((None, (1, 4), (4, 4), TopkConfig(asm=False), TopkConfig(warps=2), TopkConfig(warps=4),
+                        TopkConfig(split=False), TopkConfig(strategy="bisect"), TopkConfig(emulate=True))
+                       if every else (None, (1, 4))):
+            out = torch.full((s.shape[0], tt), POISON, dtype=torch.int32, device="cuda")
+            lut = topk_lut_triton(s, tt, config, out=out)
+            assert torch.equal(lut, ref), (nk, tt, config, int((lut != ref).any(-1).sum()))
 
 
 @pytest.mark.gpu
