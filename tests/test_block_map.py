@@ -191,12 +191,6 @@ def _interpret_checks() -> dict:
     rep["special"] = {"lut": [run(s, 4, c).tolist() for c in (None, (1, 1), *SEARCH_CONFIGS)]}
     rep["nan_row"] = {"lut": [run(torch.full((1, 6), nan), 3, c).tolist() for c in (None, (1, 1), *SEARCH_CONFIGS)]}
     rep.update(_score_checks(g))
-    # lut_from_pooled's head-grouped CUDA path (here on CPU tensors): 2 batches x 5 heads in groups of 2 (3 partial)
-    from turbocompile.kernels.block_map import _lut_grouped, block_scores_triton
-
-    pq, pk = torch.randn(2, 5, 7, 32, generator=g), torch.randn(2, 5, 45, 32, generator=g).transpose(2, 3).mT
-    whole = topk_lut_triton(block_scores_triton(pq, pk), 5)
-    rep["grouped"] = {"equal": bool(torch.equal(_lut_grouped(pq, pk, 5, 2), whole))}
     return rep
 
 
@@ -250,10 +244,6 @@ def test_interp_topk_special_values(interp_report):
         assert lut == [[0, 1, 2, 4], [3, 4, 5, 7]]
     for lut in interp_report["nan_row"]["lut"]:
         assert lut == [[0, 1, 2]]  # all NaN: still t indices, lowest first
-
-
-def test_interp_lut_grouped_by_heads_equals_whole(interp_report):
-    assert interp_report["grouped"]["equal"]
 
 
 def test_interp_block_scores_match_float64(interp_report):
@@ -316,16 +306,6 @@ def test_cuda_lut_from_pooled_equals_torch(mq, nk, topk):
         t = ref.shape[-1]
         errs = check_near_topk(scores.reshape(-1, nk)[bad].cpu(), lut.reshape(-1, t)[bad].cpu(), t)
         assert not errs, errs[:5]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("b,h,mq,nk,group", [(1, 12, 512, 256, 8), (2, 10, 37, 591, 4), (1, 3, 5, 7, 1)])
-def test_cuda_lut_from_pooled_grouped_by_heads_equal(b, h, mq, nk, group):
-    g = torch.Generator(device="cuda").manual_seed(h)
-    pq = torch.randn(b, h, mq, 128, device="cuda", generator=g)
-    pk = torch.randn(b, nk, h, 128, device="cuda", generator=g).transpose(1, 2)
-    assert torch.equal(lut_from_pooled(pq, pk, 0.1, group_heads=group), lut_from_pooled(pq, pk, 0.1, group_heads=0))
 
 
 @pytest.mark.gpu
