@@ -224,6 +224,16 @@ def _interpret_checks() -> dict:
         d = L.quantize_weight(w, "fp8-row")
         exp = (qx.float() * sx[:, None]) @ L.dequantize_weight(d["w_q"], d["w_scale"], "fp8-row").t() + b
         report[f"rowscale_fp8/{m}"] = _rel(gemm_rowscale(qx, sx, d["w_q"], d["w_scale"], b, torch.float32), exp)
+        # fp8_row_gemm's CUDA implementation (the linear after a norm that quantized its input) on the activation
+        # the fp8-row quantizer wrote: the bits of cuda_linear on the unquantized input, 3-D, bf16 and fp32 out
+        for dtype in (torch.bfloat16, torch.float32):
+            xs = x.to(dtype).reshape(2, m // 2, k)
+            q3, s3 = qa.quant_fp8_row(xs)
+            got = L._fp8_row_gemm_cuda(q3.reshape(xs.shape), s3.reshape(xs.shape[:-1]), d["w_q"], d["w_scale"], b,
+                                       dtype)
+            want = L.cuda_linear(xs, d["w_q"], d["w_scale"], b, "fp8-row")
+            report[f"prequant_fp8/{m}/{str(dtype)[6:]}"] = bool(got.shape == want.shape and got.dtype == dtype
+                                                                and torch.equal(got, want))
     torch.empty = real_empty
     return report
 
@@ -256,6 +266,12 @@ def test_interp_linear_kernels_match_references(interp_report):
         if "fp8" in key:  # e4m3 values identical; the dequantized fp32 GEMM sums in another order
             bound = max(bound, 1e-5)
         assert r["rel"] < bound, (key, r)
+
+
+def test_interp_fp8_row_gemm_equals_the_fp8_row_linear(interp_report):
+    """The GEMM a fused norm's quantized output goes to gives what fp8_row_linear gives on the norm's output."""
+    pre = {k: v for k, v in interp_report.items() if k.startswith("prequant_fp8/")}
+    assert len(pre) == 4 and all(pre.values()), pre
 
 
 def test_interp_gemm_configs_agree(interp_report):
