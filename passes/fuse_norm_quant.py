@@ -8,9 +8,8 @@ layer), and the norm no longer writes a bf16 tensor that only the quantizer read
 kernel rounds each row to the activation dtype before quantizing it, as the unfused pair did.
 
 Runs after ``linear_to_w8a8`` and ``fuse_norms``; it changes nothing unless the scheme is ``fp8-row`` (``auto``
-on sm_90). A cast of the norm's output to its own dtype (bf16 builds keep diffusers' ``.type_as(x)`` after the
-fused norm) is looked through and dropped. Builds for the ONNX/TensorRT backends skip it (their plugins cover the
-unfused ops).
+on sm_90); ``fuse_norms`` has removed the no-op cast diffusers puts after the norm, so the linears read it
+directly. Builds for the ONNX/TensorRT backends skip it (their plugins cover the unfused ops).
 """
 from __future__ import annotations
 
@@ -22,16 +21,6 @@ from turbocompile.passmanager import PassContext, PassResult
 from turbocompile.program import Program
 
 NAME = "fuse_norm_quant"
-_CASTS = {torch.ops.aten.type_as.default, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
-
-
-def _noop_cast(user: torch.fx.Node, node: torch.fx.Node) -> bool:
-    """``user`` casts ``node`` to the dtype and device it already has: what is left of diffusers'
-    ``(norm(x.float()) * (1 + scale) + shift).type_as(x)`` once ``fuse_norms`` made the norm return x's dtype."""
-    src, out = node.meta.get("val"), user.meta.get("val")
-    return (user.op == "call_function" and user.target in _CASTS and user.args[0] is node
-            and src is not None and out is not None and out.dtype == src.dtype and out.device == src.device
-            and out.shape == src.shape)
 
 
 def fuse_norm_quant(prog: Program, ctx: PassContext) -> PassResult:
@@ -49,15 +38,9 @@ def fuse_norm_quant(prog: Program, ctx: PassContext) -> PassResult:
         if node.op != "call_function" or node.target not in fused_op:
             continue
         res.matched += 1
-        casts = [u for u in node.users if _noop_cast(u, node)]
-        feeds = [node, *casts]
-        users = [u for u in node.users if u not in casts] + [v for c in casts for v in c.users]
-        if not users or any(u.target != linear or u.args[0] not in feeds or any(a in feeds for a in u.args[1:])
-                            for u in users):
+        users = list(node.users)
+        if not users or any(u.target != linear or u.args[0] is not node or node in u.args[1:] for u in users):
             continue
-        for c in casts:  # no-op casts (bf16 builds): the linears read the norm directly
-            c.replace_all_uses_with(node)
-            g.erase_node(c)
         val = node.meta.get("val")
         with g.inserting_after(node):
             fused = g.call_function(fused_op[node.target], node.args)

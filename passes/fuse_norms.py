@@ -4,7 +4,8 @@
 - ``layer_norm(x.float(), w, b)`` (the cross-attention pre-norm)                 -> ``layer_norm_affine``
 - ``rms_norm(x, [D], w)`` (q/k norms over the whole hidden dim)                  -> ``rms_norm``
 
-Each fused op computes in fp32 and returns the input's dtype, which is what the following cast did anyway.
+Each fused op computes in fp32 and returns the input's dtype, which is what the following cast did anyway: that
+cast (diffusers' ``.type_as(x)``) is then a no-op and goes too, so later passes see the norm's users directly.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch.fx as fx
 
 from turbocompile.passmanager import PassContext, PassResult
 from turbocompile.program import Program
+
+from .remove_noop_ops import _SAME_DTYPE_CASTS, is_noop
 
 aten = torch.ops.aten
 _IN_BLOCKS = re.compile(r"^blocks\.\d+\.")
@@ -43,6 +46,16 @@ def _copy_meta(new: fx.Node, old: fx.Node) -> None:
     new.meta.update({k: old.meta[k] for k in ("source_module", "nn_module_stack", "stack_trace") if k in old.meta})
 
 
+def _drop_noop_casts(g: fx.Graph, new: fx.Node, x: fx.Node) -> None:
+    """Remove the casts of the fused op ``new`` (of input ``x``) to the dtype it now returns. The fused ops return
+    x's dtype, device and shape, which is what ``new``'s metadata says until shape propagation after the pass."""
+    new.meta["val"] = x.meta.get("val")
+    for u in list(new.users):
+        if u.op == "call_function" and u.target in _SAME_DTYPE_CASTS and u.args[0] is new and is_noop(u):
+            u.replace_all_uses_with(new)
+            g.erase_node(u)
+
+
 def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
     import turbocompile.kernels  # noqa: F401
 
@@ -66,6 +79,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
             _copy_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
+            _drop_noop_casts(g, new, x)
             counts["rms_norm"] += 1
             continue
         if node.target != aten.layer_norm.default:
@@ -84,6 +98,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
             _copy_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
+            _drop_noop_casts(g, new, x_in)
             counts["layer_norm_affine"] += 1
             continue
         if w is not None or b is not None or len(node.users) != 1:
@@ -105,6 +120,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
         add.replace_all_uses_with(new)
         for dead in (add, mul, node):
             g.erase_node(dead)
+        _drop_noop_casts(g, new, x_in)
         counts["layernorm_modulate"] += 1
     g.eliminate_dead_code()
     res.rewritten = sum(counts.values())

@@ -23,7 +23,8 @@ def _val(node):
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _is_noop(node: torch.fx.Node) -> bool:
+def is_noop(node: torch.fx.Node) -> bool:
+    """Whether ``node`` returns its input unchanged (by the nodes' ``val`` metadata); shared with ``fuse_norms``."""
     if node.target in (aten.dropout.default,):
         p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
         return (not train) or p == 0.0
@@ -51,7 +52,7 @@ def remove_noop_ops(prog: Program, ctx: PassContext) -> PassResult:
             continue
         if node.target in _SAME_DTYPE_CASTS or node.target in _VIEWS or node.target == aten.dropout.default:
             res.matched += 1
-            if _is_noop(node):
+            if is_noop(node):
                 node.replace_all_uses_with(node.args[0])
                 prog.graph.erase_node(node)
                 res.rewritten += 1
