@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -105,8 +105,7 @@ def attention_to_sagesla(prog: Program, ctx: PassContext) -> PassResult:
                 res.weight_bytes_changed += (d * d + d) * qv.element_size()
                 op = ops.sage_sla.default if choice == "sage_sla" else ops.sla.default
                 new = prog.graph.call_function(op, (q, k, v, w_node, b_node, topk, blk_q, blk_k))
-        new.meta.update({k2: node.meta[k2] for k2 in ("source_module", "nn_module_stack", "stack_trace")
-                         if k2 in node.meta})
+        copy_source_meta(new, node)
         node.replace_all_uses_with(new)
         prog.graph.erase_node(node)
         res.rewritten += 1

@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
 from turbocompile.program import Program
 
 NAME = "fuse_norm_quant"
@@ -49,8 +49,7 @@ def fuse_norm_quant(prog: Program, ctx: PassContext) -> PassResult:
         with g.inserting_after(q):
             s = g.call_function(operator.getitem, (fused, 1))
         for new in (fused, q, s):
-            new.meta.update({k: node.meta[k] for k in ("source_module", "nn_module_stack", "stack_trace")
-                             if k in node.meta})
+            copy_source_meta(new, node)
         if val is not None:
             q.meta["val"] = torch.empty_like(val, dtype=torch.float8_e4m3fn)
             s.meta["val"] = val.new_empty(val.shape[:-1], dtype=torch.float32)

@@ -14,7 +14,7 @@ import re
 import torch
 import torch.fx as fx
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
 from turbocompile.program import Program
 
 from .remove_noop_ops import _SAME_DTYPE_CASTS, is_noop
@@ -40,10 +40,6 @@ def _is_one_plus(node: object) -> fx.Node | None:
         if isinstance(a, (int, float)) and a == 1 and isinstance(b, fx.Node):
             return b
     return None
-
-
-def _copy_meta(new: fx.Node, old: fx.Node) -> None:
-    new.meta.update({k: old.meta[k] for k in ("source_module", "nn_module_stack", "stack_trace") if k in old.meta})
 
 
 def _drop_noop_casts(g: fx.Graph, new: fx.Node, x: fx.Node) -> None:
@@ -76,7 +72,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
                 continue
             with g.inserting_before(node):
                 new = g.call_function(ops.rms_norm.default, (x, w, float(eps)))
-            _copy_meta(new, node)
+            copy_source_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
             _drop_noop_casts(g, new, x)
@@ -95,7 +91,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
         if w is not None and b is not None:
             with g.inserting_before(node):
                 new = g.call_function(ops.layer_norm_affine.default, (x_in, w, b, eps))
-            _copy_meta(new, node)
+            copy_source_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
             _drop_noop_casts(g, new, x_in)
@@ -116,7 +112,7 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
             continue
         with g.inserting_before(add):
             new = g.call_function(ops.layernorm_modulate.default, (x_in, shift, scale, eps))
-        _copy_meta(new, node)
+        copy_source_meta(new, node)
         add.replace_all_uses_with(new)
         for dead in (add, mul, node):
             g.erase_node(dead)

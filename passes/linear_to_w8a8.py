@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -57,7 +57,7 @@ def linear_to_w8a8(prog: Program, ctx: PassContext) -> PassResult:
         ws_node = prog.add_weight(module + ".w_scale", q["w_scale"])
         with prog.graph.inserting_before(node):
             new = prog.graph.call_function(op, (node.args[0], wq_node, ws_node, bias))
-        new.meta.update({k: node.meta[k] for k in ("source_module", "nn_module_stack", "stack_trace") if k in node.meta})
+        copy_source_meta(new, node)
         node.replace_all_uses_with(new)
         prog.graph.erase_node(node)
         before = w.numel() * w.element_size()

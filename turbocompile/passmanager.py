@@ -52,6 +52,16 @@ class PassResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: Node metadata a rewritten node inherits from the one it replaces: where it came from, for the dumps, the
+#: passes that match by module path (``blocks.3.attn1``) and error messages.
+SOURCE_META = ("source_module", "nn_module_stack", "stack_trace")
+
+
+def copy_source_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
+    """Give ``new`` the :data:`SOURCE_META` entries of ``old``, the node it replaces."""
+    new.meta.update({k: old.meta[k] for k in SOURCE_META if k in old.meta})
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
