@@ -39,27 +39,23 @@ def fuse_norm_quant(prog: Program, ctx: PassContext) -> PassResult:
             continue
         res.matched += 1
         users = list(node.users)
-        if not users or any(u.target != linear or u.args[0] is not node or node in u.args[1:] for u in users):
+        val = node.meta.get("val")  # (the pass manager's shape propagation: the linears' output dtype)
+        if val is None or not users or any(u.target != linear or u.args[0] is not node or node in u.args[1:]
+                                           for u in users):
             continue
-        val = node.meta.get("val")
         with g.inserting_after(node):
             fused = g.call_function(fused_op[node.target], node.args)
         with g.inserting_after(fused):
             q = g.call_function(operator.getitem, (fused, 0))
         with g.inserting_after(q):
             s = g.call_function(operator.getitem, (fused, 1))
-        for new in (fused, q, s):
+        for new in (fused, q, s):  # (their shapes come from the shape propagation after the pass)
             copy_source_meta(new, node)
-        if val is not None:
-            q.meta["val"] = torch.empty_like(val, dtype=torch.float8_e4m3fn)
-            s.meta["val"] = val.new_empty(val.shape[:-1], dtype=torch.float32)
-            fused.meta["val"] = (q.meta["val"], s.meta["val"])
         for u in users:
             w_q, w_scale = u.args[1], u.args[2]
             bias = u.args[3] if len(u.args) > 3 else u.kwargs.get("bias")
-            dtype = val.dtype if val is not None else torch.bfloat16
             with g.inserting_before(u):
-                gemm = g.call_function(ops.fp8_row_gemm.default, (q, s, w_q, w_scale, bias, dtype))
+                gemm = g.call_function(ops.fp8_row_gemm.default, (q, s, w_q, w_scale, bias, val.dtype))
             gemm.meta.update(u.meta)
             u.replace_all_uses_with(gemm)
             g.erase_node(u)
