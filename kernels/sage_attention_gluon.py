@@ -501,13 +501,19 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
     ap.add_argument("--modes", default="dense,sparse0.1")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--wave-sweep", default="",
+                    help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
+                         "many 64-row query tiles per head (what the last partial wave costs)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     meta = bench_meta()
     print(meta, flush=True)
     rows = []
+    if args.wave_sweep:
+        rows = _wave_sweep(args.shapes.split(",")[0], [int(x) for x in args.wave_sweep.split(",")], dev)
+        args.shapes = ""
 
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
         w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
@@ -562,6 +568,35 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sage_attention_gluon_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def _wave_sweep(shape: str, tiles: list[int], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
+    """Sparse top-k 0.1 kernel time (CUDA-graph replay) with the grid cut to ``tiles`` query tiles per head: the
+    slope is one program's share of an SM, the step at a wave boundary is what a partial last wave costs."""
+    from .block_map import lut_from_pooled
+    from .sage_attention import ATTENTION_BENCH_SHAPES, bench_ms_graph, sage_quantize_triton, structured_qkv
+    from .sla import linear_branch_stats
+
+    b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
+    q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
+    w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
+    lin, moments = linear_branch_stats(k, v, w, bias)
+    qt = sage_quantize_triton(q, k, v, 64, 128, **moments)
+    qg = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], 0.1)
+    slots = 2 * torch.cuda.get_device_properties(dev).multi_processor_count
+    o = torch.empty_like(q)
+    rows = []
+    for t in tiles:
+        lq = min(n, t * BLOCK_M)
+        ms = bench_ms_graph(lambda: sage_attention_gluon(qg, lq, n, o, lut, 64, 128, q_raw=q, linear=lin,
+                                                         lin_phi=qg["lin_phi"]))
+        progs = -(-lq // BLOCK_M) * b * h
+        rows.append({"shape": shape, "query_tiles": t, "programs": progs, "waves": progs / slots, "ms": ms,
+                     "us_per_program": 1e3 * ms / progs})
+        print(f"{shape} {t:5d} tiles/head {progs:6d} programs {progs / slots:7.3f} waves {ms:8.4f} ms "
+              f"{1e3 * ms / progs:7.4f} us/program", flush=True)
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover
