@@ -154,7 +154,11 @@ if gluon is not None:
         p8 = p8.reshape([BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([BLOCK_M, BLOCK_N])
         return gl.convert_layout(p8, p_layout, assert_trivial=True)
 
-    @gluon.jit
+    # Lq, Lk and T are not specialized: Triton compiles a separate kernel for an integer argument equal to 1, and
+    # the Lk == 1 one (a single key tile whose masked columns are known at compile time, so P is partly constant-
+    # folded) wrote NaN into random rows, different from run to run, on an H200 (2026-11-27; the generic kernel
+    # and the Triton kernel are exact there). A GPU test covers Lk = 1.
+    @gluon.jit(do_not_specialize=["Lq", "Lk", "T"])
     def _sage_attn_fwd_gluon(
         q_desc, k_desc, v_desc, m_desc, p_desc,
         QS, KS, VS, LUT, O, QRAW, LIN_Z, LIN_B,
@@ -471,7 +475,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
               "num_warps": block_m // 16}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
-                             [*ptrs, "stride_ob", "stride_oh", "stride_rb", "stride_rh"])
+                             [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
@@ -504,13 +508,20 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--wave-sweep", default="",
                     help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
                          "many 64-row query tiles per head (what the last partial wave costs)")
+    ap.add_argument("--topk-sweep", default="",
+                    help="comma-separated top-k fractions: time the sparse kernel on the first shape at each, with and "
+                         "without the linear epilogue (the per-program fixed cost is the intercept over key tiles)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     meta = bench_meta()
     print(meta, flush=True)
     rows = []
-    if args.wave_sweep:
-        rows = _wave_sweep(args.shapes.split(",")[0], [int(x) for x in args.wave_sweep.split(",")], dev)
+    if args.wave_sweep or args.topk_sweep:
+        shape = args.shapes.split(",")[0]
+        if args.wave_sweep:
+            rows += _wave_sweep(shape, [int(x) for x in args.wave_sweep.split(",")], dev)
+        if args.topk_sweep:
+            rows += _topk_sweep(shape, [float(x) for x in args.topk_sweep.split(",")], dev)
         args.shapes = ""
 
     for shape in filter(None, args.shapes.split(",")):
@@ -570,11 +581,9 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
-def _wave_sweep(shape: str, tiles: list[int], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
-    """Sparse top-k 0.1 kernel time (CUDA-graph replay) with the grid cut to ``tiles`` query tiles per head: the
-    slope is one program's share of an SM, the step at a wave boundary is what a partial last wave costs."""
-    from .block_map import lut_from_pooled
-    from .sage_attention import ATTENTION_BENCH_SHAPES, bench_ms_graph, sage_quantize_triton, structured_qkv
+def _sweep_inputs(shape: str, dev):  # pragma: no cover - needs a Hopper GPU
+    """Quantized inputs, linear-branch statistics and pooled blocks of the structured bench inputs at ``shape``."""
+    from .sage_attention import ATTENTION_BENCH_SHAPES, sage_quantize_triton, structured_qkv
     from .sla import linear_branch_stats
 
     b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
@@ -583,6 +592,40 @@ def _wave_sweep(shape: str, tiles: list[int], dev) -> list[dict]:  # pragma: no 
     lin, moments = linear_branch_stats(k, v, w, bias)
     qt = sage_quantize_triton(q, k, v, 64, 128, **moments)
     qg = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
+    return (b, h, n, d), q, lin, qt, qg
+
+
+def _topk_sweep(shape: str, fractions: list[float], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
+    """Sparse kernel time (CUDA-graph replay) per top-k fraction, with and without the linear epilogue: time per
+    program against key tiles per program is a line whose intercept is what a program costs besides its tiles."""
+    from .block_map import lut_from_pooled
+    from .sage_attention import bench_ms_graph
+
+    (b, h, n, d), q, lin, qt, qg = _sweep_inputs(shape, dev)
+    slots = 2 * torch.cuda.get_device_properties(dev).multi_processor_count
+    progs = -(-n // BLOCK_M) * b * h
+    o = torch.empty_like(q)
+    rows = []
+    for frac in fractions:
+        lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], frac)
+        for linear in (True, False):
+            kw = dict(q_raw=q, linear=lin, lin_phi=qg["lin_phi"]) if linear else {}
+            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, **kw))
+            slot_us = 1e3 * ms * slots / progs
+            rows.append({"shape": shape, "topk": frac, "key_tiles": lut.shape[-1], "linear": linear, "ms": ms,
+                         "us_per_program_slot": slot_us})
+            print(f"{shape} topk {frac:5.3f} {lut.shape[-1]:4d} key tiles linear={linear!s:5} {ms:8.4f} ms "
+                  f"{slot_us:7.3f} us per program per slot", flush=True)
+    return rows
+
+
+def _wave_sweep(shape: str, tiles: list[int], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
+    """Sparse top-k 0.1 kernel time (CUDA-graph replay) with the grid cut to ``tiles`` query tiles per head: the
+    slope is one program's share of an SM, the step at a wave boundary is what a partial last wave costs."""
+    from .block_map import lut_from_pooled
+    from .sage_attention import bench_ms_graph
+
+    (b, h, n, d), q, lin, qt, qg = _sweep_inputs(shape, dev)
     lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], 0.1)
     slots = 2 * torch.cuda.get_device_properties(dev).multi_processor_count
     o = torch.empty_like(q)

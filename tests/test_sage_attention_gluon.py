@@ -375,3 +375,23 @@ def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse
             for p in (True, False)]
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("lq,block_m", [(300, 64), (129, 64), (300, 128), (1, 128)])
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_dense_one_key_is_finite_and_matches_triton(lq, block_m):
+    """Lk = 1: Triton would compile a kernel specialized to it (an integer argument equal to 1), whose partly
+    constant-folded P wrote NaN into random rows on an H200; the kernel declines that specialization. Three calls,
+    since the failure was not the same from run to run."""
+    from turbocompile.kernels.sage_attention import block_attention_triton, sage_quantize_triton
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq, nk=1)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    ref = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=sage_quantize_triton(q, k, v, 64, 128),
+                                 out=torch.full_like(q, float("nan")))
+    for _ in range(3):
+        o = G.sage_attention_gluon(quant, lq, 1, torch.full_like(q, float("nan")), None, 64, 128, block_m=block_m)
+        assert not o.isnan().any()
+        assert _rel(o, ref) <= 1e-2, _rel(o, ref)
