@@ -148,6 +148,7 @@ def _need_hopper():
                                    (50, 256, 128),     # M smaller than one tile, 2 K blocks
                                    (130, 384, 256),    # 3 K blocks (odd tail)
                                    (7, 128, 128),      # one K block, no loop
+                                   (1, 256, 128),      # M = 1 (Triton compiles a kernel specialized to a 1)
                                    (300, 1152, 640),   # 9 K blocks: several trips round the 4 stages
                                    (4000, 384, 1280),  # 320 tiles: more programs than SMs
                                    (9000, 128, 640)])  # 355 tiles of one K block
