@@ -491,15 +491,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     import json
 
     from .block_map import lut_from_pooled
-    from .sage_attention import (
-        ATTENTION_BENCH_SHAPES,
-        bench_meta,
-        bench_ms,
-        block_attention_triton,
-        sage_quantize_triton,
-        structured_qkv,
-    )
-    from .sla import linear_branch_stats
+    from .sage_attention import bench_meta, bench_ms, block_attention_triton, sage_quantize_triton
 
     ap = argparse.ArgumentParser(description="Gluon Sage attention kernel variants vs the Triton kernel")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
@@ -525,10 +517,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
         args.shapes = ""
 
     for shape in filter(None, args.shapes.split(",")):
-        b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
-        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
-        w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
-        lin, moments = linear_branch_stats(k, v, w, bias)
+        (b, h, n, d), q, k, v, lin, moments = _bench_inputs(shape, dev)
         flops = 4.0 * b * h * n * n * d
         for mode in args.modes.split(","):
             blks = (64, 128)
@@ -581,18 +570,27 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
-def _sweep_inputs(shape: str, dev):  # pragma: no cover - needs a Hopper GPU
-    """Quantized inputs, linear-branch statistics and pooled blocks of the structured bench inputs at ``shape``."""
-    from .sage_attention import ATTENTION_BENCH_SHAPES, sage_quantize_triton, structured_qkv
+def _bench_inputs(shape: str, dev):  # pragma: no cover - needs a Hopper GPU
+    """The structured bench inputs at ``shape``, a random ``proj_l`` and the linear branch's statistics and moments:
+    ((B, H, L, D), q, k, v, (M, z, bias), moments)."""
+    from .sage_attention import ATTENTION_BENCH_SHAPES, structured_qkv
     from .sla import linear_branch_stats
 
     b, h, n, d = ATTENTION_BENCH_SHAPES[shape]
     q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
     w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
     lin, moments = linear_branch_stats(k, v, w, bias)
+    return (b, h, n, d), q, k, v, lin, moments
+
+
+def _sweep_inputs(shape: str, dev):  # pragma: no cover - needs a Hopper GPU
+    """:func:`_bench_inputs` quantized for the sparse kernel (64x128 blocks, V in wgmma key order, φ/den)."""
+    from .sage_attention import sage_quantize_triton
+
+    dims, q, k, v, lin, moments = _bench_inputs(shape, dev)
     qt = sage_quantize_triton(q, k, v, 64, 128, **moments)
     qg = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
-    return (b, h, n, d), q, lin, qt, qg
+    return dims, q, lin, qt, qg
 
 
 def _topk_sweep(shape: str, fractions: list[float], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU

@@ -144,7 +144,7 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
         torch._dynamo.reset()
         if mode == "reduce-overhead":
             # as the engine does (runtime.py): static weights are read in place by the replay; unmarked, every
-            # replay first copied each weight into the graph's input buffers (~900 copies per 1.3B forward), and
+            # replay first copied each weight into the graph's input buffers (one copy per weight tensor), and
             # this rung measured 1-4% slower than the plain compiled one
             for w in weights:
                 torch._dynamo.mark_static_address(w)
