@@ -226,6 +226,17 @@ def test_kernel_choice_env_config_and_refusals(monkeypatch):
         block_attention_triton(q, k, v, None, 64, 128, sage=True, kernel="gluon")
 
 
+def test_kernel_is_not_specialized_on_its_lengths():
+    """Lq, Lk and T (tiles per LUT row) must not be specialized: the kernel Triton compiled for Lk == 1 wrote NaN
+    into random rows on an H200 (docs/kernels-attention.md); a launch with a length of 1 must run the generic
+    kernel, which the GPU test at Lk = 1 checks."""
+    if G.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    params = {p.name: p for p in G._sage_attn_fwd_gluon.params}
+    assert all(params[name].do_not_specialize for name in ("Lq", "Lk", "T"))
+    assert not params["H"].do_not_specialize  # the others keep Triton's specialization
+
+
 def test_supported_says_why_not():
     q = torch.empty(1, 1, 8, 128)
     why = G.supported(q, 64, 128)
