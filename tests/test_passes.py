@@ -119,8 +119,8 @@ def test_norm_quant_fusion_gives_the_same_program_output(scheme, dtype):
     """``fuse_norm_quant`` on the wan-tiny program: with fp8-row linears every norm that feeds them (2 modulated
     LayerNorms and the cross-attention LayerNorm per block) writes the e4m3 input itself, the linears become
     ``fp8_row_gemm``, and the program's output is bit-identical to the unfused one; in bf16 (what GPU builds
-    run) the no-op ``type_as`` after each norm is looked through; with another scheme the pass changes nothing
-    and says why."""
+    run) too, where ``fuse_norms`` has removed the no-op ``type_as`` after each norm; with another scheme the
+    pass changes nothing and says why."""
     from turbocompile.passes import BY_NAME
     from turbocompile.passmanager import PassContext, PassManager
     from turbocompile.program import capture

@@ -71,10 +71,7 @@ class ExpertProgram:
         if self.compile_mode is not None:
             if self._compiled is None:
                 if graphs:
-                    # the weights are graph inputs: marked static, the replay reads them in place instead of
-                    # copying every weight into the graph's own input buffers (twice the memory) per call
-                    for w in self.weights:
-                        torch._dynamo.mark_static_address(w)
+                    mark_weights_static(self.weights)
                 self._compiled = torch.compile(self.module, fullgraph=True,
                                                mode=None if self.compile_mode == "default" else self.compile_mode)
             fn = self._compiled
@@ -84,6 +81,14 @@ class ExpertProgram:
         out = out[0] if isinstance(out, (tuple, list)) else out
         # a replay writes the next output into the same buffer: hand the sampler its own copy (one latent)
         return out.clone() if graphs else out
+
+
+def mark_weights_static(weights: list[torch.Tensor]) -> None:
+    """Mark a program's weights, which are graph inputs, as static addresses before compiling it with
+    ``mode="reduce-overhead"``: a CUDA-graph replay then reads them in place instead of first copying every weight
+    into the graph's own input buffers (twice the memory, and 1-4% of a 1.3B forward's time)."""
+    for w in weights:
+        torch._dynamo.mark_static_address(w)
 
 
 def dense_attention_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -2,8 +2,8 @@
 
 Ladder rungs, each timed on the same input and compared (cosine) with the diffusers eager bf16 output:
 diffusers eager bf16 -> captured graph (clean-up passes) -> + fused norms -> + fused q/k/v projections -> + W8A8
--> + fp8 input written by the norms -> + SageSLA -> + torch.compile (the ``torch`` backend). Passes are applied incrementally to one program, so each rung
-adds exactly one optimization.
+-> + fp8 input written by the norms -> + SageSLA -> + torch.compile (the ``torch`` backend). Passes are applied
+incrementally to one program, so each rung adds exactly one optimization.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..runtime import mark_weights_static
 from ..zoo import ModelSpec
 from . import Report, cuda_time, environment, rel_err
 
@@ -22,7 +23,7 @@ RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused no
          "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
          "+ SageSLA (topk 0.1)", "+ torch.compile"]
 #: index of the SageSLA rung (the last one before compilation) and of the compiled rung
-_SLA, _COMPILED = 6, 7
+_SLA, _COMPILED = RUNGS.index("+ SageSLA (topk 0.1)"), RUNGS.index("+ torch.compile")
 RUNG_GRAPHS = "+ CUDA graphs (compile mode reduce-overhead)"
 
 
@@ -142,12 +143,8 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
     try:
         weights = prog.ordered_weights()
         torch._dynamo.reset()
-        if mode == "reduce-overhead":
-            # as the engine does (runtime.py): static weights are read in place by the replay; unmarked, every
-            # replay first copied each weight into the graph's input buffers (one copy per weight tensor), and
-            # this rung measured 1-4% slower than the plain compiled one
-            for w in weights:
-                torch._dynamo.mark_static_address(w)
+        if mode == "reduce-overhead":  # as the engine does: the replay reads the weights in place
+            mark_weights_static(weights)
         t0 = time.perf_counter()
         compiled = torch.compile(prog.gm, fullgraph=True, mode=mode)
         if mode is not None:
