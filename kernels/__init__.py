@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 #: Modules that register ops. Each helper appends its own; order does not matter.
 OP_MODULES: list[str] = []
 OP_MODULES += ["sage_attention", "sla", "sage_sla"]
-OP_MODULES += ["linear_w8a8", "norms"]
+OP_MODULES += ["linear_w8a8", "norms", "rms_norm_rope"]
 
 
 def load_ops() -> list[str]:

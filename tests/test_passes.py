@@ -156,6 +156,70 @@ def test_norm_quant_fusion_gives_the_same_program_output(scheme, dtype):
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rope_fusion_gives_the_same_program_output(dtype):
+    """``fuse_norm_rope`` on the wan-tiny program: each self-attention's q and k norm and the RoPE rotation after
+    it (unflatten, unbind, four multiplies, two strided copies into an empty_like) become one ``rms_norm_rope``,
+    the cross-attention norms (no rotation) stay ``rms_norm``, and the program's output is bit-identical (the op's
+    CPU implementation is the same math); in bf16 (GPU builds) too."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    spec = get_model("wan-tiny")
+    layers = spec.dit.num_layers
+    model = random_dit(spec, seed=0, dtype=dtype)  # (bf16: the RoPE tables stay fp32, as in a real model)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
+    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
+             "linear_to_w8a8", "fuse_norms", "fuse_norm_rope"]
+    outs = []
+    for skip in ([], ["fuse_norm_rope"]):
+        prog = capture(model, inputs)
+        pm = PassManager([BY_NAME[n] for n in names if n not in skip],
+                         PassContext(spec=spec, target=get_target("sm_90")), inputs)
+        pm.run(prog)
+        outs.append(prog(*inputs))
+        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+        if not skip:
+            res = next(r.result for r in pm.records if r.name == "fuse_norm_rope")
+            assert res.extra == {"rms_norm_rope": 2 * layers} and res.matched == 4 * layers
+            assert f"{2 * layers} rms_norm left as is: no rotation follows (a cross-attention norm)" in res.notes
+            assert targets.count("turbocompile.rms_norm_rope.default") == 2 * layers
+            assert targets.count("turbocompile.rms_norm.default") == 2 * layers
+            assert not {"aten.empty_like.default", "aten.copy_.default", "aten.unbind.int"} & set(targets)
+            fused = [n for n in prog.graph.nodes if str(n.target) == "turbocompile.rms_norm_rope.default"]
+            assert all(n.meta["source_module"].endswith((".attn1.norm_q", ".attn1.norm_k")) for n in fused)
+        else:
+            assert targets.count("turbocompile.rms_norm.default") == 4 * layers
+            assert targets.count("aten.copy_.default") == 4 * layers
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_norm_rope_fusion_leaves_other_rotations_alone():
+    """A rotation the kernel does not compute is left as it is, and the pass says why. Here the whole model is cast
+    to bf16 with ``.to()`` (which diffusers warns against), so the RoPE tables and the graph's products are bf16,
+    not the fp32 the kernel computes in."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0).to(torch.bfloat16)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=torch.bfloat16)
+    prog = capture(model, inputs)
+    names = ("remove_noop_ops", "fold_constants", "eliminate_dead_code", "fuse_norms", "fuse_norm_rope")
+    pm = PassManager([BY_NAME[n] for n in names], PassContext(spec=spec, target=get_target("sm_90")), inputs)
+    pm.run(prog)
+    res = next(r.result for r in pm.records if r.name == "fuse_norm_rope")
+    layers = spec.dit.num_layers
+    assert res.rewritten == 0 and res.extra == {"rms_norm_rope": 0}
+    assert f"{2 * layers} rms_norm left as is: tables are not fp32 [1, L, 1, D/2] weights" in res.notes, res.notes
+
+
 def test_cross_attention_auto_is_sdpa_on_sm90_and_sage_elsewhere():
     """``cross="auto"`` (the default): cross-attention stays SDPA for sm_90 (cuDNN measured faster than
     sage_attention at 512 text keys), becomes sage_attention for other targets; explicit choices win."""
@@ -183,8 +247,10 @@ def test_cross_attention_auto_is_sdpa_on_sm90_and_sage_elsewhere():
 def test_onnx_builds_leave_out_the_norm_quant_fusion():
     from turbocompile.passes import ONNX_SKIPPED_PASSES, PASSES
 
-    assert "fuse_norm_quant" in ONNX_SKIPPED_PASSES and ONNX_SKIPPED_PASSES[0] in [p.name for p in PASSES]
-    assert [p.name for p in PASSES].index("fuse_norm_quant") > [p.name for p in PASSES].index("fuse_norms")
+    names = [p.name for p in PASSES]
+    assert {"fuse_norm_quant", "fuse_norm_rope"} <= set(ONNX_SKIPPED_PASSES) <= set(names)
+    assert names.index("fuse_norm_quant") > names.index("fuse_norms")
+    assert names.index("fuse_norm_rope") > names.index("fuse_norms")
 
 
 def test_norms_fused(full_build: Path):

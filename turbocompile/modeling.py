@@ -58,8 +58,19 @@ def random_dit(spec: ModelSpec | DiTConfig, seed: int = 0, dtype: torch.dtype = 
     model = build_dit(config, device="cpu")
     randomize_(model, seed)
     model.to(device)
-    # diffusers warns on any .to(dtype); the model is already fp32, so only other dtypes need the cast
-    return model if dtype == torch.float32 else model.to(dtype)
+    if dtype != torch.float32:
+        # as diffusers' from_pretrained(torch_dtype=...) and the checkpoint loader do: its fp32 modules (RoPE
+        # tables, time embedder, norms, modulation tables) stay fp32, so the graph is the one a real model gives
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not keep_fp32(model, name):
+                t.data = t.data.to(dtype)
+    return model
+
+
+def keep_fp32(model: torch.nn.Module, key: str) -> bool:
+    """True for tensors diffusers keeps in fp32 (``_keep_in_fp32_modules``: rope, time embedder, norms, tables)."""
+    names = getattr(model, "_keep_in_fp32_modules", None) or []
+    return any(part in names for part in key.split("."))
 
 
 def example_inputs(spec: ModelSpec, width: int, height: int, frames: int, batch: int = 1,
@@ -81,12 +92,11 @@ def random_dit_on_device(spec: ModelSpec | DiTConfig, device: str | torch.device
     no fp32 copy on the host). diffusers' fp32 modules (norms, time embedder, modulation tables) stay fp32."""
     config = spec.dit if isinstance(spec, ModelSpec) else spec
     model = build_dit(config, device="meta")
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     gen = torch.Generator(device=device).manual_seed(seed)
     for mod_name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             full = f"{mod_name}.{pname}" if mod_name else pname
-            dt = torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
+            dt = torch.float32 if keep_fp32(model, full) else dtype
             if p.ndim >= 2 and "scale_shift_table" not in full:
                 val = torch.randn(p.shape, device=device, generator=gen, dtype=dt) / math.sqrt(p[0].numel())
             elif "scale_shift_table" in full:

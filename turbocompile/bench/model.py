@@ -20,7 +20,7 @@ from . import Report, cuda_time, environment, rel_err
 log = logging.getLogger(__name__)
 
 RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
-         "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
+         "+ RoPE written by the q/k norms", "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
          "+ SageSLA (topk 0.1)", "+ torch.compile"]
 #: index of the SageSLA rung (the last one before compilation) and of the compiled rung
 _SLA, _COMPILED = RUNGS.index("+ SageSLA (topk 0.1)"), RUNGS.index("+ torch.compile")
@@ -87,15 +87,17 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     rung(RUNGS[1], lambda: prog(x, t, c))
     apply("fuse_norms")
     pass_rung(RUNGS[2], "fuse_norms")
+    apply("fuse_norm_rope")
+    pass_rung(RUNGS[3], "fuse_norm_rope")
     apply("fuse_projections")
-    pass_rung(RUNGS[3], "fuse_projections")
+    pass_rung(RUNGS[4], "fuse_projections")
     apply("linear_to_w8a8")
     del model  # the bf16 block weights are no longer referenced by the program
     if on_gpu:
         torch.cuda.empty_cache()
-    pass_rung(RUNGS[4], "linear_to_w8a8")
+    pass_rung(RUNGS[5], "linear_to_w8a8")
     apply("fuse_norm_quant")
-    pass_rung(RUNGS[5], "fuse_norm_quant")
+    pass_rung(RUNGS[6], "fuse_norm_quant")
     apply("attention_to_sagesla")
     final = rung(RUNGS[_SLA], lambda: prog(x, t, c))
     if profile and on_gpu:

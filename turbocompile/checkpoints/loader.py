@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..modeling import build_dit
+from ..modeling import build_dit, keep_fp32
 from ..quantization import dequantize_int8_block
 from ..zoo import ModelSpec
 from . import keymap
@@ -93,12 +93,6 @@ def _official(keys: list[str], src: ExpertSource) -> list[str]:
     if src.naming != "official":
         return keys
     return [keymap.diffusers_to_official(k) or k for k in keys]
-
-
-def keep_fp32(model: torch.nn.Module, key: str) -> bool:
-    """True for tensors diffusers keeps in fp32 (``_keep_in_fp32_modules``: rope, time embedder, norms, tables)."""
-    names = getattr(model, "_keep_in_fp32_modules", None) or []
-    return any(part in names for part in key.split("."))
 
 
 def _assign(model: torch.nn.Module, key: str, t: torch.Tensor) -> None:
