@@ -150,9 +150,15 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     return rms_norm_rope_ref(x, weight, eps, cos, sin)
 
 
+def kernel_supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes this shape (a row in registers, a power-of-two head_dim)."""
+    head_dim = 2 * cos.shape[-1]
+    return triton is not None and x.shape[-1] <= MAX_C and head_dim & (head_dim - 1) == 0
+
+
 @rms_norm_rope.register_kernel("cuda")
 def _rms_norm_rope_cuda(x, weight, eps, cos, sin):
-    if triton is None:
+    if not kernel_supports(x, cos):  # (the PyTorch reference: slower, same result; Wan's head_dim is 128)
         _check(x, weight, cos, sin)
         return rms_norm_rope_ref(x, weight, eps, cos, sin)
     return _launch(x, weight, eps, cos, sin)

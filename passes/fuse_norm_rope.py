@@ -89,6 +89,8 @@ def _match(prog: Program, norm: fx.Node) -> tuple[dict, list[fx.Node]] | str:
     if len(users) != 2 or len(pairs) != 1 or len(empties) != 1:
         return "no rotation follows (a cross-attention norm)"
     pair, e = pairs[0], empties[0]
+    if pair.args[1] not in (-1, 3) or e.kwargs.get("dtype") is not None:
+        return "not a pairing of each head's last dim"
     unbind = _only_user(pair)
     if not _call(unbind, aten.unbind.int) or unbind.args[1] not in (-1, 4):
         return "pairs not unbound"
@@ -113,11 +115,11 @@ def _match(prog: Program, norm: fx.Node) -> tuple[dict, list[fx.Node]] | str:
     if rot is None or len(sub.users) != 1 or len(add.users) != 1:
         return "not the x1*cos - x2*sin / x1*sin + x2*cos rotation"
     cos, sin = rot
+    val = norm.meta.get("val")
     for t in (cos, sin):
         w = prog.weight_of(t)
-        val = norm.meta.get("val")
         if w is None or w.dtype != torch.float32 or val is None or tuple(w.shape) != (
-                1, val.shape[1], 1, w.shape[-1]):
+                1, val.shape[1], 1, val.shape[-1] // (2 * heads)) or 2 * heads * w.shape[-1] != val.shape[-1]:
             return "tables are not fp32 [1, L, 1, D/2] weights"
     erase = [norm, u, pair, unbind, x1, x2, *muls, sub, add]
     for _, (c, _v) in found.items():

@@ -66,6 +66,18 @@ def test_errors_are_one_line():
         op(x, w, EPS, torch.zeros(1, 8, 1, 24), torch.zeros(1, 8, 1, 24))
 
 
+def test_kernel_shape_limits():
+    """Shapes the kernel cannot hold (a row over MAX_C, a head_dim that is not a power of two) go to the reference
+    on CUDA instead of failing at run time; the launcher itself says why."""
+    x, w, cos, sin = _case(1, 4, 2, 48, seed=4)
+    assert not R.kernel_supports(x, cos)
+    x2, _, cos2, _ = _case(1, 4, 2, 64, seed=4)
+    assert R.kernel_supports(x2, cos2) is (R.triton is not None)
+    if R.triton is not None:
+        with pytest.raises(UnsupportedShapeError, match="power-of-two head_dim"):
+            R._launch(x, w, EPS, cos, sin)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Triton kernel under the interpreter
 # --------------------------------------------------------------------------------------------------------------
