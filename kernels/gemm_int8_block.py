@@ -145,6 +145,19 @@ if triton is not None:
                 return d.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def epilogue_activation(out, c_ptr, OUT_ROUND: tl.constexpr, ACT: tl.constexpr):
+        """ACT 1: GELU (tanh form) of the output as the graph computed it: the GEMM's result rounded to the output
+        dtype first (what ``aten.gelu`` read), then ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` in fp32 (pass
+        ``fuse_gelu``), with ``1 + tanh(u)`` as ``2/(1 + exp(−2u))``: no cancellation where tanh is near −1, so the
+        small negative outputs are more exact than ``1 + tanhf`` (they differ from PyTorch's in low bits there).
+        ACT 0: ``out`` unchanged."""
+        if ACT == 1:
+            x = round_bits(out, OUT_ROUND).to(c_ptr.dtype.element_ty).to(tl.float32)
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            out = x / (1.0 + tl.exp(-2.0 * u))
+        return out
+
+    @triton.jit
     def _gemm_block_scaled_kernel(
         a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
         M, N, K,
@@ -208,10 +221,11 @@ if triton is not None:
         stride_sam, stride_sak, stride_sbn, stride_sbk,
         HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, ROW_SCALED: tl.constexpr, NUM_SMS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr,
+        RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr, ACT: tl.constexpr = 0,
     ):
         """Persistent TMA variant: ``ROW_SCALED`` = one scale per row of A and of B applied in the epilogue
-        (int8-row / fp8-row), else the block scheme of ``_gemm_block_scaled_kernel``. TMA zero-fills the edges."""
+        (int8-row / fp8-row), else the block scheme of ``_gemm_block_scaled_kernel``. TMA zero-fills the edges.
+        ``ACT`` applies :func:`epilogue_activation` after the bias."""
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
@@ -257,6 +271,7 @@ if triton is not None:
                     acc -= 12582912.0 * corr
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc = epilogue_activation(acc, c_ptr, OUT_ROUND, ACT)
             c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, round_bits(acc, OUT_ROUND).to(c_ptr.dtype.element_ty),
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -267,8 +282,9 @@ _NUM_SMS: dict[int, int] = {}
 
 def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, strides: tuple[int, int, int, int],
-               cfg: GemmConfig, a_per_row: bool, row_scaled: bool):
-    """Launch the persistent TMA kernel (one program per SM); returns the compiled kernel."""
+               cfg: GemmConfig, a_per_row: bool, row_scaled: bool, act: int = 0):
+    """Launch the persistent TMA kernel (one program per SM); returns the compiled kernel. ``act`` 1: GELU (tanh)
+    in the epilogue."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dev = a_q.device.index or 0
@@ -283,7 +299,7 @@ def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale:
     return _gemm_scaled_tma_kernel[grid](
         a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else out, m, n, k, out.stride(0),
         *strides, HAS_BIAS=bias is not None, A_PER_ROW=a_per_row, ROW_SCALED=row_scaled, NUM_SMS=_NUM_SMS[dev],
-        OUT_ROUND=interp_round_bits(out.dtype), **cfg.launch_kwargs())
+        OUT_ROUND=interp_round_bits(out.dtype), **({"ACT": act} if act else {}), **cfg.launch_kwargs())
 
 
 def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:

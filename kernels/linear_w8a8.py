@@ -232,13 +232,16 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 
 
 def _row_gemm(q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype, scheme: str, backend: str) -> torch.Tensor:
-    """The GEMM of a per-row scheme on quantized 2-D activations ``q`` [M, K] with row scales ``s`` [M]."""
+              bias: torch.Tensor | None, out_dtype: torch.dtype, scheme: str, backend: str,
+              act: int = 0) -> torch.Tensor:
+    """The GEMM of a per-row scheme on quantized 2-D activations ``q`` [M, K] with row scales ``s`` [M]; ``act``
+    1 applies GELU (tanh) to the result (in the Triton kernel's epilogue, after cuBLAS in torch)."""
     m, k = q.shape
     if backend == "cublas" and cublas_ok(m, w_q.shape[0], k):
         fn = fp8_row_scaled_mm if scheme == "fp8-row" else int8_row_int_mm
-        return fn(q, s, w_q, w_scale, bias, out_dtype)
-    return gemm_rowscale(q, s, w_q, w_scale, bias, out_dtype)
+        out = fn(q, s, w_q, w_scale, bias, out_dtype)
+        return torch.nn.functional.gelu(out, approximate="tanh") if act else out
+    return gemm_rowscale(q, s, w_q, w_scale, bias, out_dtype, act=act)
 
 
 _SCHEMA = "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor"
@@ -271,8 +274,14 @@ fp8_block_linear = _define("fp8-block")
 # ----------------------------------------------------------------------------------------------------------------
 # fp8-row GEMM on activations a fused norm already quantized (``norms.*_fp8_row``; pass ``fuse_norm_quant``)
 # ----------------------------------------------------------------------------------------------------------------
+#: ``fp8_row_gemm``'s ``activation`` values -> the epilogue's ACT code (pass ``fuse_gelu`` sets "gelu_tanh")
+ACTIVATIONS = {"": 0, "gelu_tanh": 1}
+
+
 def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "") -> None:
+    if activation not in ACTIVATIONS:
+        raise InputError(f"fp8_row_gemm: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if x_q.dtype != torch.float8_e4m3fn or x_q.ndim < 1:
         raise InputError(f"fp8_row_gemm: x_q must be float8_e4m3fn [..., K], got {x_q.dtype} {tuple(x_q.shape)}")
     if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != tuple(x_q.shape[:-1]):
@@ -285,21 +294,23 @@ def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
 
 @torch.library.custom_op("turbocompile::fp8_row_gemm", mutates_args=())
 def fp8_row_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
     """``fp8_row_linear`` without its activation quantization: ``x_q`` e4m3 [..., K] with fp32 row scales
     ``x_scale`` [...] (what ``layernorm_modulate_fp8_row`` / ``layer_norm_affine_fp8_row`` return); output
-    [..., N] in ``out_dtype``. Reference: the same dequantized product as ``reference_linear``'s fp8-row branch."""
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    [..., N] in ``out_dtype``. Reference: the same dequantized product as ``reference_linear``'s fp8-row branch.
+    ``activation="gelu_tanh"``: ``gelu(that, approximate="tanh")`` on the rounded output (pass ``fuse_gelu``)."""
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
     xd = x_q.reshape(-1, x_q.shape[-1]).float() * x_scale.reshape(-1, 1)
     out = xd @ dequantize_weight(w_q, w_scale, "fp8-row").t()
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype).reshape(*x_q.shape[:-1], w_q.shape[0])
+    out = out.to(out_dtype).reshape(*x_q.shape[:-1], w_q.shape[0])
+    return torch.nn.functional.gelu(out, approximate="tanh") if activation else out
 
 
 @fp8_row_gemm.register_kernel("cuda")
-def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=""):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
     n = w_q.shape[0]
     q2 = x_q.reshape(-1, x_q.shape[-1])
     if q2.shape[0] == 0:
@@ -307,13 +318,13 @@ def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     if q2.stride(-1) != 1:
         q2 = q2.contiguous()
     out = _row_gemm(q2, x_scale.reshape(-1).contiguous(), w_q, w_scale, bias, out_dtype, "fp8-row",
-                    GEMM_BACKENDS["fp8-row"])
+                    GEMM_BACKENDS["fp8-row"], act=ACTIVATIONS[activation])
     return out.reshape(*x_q.shape[:-1], n)
 
 
 @fp8_row_gemm.register_fake
-def _fp8_row_gemm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+def _fp8_row_gemm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=""):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 

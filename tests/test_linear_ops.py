@@ -234,6 +234,12 @@ def _interpret_checks() -> dict:
             want = L.cuda_linear(xs, d["w_q"], d["w_scale"], b, "fp8-row")
             report[f"prequant_fp8/{m}/{str(dtype)[6:]}"] = bool(got.shape == want.shape and got.dtype == dtype
                                                                 and torch.equal(got, want))
+            # with GELU in the epilogue (pass fuse_gelu): aten.gelu of the same rounded output, within fp32 ulps
+            # of its tanh before the last rounding (the kernel's tanh is 1 - 2/(exp(2u)+1)); inputs scaled so the
+            # outputs cover GELU's curved range
+            got = L._fp8_row_gemm_cuda(q3.reshape(xs.shape), s3.reshape(xs.shape[:-1]), d["w_q"], d["w_scale"],
+                                       b, dtype, "gelu_tanh")
+            report[f"gelu_fp8/{m}/{str(dtype)[6:]}"] = _gelu_report(got, want, dtype)
     torch.empty = real_empty
     return report
 
@@ -274,6 +280,28 @@ def test_interp_fp8_row_gemm_equals_the_fp8_row_linear(interp_report):
     assert len(pre) == 4 and all(pre.values()), pre
 
 
+def _gelu_report(got: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype) -> dict:
+    """``got`` (GELU in the epilogue) against ``aten.gelu(plain)``; the error in units of dtype's eps times the
+    GELU's input, since ``1 + tanh`` near 0 makes small outputs differ in low bits between tanh formulas (the
+    kernel's has no cancellation there, PyTorch's ``1 + tanhf`` has)."""
+    want = torch.nn.functional.gelu(plain, approximate="tanh")
+    err = (got.float() - want.float()).abs() / (torch.finfo(dtype).eps * plain.float().abs().clamp_min(1e-3))
+    return {"finite": bool(torch.isfinite(got).all()), "shape_dtype": got.shape == want.shape and got.dtype == dtype,
+            "rel": _rel(got.float(), want.float()), "err_in_eps_of_input": err.max().item(),
+            "neg_frac": (want < 0).float().mean().item()}
+
+
+def test_interp_fp8_row_gemm_with_gelu_is_gelu_of_the_gemm(interp_report):
+    """GELU (tanh) in the GEMM's epilogue gives ``aten.gelu`` of the unfused GEMM's output within two eps of the
+    output dtype, measured on the GELU's input (fp32 differs by a few ulps of the tanh); every element written
+    (outputs NaN-poisoned); the outputs span negative values (GELU's curved part), so a wrong formula would show."""
+    rows = {k: v for k, v in interp_report.items() if k.startswith("gelu_fp8/")}
+    assert len(rows) == 4
+    for key, r in rows.items():
+        assert r["finite"] and r["shape_dtype"] and r["neg_frac"] > 0.2, (key, r)
+        assert r["err_in_eps_of_input"] <= 2 and r["rel"] < 1e-4, (key, r)
+
+
 def test_interp_gemm_configs_agree(interp_report):
     cfg = {k: v for k, v in interp_report.items() if k.startswith(("config/", "rowscale_fp8/"))}
     assert len(cfg) >= 6
@@ -293,6 +321,21 @@ def test_cuda_op_matches_reference(scheme):
     out = L.w8a8_linear(x, d["w_q"], d["w_scale"], b, scheme)
     ref = L.reference_linear(x, d["w_q"], d["w_scale"], b, scheme)
     assert _rel(out.float(), ref.float()) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1000, 4099])  # (4099: a partial last row tile)
+def test_cuda_fp8_row_gemm_gelu_epilogue(m):
+    """The GELU epilogue of the TMA kernel against aten.gelu of the unfused GEMM, bf16, at the 1.3B FFN width."""
+    x, w, b = _inputs(m, 1536, 8960, seed=m)
+    x, w, b = x.cuda().bfloat16(), w.cuda(), b.cuda()
+    d = L.quantize_weight(w, "fp8-row")
+    q, s = qa.quant_fp8_row(x)
+    plain = torch.ops.turbocompile.fp8_row_gemm(q, s, d["w_q"], d["w_scale"], b, torch.bfloat16)
+    got = torch.ops.turbocompile.fp8_row_gemm(q, s, d["w_q"], d["w_scale"], b, torch.bfloat16, "gelu_tanh")
+    r = _gelu_report(got, plain, torch.bfloat16)
+    assert r["finite"] and r["shape_dtype"] and r["neg_frac"] > 0.2, r
+    assert r["err_in_eps_of_input"] <= 2 and r["rel"] < 1e-3, r
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -197,6 +197,49 @@ def test_norm_rope_fusion_gives_the_same_program_output(dtype):
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("scheme,dtype", [("fp8-row", torch.float32), ("fp8-row", torch.bfloat16),
+                                          ("int8-block", torch.float32)])
+def test_gelu_fusion_gives_the_same_program_output(scheme, dtype):
+    """``fuse_gelu`` on the wan-tiny program: with fp8-row linears (and ``fuse_norm_quant``) each block's FFN GELU
+    goes into the epilogue of the ``fp8_row_gemm`` in front of it and the output is bit-identical (the op's CPU
+    implementation applies the same ``gelu`` to its rounded output); with another scheme nothing changes and the
+    pass says why."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    spec = get_model("wan-tiny")
+    layers = spec.dit.num_layers
+    model = random_dit(spec, seed=0, dtype=dtype)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
+    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
+             "linear_to_w8a8", "fuse_norms", "fuse_norm_quant", "fuse_gelu"]
+    outs = []
+    for skip in ([], ["fuse_gelu"]):
+        prog = capture(model, inputs)
+        ctx = PassContext(spec=spec, target=get_target("sm_90"), options={"linear_to_w8a8": {"scheme": scheme}})
+        pm = PassManager([BY_NAME[n] for n in names if n not in skip], ctx, inputs)
+        pm.run(prog)
+        outs.append(prog(*inputs))
+        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+        if skip:
+            continue
+        res = next(r.result for r in pm.records if r.name == "fuse_gelu")
+        # (one more GELU, the text embedder's, follows a bf16 Linear outside the blocks and stays)
+        if scheme == "fp8-row":
+            assert res.extra == {"gelu_in_gemm": layers} and targets.count("aten.gelu.default") == 1
+            assert "1 GELU left as is: input is not an fp8_row_gemm" in res.notes
+            acts = [n.args[6] for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"
+                    and len(n.args) > 6]
+            assert acts == ["gelu_tanh"] * layers
+        else:
+            assert res.rewritten == 0 and targets.count("aten.gelu.default") == layers + 1
+            assert f"{layers + 1} GELU left as is: input is not an fp8_row_gemm" in res.notes
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_norm_rope_fusion_leaves_other_rotations_alone():
     """A rotation the kernel does not compute is left as it is, and the pass says why. Here the whole model is cast
     to bf16 with ``.to()`` (which diffusers warns against), so the RoPE tables and the graph's products are bf16,
@@ -248,7 +291,8 @@ def test_onnx_builds_leave_out_the_norm_quant_fusion():
     from turbocompile.passes import ONNX_SKIPPED_PASSES, PASSES
 
     names = [p.name for p in PASSES]
-    assert {"fuse_norm_quant", "fuse_norm_rope"} <= set(ONNX_SKIPPED_PASSES) <= set(names)
+    assert {"fuse_norm_quant", "fuse_norm_rope", "fuse_gelu"} <= set(ONNX_SKIPPED_PASSES) <= set(names)
+    assert names.index("fuse_gelu") > names.index("fuse_norm_quant")
     assert names.index("fuse_norm_quant") > names.index("fuse_norms")
     assert names.index("fuse_norm_rope") > names.index("fuse_norms")
 

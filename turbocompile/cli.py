@@ -379,7 +379,7 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
               help="pipeline: reuse (or keep) this artifact instead of a temporary build.")
 @click.option("--skip-pass", multiple=True,
               help="model: leave this pass out of the ladder (fuse_norms, fuse_norm_rope, fuse_projections, "
-              "linear_to_w8a8, fuse_norm_quant); "
+              "linear_to_w8a8, fuse_norm_quant, fuse_gelu); "
               "repeatable.")
 def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile, cuda_graphs, profile,
           gpu_memory_budget, artifact, skip_pass) -> None:

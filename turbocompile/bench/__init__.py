@@ -129,7 +129,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 #: Passes `bench model --skip-pass` may leave out of the ladder (the A/B of one optimization in the compiled rung).
-LADDER_SKIPPABLE = ("fuse_norms", "fuse_norm_rope", "fuse_projections", "linear_to_w8a8", "fuse_norm_quant")
+LADDER_SKIPPABLE = ("fuse_norms", "fuse_norm_rope", "fuse_projections", "linear_to_w8a8", "fuse_norm_quant",
+                    "fuse_gelu")
 
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,

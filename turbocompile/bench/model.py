@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
          "+ RoPE written by the q/k norms", "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
-         "+ SageSLA (topk 0.1)", "+ torch.compile"]
+         "+ GELU in the FFN GEMM's epilogue", "+ SageSLA (topk 0.1)", "+ torch.compile"]
 #: index of the SageSLA rung (the last one before compilation) and of the compiled rung
 _SLA, _COMPILED = RUNGS.index("+ SageSLA (topk 0.1)"), RUNGS.index("+ torch.compile")
 RUNG_GRAPHS = "+ CUDA graphs (compile mode reduce-overhead)"
@@ -98,6 +98,8 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     pass_rung(RUNGS[5], "linear_to_w8a8")
     apply("fuse_norm_quant")
     pass_rung(RUNGS[6], "fuse_norm_quant")
+    apply("fuse_gelu")
+    pass_rung(RUNGS[7], "fuse_gelu")
     apply("attention_to_sagesla")
     final = rung(RUNGS[_SLA], lambda: prog(x, t, c))
     if profile and on_gpu:
