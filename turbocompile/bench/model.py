@@ -20,8 +20,9 @@ from . import Report, cuda_time, environment, rel_err
 log = logging.getLogger(__name__)
 
 RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
-         "+ RoPE written by the q/k norms", "+ fused q/k/v projections", "+ W8A8 (auto scheme)", "+ fp8 input written by the norms",
-         "+ GELU in the FFN GEMM's epilogue", "+ SageSLA (topk 0.1)", "+ torch.compile"]
+         "+ RoPE written by the q/k norms", "+ fused q/k/v projections", "+ W8A8 (auto scheme)",
+         "+ fp8 input written by the norms", "+ GELU in the FFN GEMM's epilogue", "+ SageSLA (topk 0.1)",
+         "+ torch.compile"]
 #: index of the SageSLA rung (the last one before compilation) and of the compiled rung
 _SLA, _COMPILED = RUNGS.index("+ SageSLA (topk 0.1)"), RUNGS.index("+ torch.compile")
 RUNG_GRAPHS = "+ CUDA graphs (compile mode reduce-overhead)"
