@@ -128,20 +128,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
 
 
-#: Passes `bench model --skip-pass` may leave out of the ladder (the A/B of one optimization in the compiled rung).
-LADDER_SKIPPABLE = ("fuse_norms", "fuse_norm_rope", "fuse_projections", "linear_to_w8a8", "fuse_norm_quant",
-                    "fuse_gelu")
-
-
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
               dry_run: bool = False, compile: bool | str = True, gpu_memory_budget: int | None = None,
               artifact: Any = None, profile: bool = False, skip_passes: tuple[str, ...] = ()) -> Report:
     spec = get_model(model_id)
     if skip_passes and what != "model":
         raise InputError("--skip-pass applies to `bench model` only (the ladder's optional passes)")
-    for name in skip_passes:
-        if name not in LADDER_SKIPPABLE:
-            raise InputError(f"--skip-pass {name}: the ladder can leave out {', '.join(LADDER_SKIPPABLE)}")
+    if skip_passes:
+        from .model import PASS_RUNGS
+
+        for name in skip_passes:
+            if name not in PASS_RUNGS:
+                raise InputError(f"--skip-pass {name}: the ladder can leave out {', '.join(PASS_RUNGS)}")
     if not dry_run and not torch.cuda.is_available():
         raise GPUError("turbocompile bench needs a CUDA GPU (none visible); use --dry-run to check the plan on CPU")
     res = resolution or ("480p" if "480p" in spec.resolutions else spec.default_resolution)

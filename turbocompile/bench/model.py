@@ -19,9 +19,14 @@ from . import Report, cuda_time, environment, rel_err
 
 log = logging.getLogger(__name__)
 
-RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", "+ fused norms",
-         "+ RoPE written by the q/k norms", "+ fused q/k/v projections", "+ W8A8 (auto scheme)",
-         "+ fp8 input written by the norms", "+ GELU in the FFN GEMM's epilogue", "+ SageSLA (topk 0.1)",
+#: The ladder's optional passes in the order it applies them, each with the rung it adds; ``bench model
+#: --skip-pass`` can leave any of them out (the A/B of one optimization).
+PASS_RUNGS: dict[str, str] = {
+    "fuse_norms": "+ fused norms", "fuse_norm_rope": "+ RoPE written by the q/k norms",
+    "fuse_projections": "+ fused q/k/v projections", "linear_to_w8a8": "+ W8A8 (auto scheme)",
+    "fuse_norm_quant": "+ fp8 input written by the norms", "fuse_gelu": "+ GELU in the FFN GEMM's epilogue",
+}
+RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", *PASS_RUNGS.values(), "+ SageSLA (topk 0.1)",
          "+ torch.compile"]
 #: index of the SageSLA rung (the last one before compilation) and of the compiled rung
 _SLA, _COMPILED = RUNGS.index("+ SageSLA (topk 0.1)"), RUNGS.index("+ torch.compile")
@@ -77,30 +82,18 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
     def apply(*names: str) -> None:
         PassManager([BY_NAME[n] for n in names if n not in skip], ctx, (x, t, c)).run(prog)
 
-    def pass_rung(name: str, pass_name: str) -> None:
-        """Time the rung of a pass just applied, or record that --skip-pass left it out."""
+    apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
+    rung(RUNGS[1], lambda: prog(x, t, c))
+    for pass_name, name in PASS_RUNGS.items():
+        apply(pass_name)
+        if pass_name == "linear_to_w8a8":
+            model = None  # the bf16 block weights are no longer referenced by the program
+            if on_gpu:
+                torch.cuda.empty_cache()
         if pass_name in skip:
             report.add(section, {"rung": name, "note": f"skipped (--skip-pass {pass_name})"})
         else:
             rung(name, lambda: prog(x, t, c))
-
-    apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
-    rung(RUNGS[1], lambda: prog(x, t, c))
-    apply("fuse_norms")
-    pass_rung(RUNGS[2], "fuse_norms")
-    apply("fuse_norm_rope")
-    pass_rung(RUNGS[3], "fuse_norm_rope")
-    apply("fuse_projections")
-    pass_rung(RUNGS[4], "fuse_projections")
-    apply("linear_to_w8a8")
-    del model  # the bf16 block weights are no longer referenced by the program
-    if on_gpu:
-        torch.cuda.empty_cache()
-    pass_rung(RUNGS[5], "linear_to_w8a8")
-    apply("fuse_norm_quant")
-    pass_rung(RUNGS[6], "fuse_norm_quant")
-    apply("fuse_gelu")
-    pass_rung(RUNGS[7], "fuse_gelu")
     apply("attention_to_sagesla")
     final = rung(RUNGS[_SLA], lambda: prog(x, t, c))
     if profile and on_gpu:
