@@ -97,8 +97,9 @@ def _table(name: str, t: torch.Tensor, l: int, half: int) -> torch.Tensor:
     return t.reshape(l, half)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, int, int]:
-    """(L, heads, head_dim) of a valid call; a clear error otherwise."""
+def _check(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as [L, D/2] views for a valid call; a clear error otherwise."""
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise InputError(f"rms_norm_rope: x must be bf16/fp16/fp32, got {x.dtype}")
     if x.ndim != 3:
@@ -110,15 +111,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.
     if half == 0 or c % (2 * half):
         raise UnsupportedShapeError(f"rms_norm_rope: the tables' last dim ({half}) must be half a head_dim "
                                     f"dividing C = {c}")
-    _table("cos", cos, x.shape[1], half)
-    _table("sin", sin, x.shape[1], half)
-    return x.shape[1], c // (2 * half), 2 * half
+    return _table("cos", cos, x.shape[1], half), _table("sin", sin, x.shape[1], half)
+
+
+def kernel_supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes this shape (a row in registers, a power-of-two head_dim)."""
+    head_dim = 2 * cos.shape[-1]
+    return triton is not None and x.shape[-1] <= MAX_C and head_dim & (head_dim - 1) == 0
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    l, heads, head_dim = _check(x, weight, cos, sin)
-    c = x.shape[-1]
-    if c > MAX_C or head_dim & (head_dim - 1):
+    cos2, sin2 = _check(x, weight, cos, sin)
+    l, c, head_dim = x.shape[1], x.shape[-1], 2 * cos.shape[-1]
+    if not kernel_supports(x, cos):
         raise UnsupportedShapeError(f"rms_norm_rope: the kernel holds a row in registers and needs a power-of-two "
                                     f"head_dim: C={c} (max {MAX_C}), head_dim={head_dim}; use the reference")
     x2 = x.reshape(-1, c)
@@ -127,14 +132,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor
     out = torch.empty((x2.shape[0], c), dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return out.reshape(x.shape)
-    half = head_dim // 2
-    cos2 = _table("cos", cos, l, half).contiguous()
-    sin2 = _table("sin", sin, l, half).contiguous()
+    heads = c // head_dim
     block_h = triton.next_power_of_2(heads)
     # the rms_norm kernel's measured launch shape: 2 warps for rows up to 2048 slots, 4 above (docs/kernels-linear.md)
     warps = 2 if block_h * head_dim <= 2048 else 4
     _rms_norm_rope_kernel[(x2.shape[0],)](
-        x2, weight.float().contiguous(), cos2, sin2, out, l, c, heads, x2.stride(0), out.stride(0), float(eps),
+        x2, weight.float().contiguous(), cos2.contiguous(), sin2.contiguous(), out, l, c, heads, x2.stride(0), out.stride(0), float(eps),
         HEAD_DIM=head_dim, BLOCK_H=block_h, OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps)
     return out.reshape(x.shape)
 
@@ -148,12 +151,6 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     """RMSNorm of x [B, L, C] over C (fp32 math), then Wan's RoPE with fp32 tables [L, D/2]; output x.dtype."""
     _check(x, weight, cos, sin)
     return rms_norm_rope_ref(x, weight, eps, cos, sin)
-
-
-def kernel_supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes this shape (a row in registers, a power-of-two head_dim)."""
-    head_dim = 2 * cos.shape[-1]
-    return triton is not None and x.shape[-1] <= MAX_C and head_dim & (head_dim - 1) == 0
 
 
 @rms_norm_rope.register_kernel("cuda")

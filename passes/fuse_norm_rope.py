@@ -78,7 +78,7 @@ def _interleaved_copy(copy: fx.Node, e: fx.Node) -> tuple[int, fx.Node] | None:
 
 
 def _match(prog: Program, norm: fx.Node) -> tuple[dict, list[fx.Node]] | str:
-    """The rotation after ``norm``: ({heads, cos, sin, e}, nodes to erase), or why it does not match."""
+    """The rotation after ``norm``: ({heads, cos, sin, e}, the nodes it replaces), or why it does not match."""
     u = _only_user(norm)
     if not (_call(u, aten.unflatten.int) and u.args[0] is norm and u.args[1] in (2, -1)):
         return "no rotation follows (a cross-attention norm)"
@@ -121,9 +121,10 @@ def _match(prog: Program, norm: fx.Node) -> tuple[dict, list[fx.Node]] | str:
         if w is None or w.dtype != torch.float32 or val is None or tuple(w.shape) != (
                 1, val.shape[1], 1, val.shape[-1] // (2 * heads)) or 2 * heads * w.shape[-1] != val.shape[-1]:
             return "tables are not fp32 [1, L, 1, D/2] weights"
-    erase = [norm, u, pair, unbind, x1, x2, *muls, sub, add]
-    for _, (c, _v) in found.items():
-        erase += [c, c.args[0]]
+    # producers before their users, so that erasing in reverse order never leaves a node with users
+    erase = [norm, u, pair, e, unbind, x1, x2, *muls, sub, add]
+    for c, _value in found.values():
+        erase += [c.args[0], c]
     return {"heads": heads, "cos": cos, "sin": sin, "e": e}, erase
 
 
@@ -153,7 +154,7 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
         copy_source_meta(new, norm)
         copy_source_meta(view, e)
         e.replace_all_uses_with(view, delete_user_cb=lambda user: user not in erase)
-        for n in sorted(erase + [e], key=_order(g), reverse=True):
+        for n in reversed(erase):
             g.erase_node(n)
         fused += 1
     res.rewritten = fused
@@ -162,8 +163,3 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
     for why, n in skipped.items():
         res.notes.append(f"{n} rms_norm left as is: {why}")
     return res
-
-
-def _order(g: fx.Graph):
-    pos = {n: i for i, n in enumerate(g.nodes)}
-    return lambda n: pos[n]
