@@ -7,14 +7,13 @@ views; and, where a GPU exists, the CUDA path of ``lut_from_pooled`` and every s
 ``TopkConfig(emulate=True)``). The interpreter checks take ~25 s on 2 CPU cores."""
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 import torch
 
 from turbocompile.kernels.block_map import (TopkConfig, compare_luts, lut_from_pooled, num_kept_blocks,
                                             topk_lut_reference)
+
+from interp_subprocess import report_fixture, write_report  # (tests/ is on sys.path under pytest and as a script)
 
 POISON = -7
 
@@ -194,12 +193,7 @@ def _interpret_checks() -> dict:
     return rep
 
 
-@pytest.fixture(scope="module")
-def interp_report(tmp_path_factory) -> dict:
-    pytest.importorskip("triton", reason="Triton is not installed")
-    from interp_subprocess import run_interpreted
-
-    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "topk.json", timeout=300)
+interp_report = report_fixture(__file__, "topk.json", timeout=300)
 
 
 def test_interp_topk_random_scores_equal_torch(interp_report):
@@ -352,6 +346,4 @@ def test_cuda_block_scores_match_float64(b, h, mq, nk, d):
 
 
 if __name__ == "__main__":  # the interpreter subprocess
-    rep = _interpret_checks()
-    with open(sys.argv[1], "w") as f:
-        json.dump(rep, f, indent=1)
+    write_report(_interpret_checks())

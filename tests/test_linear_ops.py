@@ -5,9 +5,7 @@ triton is imported), which writes a JSON report that the tests below read.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,8 @@ from turbocompile.errors import InputError, UnsupportedShapeError
 from turbocompile.kernels import linear_w8a8 as L
 from turbocompile.kernels import quantize_activations as qa
 from turbocompile.quantization import quantize_int8_block
+
+from interp_subprocess import report_fixture, write_report  # (tests/ is on sys.path under pytest and as a script)
 
 SCHEMES = list(L.SCHEMES)
 
@@ -244,12 +244,7 @@ def _interpret_checks() -> dict:
     return report
 
 
-@pytest.fixture(scope="module")
-def interp_report(tmp_path_factory) -> dict:
-    pytest.importorskip("triton", reason="Triton is not installed")
-    from interp_subprocess import run_interpreted
-
-    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "linear.json")
+interp_report = report_fixture(__file__, "linear.json")
 
 
 def test_interp_quantizers_match_references(interp_report):
@@ -340,6 +335,4 @@ def test_cuda_fp8_row_gemm_gelu_epilogue(m):
 
 if __name__ == "__main__":  # the interpreter subprocess
     torch.manual_seed(0)
-    rep = _interpret_checks()
-    with open(sys.argv[1], "w") as f:
-        json.dump(rep, f, indent=1)
+    write_report(_interpret_checks())

@@ -2,14 +2,13 @@
 TRITON_INTERPRET=1 (in a subprocess that runs this file as a script)."""
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 import torch
 
 from turbocompile.errors import UnsupportedShapeError
 from turbocompile.kernels import norms as N
+
+from interp_subprocess import report_fixture, write_report  # (tests/ is on sys.path under pytest and as a script)
 
 EPS = 1e-6
 
@@ -171,12 +170,7 @@ def _cmp(got: torch.Tensor, want: torch.Tensor) -> dict:
             "rel": ((got.double() - want.double()).norm() / want.double().norm()).item()}
 
 
-@pytest.fixture(scope="module")
-def interp_report(tmp_path_factory) -> dict:
-    pytest.importorskip("triton", reason="Triton is not installed")
-    from interp_subprocess import run_interpreted
-
-    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "norms.json")
+interp_report = report_fixture(__file__, "norms.json")
 
 
 def test_interp_norm_kernel_matches_references(interp_report):
@@ -296,6 +290,4 @@ def test_cuda_norm_fp8_row_is_the_norm_then_the_quantizer(d):
 
 
 if __name__ == "__main__":  # the interpreter subprocess
-    rep = _interpret_checks()
-    with open(sys.argv[1], "w") as f:
-        json.dump(rep, f, indent=1)
+    write_report(_interpret_checks())

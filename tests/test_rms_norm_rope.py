@@ -2,14 +2,13 @@
 under TRITON_INTERPRET=1 (in a subprocess that runs this file as a script) and on a GPU."""
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 import torch
 
 from turbocompile.errors import InputError, UnsupportedShapeError
 from turbocompile.kernels import rms_norm_rope as R
+
+from interp_subprocess import report_fixture, write_report  # (tests/ is on sys.path under pytest and as a script)
 
 EPS = 1e-6
 
@@ -106,12 +105,7 @@ def _interpret_checks() -> dict:
     return rep
 
 
-@pytest.fixture(scope="module")
-def interp_report(tmp_path_factory) -> dict:
-    pytest.importorskip("triton", reason="Triton is not installed")
-    from interp_subprocess import run_interpreted
-
-    return run_interpreted(__file__, tmp_path_factory.mktemp("interp") / "rms_norm_rope.json")
+interp_report = report_fixture(__file__, "rms_norm_rope.json")
 
 
 def test_interp_kernel_matches_reference(interp_report):
@@ -145,6 +139,4 @@ def test_cuda_kernel_matches_reference_at_wan_shapes():
 
 
 if __name__ == "__main__":  # the interpreter subprocess
-    out = _interpret_checks()
-    with open(sys.argv[1], "w") as f:
-        json.dump(out, f, indent=1)
+    write_report(_interpret_checks())
