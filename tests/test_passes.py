@@ -85,28 +85,44 @@ def test_fused_projection_is_the_separate_layers_bit_for_bit(scheme):
     assert torch.equal(L.reference_linear(x, fused["w_q"], fused["w_scale"], torch.cat(bs), scheme), sep)
 
 
+#: The pipeline up to and including the norm fusions, as the build runs it (the tests below add or drop one pass)
+UP_TO_NORMS = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
+               "linear_to_w8a8", "fuse_norms"]
+
+
+def _run_passes(model, inputs, names, target: str = "sm_90", options: dict | None = None):
+    """Capture ``model`` on ``inputs`` and run the passes ``names`` on it (wan-tiny's spec): the rewritten program and
+    each pass's result by name."""
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, PassManager
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    prog = capture(model, inputs)
+    ctx = PassContext(spec=get_model("wan-tiny"), target=get_target(target), options=options or {})
+    pm = PassManager([BY_NAME[n] for n in names], ctx, inputs)
+    pm.run(prog)
+    return prog, {r.name: r.result for r in pm.records}
+
+
+def _call_targets(prog) -> list[str]:
+    return [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "int8-block", "fp8-row"])
 def test_fused_projections_program_matches_the_unfused_program(scheme):
     """The whole rewritten wan-tiny program with and without the pass, same weights, same input: equal to float
     rounding. (Compared in one process on the same weight tensors: two separate builds lay their weights out
     differently, the CPU BLAS then differs in the last bit already in the untouched time embedding, and an 8-bit
     activation quantizer can turn that into a whole quantization step.)"""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     model = random_dit(spec, seed=0)
     w, h = spec.pixel_size(spec.default_resolution)
     inputs = example_inputs(spec, w, h, spec.default_frames, seed=5)
-    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
-             "linear_to_w8a8", "fuse_norms"]
     outs = []
     for skip in ([], ["fuse_projections"]):
-        prog = capture(model, inputs)
-        ctx = PassContext(spec=spec, target=get_target("sm_90"), options={"linear_to_w8a8": {"scheme": scheme}})
-        PassManager([BY_NAME[n] for n in names if n not in skip], ctx, inputs).run(prog)
+        prog, _ = _run_passes(model, inputs, [n for n in UP_TO_NORMS if n not in skip],
+                              options={"linear_to_w8a8": {"scheme": scheme}})
         outs.append(prog(*inputs))
     a, b = outs
     rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -121,27 +137,17 @@ def test_norm_quant_fusion_gives_the_same_program_output(scheme, dtype):
     ``fp8_row_gemm``, and the program's output is bit-identical to the unfused one; in bf16 (what GPU builds
     run) too, where ``fuse_norms`` has removed the no-op ``type_as`` after each norm; with another scheme the
     pass changes nothing and says why."""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     model = random_dit(spec, seed=0).to(dtype)
     w, h = spec.pixel_size(spec.default_resolution)
     inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
-    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
-             "linear_to_w8a8", "fuse_norms", "fuse_norm_quant"]
     outs, records = [], []
-    for skip in ([], ["fuse_norm_quant"]):
-        prog = capture(model, inputs)
-        ctx = PassContext(spec=spec, target=get_target("sm_90"), options={"linear_to_w8a8": {"scheme": scheme}})
-        pm = PassManager([BY_NAME[n] for n in names if n not in skip], ctx, inputs)
-        pm.run(prog)
+    for names in (UP_TO_NORMS + ["fuse_norm_quant"], UP_TO_NORMS):
+        prog, results = _run_passes(model, inputs, names, options={"linear_to_w8a8": {"scheme": scheme}})
         outs.append(prog(*inputs))
-        records.append({r.name: r.result for r in pm.records})
-        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
-        if not skip and scheme == "fp8-row":
+        records.append(results)
+        targets = _call_targets(prog)
+        if "fuse_norm_quant" in names and scheme == "fp8-row":
             layers = spec.dit.num_layers
             assert targets.count("turbocompile.layernorm_modulate_fp8_row.default") == 2 * layers
             assert targets.count("turbocompile.layer_norm_affine_fp8_row.default") == layers
@@ -162,28 +168,18 @@ def test_norm_rope_fusion_gives_the_same_program_output(dtype):
     it (unflatten, unbind, four multiplies, two strided copies into an empty_like) become one ``rms_norm_rope``,
     the cross-attention norms (no rotation) stay ``rms_norm``, and the program's output is bit-identical (the op's
     CPU implementation is the same math); in bf16 (GPU builds) too."""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     layers = spec.dit.num_layers
     model = random_dit(spec, seed=0, dtype=dtype)  # (bf16: the RoPE tables stay fp32, as in a real model)
     w, h = spec.pixel_size(spec.default_resolution)
     inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
-    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
-             "linear_to_w8a8", "fuse_norms", "fuse_norm_rope"]
     outs = []
-    for skip in ([], ["fuse_norm_rope"]):
-        prog = capture(model, inputs)
-        pm = PassManager([BY_NAME[n] for n in names if n not in skip],
-                         PassContext(spec=spec, target=get_target("sm_90")), inputs)
-        pm.run(prog)
+    for names in (UP_TO_NORMS + ["fuse_norm_rope"], UP_TO_NORMS):
+        prog, results = _run_passes(model, inputs, names)
         outs.append(prog(*inputs))
-        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
-        if not skip:
-            res = next(r.result for r in pm.records if r.name == "fuse_norm_rope")
+        targets = _call_targets(prog)
+        if "fuse_norm_rope" in names:
+            res = results["fuse_norm_rope"]
             assert res.extra == {"rms_norm_rope": 2 * layers} and res.matched == 4 * layers
             assert f"{2 * layers} rms_norm left as is: no rotation follows (a cross-attention norm)" in res.notes
             assert targets.count("turbocompile.rms_norm_rope.default") == 2 * layers
@@ -204,29 +200,19 @@ def test_gelu_fusion_gives_the_same_program_output(scheme, dtype):
     goes into the epilogue of the ``fp8_row_gemm`` in front of it and the output is bit-identical (the op's CPU
     implementation applies the same ``gelu`` to its rounded output); with another scheme nothing changes and the
     pass says why."""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     layers = spec.dit.num_layers
     model = random_dit(spec, seed=0, dtype=dtype)
     w, h = spec.pixel_size(spec.default_resolution)
     inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
-    names = ["remove_noop_ops", "fold_constants", "eliminate_dead_code", "attention_to_sagesla", "fuse_projections",
-             "linear_to_w8a8", "fuse_norms", "fuse_norm_quant", "fuse_gelu"]
     outs = []
-    for skip in ([], ["fuse_gelu"]):
-        prog = capture(model, inputs)
-        ctx = PassContext(spec=spec, target=get_target("sm_90"), options={"linear_to_w8a8": {"scheme": scheme}})
-        pm = PassManager([BY_NAME[n] for n in names if n not in skip], ctx, inputs)
-        pm.run(prog)
+    for names in (UP_TO_NORMS + ["fuse_norm_quant", "fuse_gelu"], UP_TO_NORMS + ["fuse_norm_quant"]):
+        prog, results = _run_passes(model, inputs, names, options={"linear_to_w8a8": {"scheme": scheme}})
         outs.append(prog(*inputs))
-        targets = [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
-        if skip:
+        targets = _call_targets(prog)
+        if "fuse_gelu" not in names:
             continue
-        res = next(r.result for r in pm.records if r.name == "fuse_gelu")
+        res = results["fuse_gelu"]
         # (one more GELU, the text embedder's, follows a bf16 Linear outside the blocks and stays)
         if scheme == "fp8-row":
             assert res.extra == {"gelu_in_gemm": layers} and targets.count("aten.gelu.default") == 1
@@ -244,20 +230,13 @@ def test_norm_rope_fusion_leaves_other_rotations_alone():
     """A rotation the kernel does not compute is left as it is, and the pass says why. Here the whole model is cast
     to bf16 with ``.to()`` (which diffusers warns against), so the RoPE tables and the graph's products are bf16,
     not the fp32 the kernel computes in."""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     model = random_dit(spec, seed=0).to(torch.bfloat16)
     w, h = spec.pixel_size(spec.default_resolution)
     inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=torch.bfloat16)
-    prog = capture(model, inputs)
-    names = ("remove_noop_ops", "fold_constants", "eliminate_dead_code", "fuse_norms", "fuse_norm_rope")
-    pm = PassManager([BY_NAME[n] for n in names], PassContext(spec=spec, target=get_target("sm_90")), inputs)
-    pm.run(prog)
-    res = next(r.result for r in pm.records if r.name == "fuse_norm_rope")
+    _, results = _run_passes(model, inputs, ["remove_noop_ops", "fold_constants", "eliminate_dead_code",
+                                             "fuse_norms", "fuse_norm_rope"])
+    res = results["fuse_norm_rope"]
     layers = spec.dit.num_layers
     assert res.rewritten == 0 and res.extra == {"rms_norm_rope": 0}
     assert f"{2 * layers} rms_norm left as is: tables are not fp32 [1, L, 1, D/2] weights" in res.notes, res.notes
@@ -266,11 +245,6 @@ def test_norm_rope_fusion_leaves_other_rotations_alone():
 def test_cross_attention_auto_is_sdpa_on_sm90_and_sage_elsewhere():
     """``cross="auto"`` (the default): cross-attention stays SDPA for sm_90 (cuDNN measured faster than
     sage_attention at 512 text keys), becomes sage_attention for other targets; explicit choices win."""
-    from turbocompile.passes import BY_NAME
-    from turbocompile.passmanager import PassContext, PassManager
-    from turbocompile.program import capture
-    from turbocompile.targets import get_target
-
     spec = get_model("wan-tiny")
     model = random_dit(spec, seed=0)
     w, h = spec.pixel_size(spec.default_resolution)
@@ -279,11 +253,9 @@ def test_cross_attention_auto_is_sdpa_on_sm90_and_sage_elsewhere():
     for target, options, want in (("sm_90", {}, {"sdpa": layers, "sage_attention": 0}),
                                   ("cpu", {}, {"sdpa": 0, "sage_attention": layers}),
                                   ("sm_90", {"cross": "sage"}, {"sdpa": 0, "sage_attention": layers})):
-        prog = capture(model, inputs)
-        ctx = PassContext(spec=spec, target=get_target(target), options={"attention_to_sagesla": options})
-        pm = PassManager([BY_NAME["attention_to_sagesla"]], ctx, inputs)
-        pm.run(prog)
-        extra = next(r.result.extra for r in pm.records if r.name == "attention_to_sagesla")
+        _, results = _run_passes(model, inputs, ["attention_to_sagesla"], target,
+                                 {"attention_to_sagesla": options})
+        extra = results["attention_to_sagesla"].extra
         assert {k: extra[k] for k in want} == want and extra["sage_sla"] == layers, (target, options, extra)
 
 
