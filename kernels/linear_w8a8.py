@@ -559,6 +559,50 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
     return res
 
 
+def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    """The FFN's first GEMM with GELU in its epilogue (pass ``fuse_gelu``) against the same GEMM without it and
+    against that GEMM followed by ``aten.gelu``, at the FFN shapes of the 1.3B and 14B models, as CUDA-graph
+    replays: (fused - plain) is what the epilogue costs."""
+    import datetime
+
+    import triton
+
+    from turbocompile.kernels.benchlog import BenchLog
+    from turbocompile.kernels.sage_attention import bench_ms_graph
+
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    log = BenchLog(out_dir, "bench_gelu_epilogue", res)
+    log.say(f"# {res['device']}  torch {res['torch']}  triton {res['triton']}  {res['date']}")
+    gemm = torch.ops.turbocompile.fp8_row_gemm
+    for m, k, n in ((32760, 1536, 8960), (75600, 5120, 13824)):
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        d = quantize_weight(torch.randn(n, k, device="cuda") / k**0.5, "fp8-row")
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        q, sc = qa.quant_fp8_row(x)
+        args = (q, sc, d["w_q"], d["w_scale"], b, torch.bfloat16)
+        fused = gemm(*args, "gelu_tanh")
+        unfused = torch.nn.functional.gelu(gemm(*args), approximate="tanh")
+        eps = torch.finfo(torch.bfloat16).eps
+        row = {"M": m, "K": k, "N": n,
+               "max_err_in_eps": ((fused.float() - unfused.float()).abs()
+                                  / unfused.float().abs().clamp_min(1e-2)).max().item() / eps,
+               "bit_equal_frac": (fused == unfused).float().mean().item(),
+               "plain_ms": bench_ms_graph(lambda: gemm(*args)),
+               "fused_ms": bench_ms_graph(lambda: gemm(*args, "gelu_tanh")),
+               "unfused_ms": bench_ms_graph(lambda: torch.nn.functional.gelu(gemm(*args), approximate="tanh"))}
+        row["epilogue_us"] = 1e3 * (row["fused_ms"] - row["plain_ms"])
+        res["rows"].append(row)
+        log.say(f"M={m} K={k} N={n}: plain {row['plain_ms']:.3f} ms, fused {row['fused_ms']:.3f} "
+                f"(epilogue {row['epilogue_us']:.0f} us), gemm + aten.gelu {row['unfused_ms']:.3f}; "
+                f"fused vs unfused: max {row['max_err_in_eps']:.2f} eps (|y| >= 0.01 floor), "
+                f"{100 * row['bit_equal_frac']:.3f}% bit-equal")
+        log.dump()
+        del x, q, sc, d, fused, unfused
+    return res
+
+
 if __name__ == "__main__":  # pragma: no cover
     import argparse
 
@@ -566,5 +610,9 @@ if __name__ == "__main__":  # pragma: no cover
     p.add_argument("--bench", action="store_true", required=True)
     p.add_argument("--out", default=None, help="folder for bench_linear.json / .log")
     p.add_argument("--quick", action="store_true", help="first M only, no 2**31-element check")
+    p.add_argument("--gelu", action="store_true", help="only the GELU epilogue of fp8_row_gemm (pass fuse_gelu)")
     args = p.parse_args()
-    _bench(args.out, quick=args.quick)
+    if args.gelu:
+        _bench_gelu(args.out)
+    else:
+        _bench(args.out, quick=args.quick)

@@ -77,6 +77,26 @@ def test_ladder_skip_pass_leaves_the_pass_out_and_says_so():
                                  "fuse_norm_quant, fuse_gelu") in r.output
 
 
+def test_ladder_final_only_times_the_ends_and_runs_every_pass():
+    """`bench model --final-only`: the rungs in between are recorded as applied but untimed; the last eager rung
+    still carries every pass (same numbers as the full ladder's), and the flag is refused outside `bench model`."""
+    full = {r["rung"]: r for r in bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu",
+                                               compile=False).sections["ladder wan-tiny@tiny"]}
+    report = bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False,
+                         final_only=True)
+    assert report.header["command"].endswith("--final-only")
+    rows = report.sections["ladder wan-tiny@tiny"]
+    assert [r["rung"] for r in rows] == RUNGS
+    row = {r["rung"]: r for r in rows}
+    for name in RUNGS[1:RUNGS.index("+ SageSLA (topk 0.1)")]:
+        assert row[name] == {"rung": name, "note": "applied, not timed (--final-only)"}
+    assert row[RUNGS[0]]["s/forward"] > 0
+    sla = row["+ SageSLA (topk 0.1)"]
+    assert sla["s/forward"] > 0 and sla["rel_l2"] == full["+ SageSLA (topk 0.1)"]["rel_l2"]
+    r = CliRunner().invoke(main, ["bench", "e2e", "--dry-run", "--final-only"])
+    assert r.exit_code != 0 and "--final-only applies to `bench model` only" in r.output
+
+
 def test_flex_baseline_is_masked_attention_over_the_lut():
     """The FlexAttention baseline computes exactly softmax attention restricted to SLA's kept blocks."""
     from turbocompile.bench.kernels import flex_block_sparse

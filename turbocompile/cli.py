@@ -381,8 +381,11 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
               help="model: leave this pass out of the ladder (fuse_norms, fuse_norm_rope, fuse_projections, "
               "linear_to_w8a8, fuse_norm_quant, fuse_gelu); "
               "repeatable.")
+@click.option("--final-only", is_flag=True,
+              help="model: time only the eager model, the program after every pass and the compiled rungs (the "
+              "passes in between run untimed).")
 def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_compile, cuda_graphs, profile,
-          gpu_memory_budget, artifact, skip_pass) -> None:
+          gpu_memory_budget, artifact, skip_pass, final_only) -> None:
     """Measure kernels, one DiT forward (incremental ladder), whole-video DiT time against the original
     sampler, or the whole pipeline under a memory cap."""
     from . import bench as bench_mod
@@ -392,7 +395,7 @@ def bench(what, model_id, resolution, json_out, md_out, repeats, dry_run, no_com
     report = run_bench(what, model_id=model_id, resolution=resolution, repeats=repeats, dry_run=dry_run,
                        compile=False if no_compile else ("reduce-overhead" if cuda_graphs else True),
                        gpu_memory_budget=_parse_bytes(gpu_memory_budget),
-                       artifact=artifact, profile=profile, skip_passes=tuple(skip_pass))
+                       artifact=artifact, profile=profile, skip_passes=tuple(skip_pass), final_only=final_only)
     click.echo(report.markdown())
     if json_out:
         json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))

@@ -130,10 +130,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | None = None, repeats: int = 5,
               dry_run: bool = False, compile: bool | str = True, gpu_memory_budget: int | None = None,
-              artifact: Any = None, profile: bool = False, skip_passes: tuple[str, ...] = ()) -> Report:
+              artifact: Any = None, profile: bool = False, skip_passes: tuple[str, ...] = (),
+              final_only: bool = False) -> Report:
     spec = get_model(model_id)
     if skip_passes and what != "model":
         raise InputError("--skip-pass applies to `bench model` only (the ladder's optional passes)")
+    if final_only and what != "model":
+        raise InputError("--final-only applies to `bench model` only (the ladder's rungs)")
     if skip_passes:
         from .model import PASS_RUNGS
 
@@ -150,7 +153,8 @@ def run_bench(what: str, model_id: str = "wan2.1-t2v-1.3b", resolution: str | No
     if what == "model":
         from .model import bench_model
 
-        return bench_model(spec, res, repeats, dry_run, compile=compile, profile=profile, skip=tuple(skip_passes))
+        return bench_model(spec, res, repeats, dry_run, compile=compile, profile=profile, skip=tuple(skip_passes),
+                           final_only=final_only)
     if what == "e2e":
         from .model import bench_e2e
 

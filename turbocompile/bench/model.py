@@ -43,7 +43,7 @@ def forward_flops(spec: ModelSpec, L: int) -> float:
 
 def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, section: str,
             device: str = "cuda", compile: bool | str = True, profile: bool = False,
-            skip: tuple[str, ...] = ()) -> dict[str, Any]:
+            skip: tuple[str, ...] = (), final_only: bool = False) -> dict[str, Any]:
     from ..modeling import example_inputs, random_dit_on_device
     from ..passmanager import PassContext, PassManager
     from ..passes import BY_NAME
@@ -83,15 +83,17 @@ def _ladder(spec: ModelSpec, resolution: str, repeats: int, report: Report, sect
         PassManager([BY_NAME[n] for n in names if n not in skip], ctx, (x, t, c)).run(prog)
 
     apply("remove_noop_ops", "fold_constants", "eliminate_dead_code")
-    rung(RUNGS[1], lambda: prog(x, t, c))
-    for pass_name, name in PASS_RUNGS.items():
-        apply(pass_name)
+    for pass_name, name in [("", RUNGS[1]), *PASS_RUNGS.items()]:
+        if pass_name:
+            apply(pass_name)
         if pass_name == "linear_to_w8a8":
             model = None  # the bf16 block weights are no longer referenced by the program
             if on_gpu:
                 torch.cuda.empty_cache()
         if pass_name in skip:
             report.add(section, {"rung": name, "note": f"skipped (--skip-pass {pass_name})"})
+        elif final_only:
+            report.add(section, {"rung": name, "note": "applied, not timed (--final-only)"})
         else:
             rung(name, lambda: prog(x, t, c))
     apply("attention_to_sagesla")
@@ -172,18 +174,24 @@ def _compiled_rung(prog, inputs, on_gpu: bool, rung, report: Report, section: st
 
 
 def bench_model(spec: ModelSpec, resolution: str, repeats: int, dry_run: bool, device: str = "cuda",
-                compile: bool | str = True, profile: bool = False, skip: tuple[str, ...] = ()) -> Report:
+                compile: bool | str = True, profile: bool = False, skip: tuple[str, ...] = (),
+                final_only: bool = False) -> Report:
+    """The ladder: one forward timed after each pass. ``final_only`` times only the eager model, the program with
+    every pass (the SageSLA rung) and the compiled rungs; the passes in between still run, untimed (at 14B@720p
+    each eager rung costs ~36 s, which keeps the whole ladder under the GPU machine's 10-minute call)."""
     w, h = spec.pixel_size(resolution)
     L = spec.num_tokens(w, h, spec.default_frames)
     report = Report(f"one DiT forward, {spec.id}@{resolution} ({L} tokens, random weights)", environment(dry_run))
     report.header["command"] = (f"turbocompile bench model --model {spec.id} --resolution {resolution} "
-                                f"--repeats {repeats}" + "".join(f" --skip-pass {n}" for n in skip))
+                                f"--repeats {repeats}" + "".join(f" --skip-pass {n}" for n in skip)
+                                + (" --final-only" if final_only else ""))
     section = f"ladder {spec.id}@{resolution}"
     if dry_run:
         for r in RUNGS:
             report.add(section, {"rung": r, "tokens": L, "dense TFLOP/forward": forward_flops(spec, L) / 1e12})
         return report
-    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile, profile=profile, skip=skip)
+    _ladder(spec, resolution, repeats, report, section, device=device, compile=compile, profile=profile, skip=skip,
+            final_only=final_only)
     return report
 
 
