@@ -173,6 +173,27 @@ if triton is not None:
         return out
 
     @triton.jit
+    def epilogue_residual(out, c_ptr, res_ptr, gate_ptr, offs_m, offs_n, M, N, stride_rm, rows_per_gate,
+                          OUT_ROUND: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The block's residual update in the output GEMM's epilogue (pass ``fuse_residual``), on the GEMM's value
+        rounded to the output dtype first (what the graph's add read), in fp32: RESIDUAL 1 ``residual + out``
+        (the cross-attention's), 2 ``residual + out·gate`` with the fp32 adaLN gate [B, N], one gate row per
+        ``rows_per_gate`` output rows (self-attention and FFN). Reading the residual here costs 2 bytes per
+        element and saves the separate kernel's three (read out, read residual, write). RESIDUAL 0: unchanged."""
+        if RESIDUAL > 0:
+            o = round_bits(out, OUT_ROUND).to(c_ptr.dtype.element_ty).to(tl.float32)
+            ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            r = tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            if RESIDUAL == 2:
+                g = tl.load(gate_ptr + (offs_m // rows_per_gate).to(tl.int64)[:, None] * N + offs_n[None, :],
+                            mask=ok, other=0.0)
+                out = r + o * g
+            else:
+                out = r + o
+        return out
+
+    @triton.jit
     def _gemm_block_scaled_kernel(
         a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
         M, N, K,
@@ -237,10 +258,11 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, A_PER_ROW: tl.constexpr, ROW_SCALED: tl.constexpr, NUM_SMS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, FLATTEN: tl.constexpr, ACT: tl.constexpr = 0,
+        res_ptr=None, gate_ptr=None, stride_rm=0, rows_per_gate=1, RESIDUAL: tl.constexpr = 0,
     ):
         """Persistent TMA variant: ``ROW_SCALED`` = one scale per row of A and of B applied in the epilogue
         (int8-row / fp8-row), else the block scheme of ``_gemm_block_scaled_kernel``. TMA zero-fills the edges.
-        ``ACT`` applies :func:`epilogue_activation` after the bias."""
+        ``ACT`` applies :func:`epilogue_activation` after the bias, ``RESIDUAL`` then :func:`epilogue_residual`."""
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
@@ -287,6 +309,8 @@ if triton is not None:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             acc = epilogue_activation(acc, c_ptr, OUT_ROUND, ACT)
+            acc = epilogue_residual(acc, c_ptr, res_ptr, gate_ptr, offs_m, offs_n, M, N, stride_rm, rows_per_gate,
+                                    OUT_ROUND, RESIDUAL)
             c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, round_bits(acc, OUT_ROUND).to(c_ptr.dtype.element_ty),
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -297,9 +321,9 @@ _NUM_SMS: dict[int, int] = {}
 
 def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, strides: tuple[int, int, int, int],
-               cfg: GemmConfig, a_per_row: bool, row_scaled: bool, act: int = 0):
+               cfg: GemmConfig, a_per_row: bool, row_scaled: bool, act: int = 0, residual: dict | None = None):
     """Launch the persistent TMA kernel (one program per SM); returns the compiled kernel. ``act`` 1: GELU (tanh)
-    in the epilogue."""
+    in the epilogue; ``residual``: :func:`residual_args` (the residual update after it)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dev = a_q.device.index or 0
@@ -314,7 +338,26 @@ def launch_tma(a_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, a_scale:
     return _gemm_scaled_tma_kernel[grid](
         a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else out, m, n, k, out.stride(0),
         *strides, HAS_BIAS=bias is not None, A_PER_ROW=a_per_row, ROW_SCALED=row_scaled, NUM_SMS=_NUM_SMS[dev],
-        OUT_ROUND=interp_round_bits(out.dtype), **({"ACT": act} if act else {}), **cfg.launch_kwargs())
+        OUT_ROUND=interp_round_bits(out.dtype), **({"ACT": act} if act else {}), **(residual or {}),
+        **cfg.launch_kwargs())
+
+
+def residual_args(out: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None) -> dict:
+    """Launch arguments of :func:`epilogue_residual` for an [M, N] ``out``: ``residual`` [M, N] in out's dtype,
+    ``gate`` None or fp32 [G, N] with G dividing M (G = 1: every row; G = batch: M/G rows each). {} for none."""
+    if residual is None:
+        return {}
+    m, n = out.shape
+    if residual.shape != out.shape or residual.dtype != out.dtype or residual.stride(-1) != 1:
+        raise UnsupportedShapeError(f"residual must be {out.dtype} {tuple(out.shape)} with unit column stride, "
+                                    f"got {residual.dtype} {tuple(residual.shape)} strides {residual.stride()}")
+    args = {"res_ptr": residual, "stride_rm": residual.stride(0), "RESIDUAL": 1}
+    if gate is not None:
+        if gate.dtype != torch.float32 or gate.ndim != 2 or gate.shape[1] != n or m % gate.shape[0]:
+            raise UnsupportedShapeError(f"gate must be fp32 [G, {n}] with G dividing {m} rows, "
+                                        f"got {gate.dtype} {tuple(gate.shape)}")
+        args.update(gate_ptr=gate.contiguous(), rows_per_gate=m // gate.shape[0], RESIDUAL=2)
+    return args
 
 
 def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from turbocompile.errors import UnsupportedShapeError
-from turbocompile.kernels.gemm_int8_block import BLOCK, GemmConfig, launch_tma, tma_ok
+from turbocompile.kernels.gemm_int8_block import BLOCK, GemmConfig, launch_tma, residual_args, tma_ok
 from turbocompile.kernels.quantize_activations import interp_round_bits
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ try:
     import triton
     import triton.language as tl
 
-    from turbocompile.kernels.gemm_int8_block import epilogue_activation, load_k_step, tile_operands
+    from turbocompile.kernels.gemm_int8_block import (epilogue_activation, epilogue_residual, load_k_step,
+                                                       tile_operands)
     from turbocompile.kernels.quantize_activations import round_bits
 except ImportError:  # pragma: no cover
     triton = None
@@ -62,6 +63,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         RESCALE: tl.constexpr, OUT_ROUND: tl.constexpr, ACT: tl.constexpr = 0,
+        res_ptr=None, gate_ptr=None, stride_rm=0, rows_per_gate=1, RESIDUAL: tl.constexpr = 0,
     ):
         pid_m, pid_n, offs_m, offs_n, offs_k, rows_a, rows_b, a_ptrs, b_ptrs = tile_operands(
             a_ptr, b_ptr, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
@@ -80,6 +82,8 @@ if triton is not None:
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out = epilogue_activation(out, c_ptr, OUT_ROUND, ACT)
+        out = epilogue_residual(out, c_ptr, res_ptr, gate_ptr, offs_m, offs_n, M, N, stride_rm, rows_per_gate,
+                                OUT_ROUND, RESIDUAL)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, round_bits(out, OUT_ROUND).to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -95,9 +99,11 @@ def _check_operands(a_q: torch.Tensor, w_q: torch.Tensor) -> tuple[int, int, int
 
 def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype,
-                  config: GemmConfig | str | None = None, act: int = 0) -> torch.Tensor:
+                  config: GemmConfig | str | None = None, act: int = 0, residual: torch.Tensor | None = None,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
     """Triton ``(A @ B^T) * sa[:, None] * sb[None, :] + bias`` for int8 or e4m3 A [M, K], B [N, K]; scales fp32.
-    ``act`` 1: GELU (tanh) of that, as ``aten.gelu`` computes it on the rounded output, in the epilogue."""
+    ``act`` 1: GELU (tanh) of that, as ``aten.gelu`` computes it on the rounded output, in the epilogue; then
+    with ``residual`` [M, N] ``residual + that`` (times ``gate`` fp32 [G, N] if given), see ``residual_args``."""
     if triton is None:
         from turbocompile.errors import BackendUnavailableError
         raise BackendUnavailableError("Triton is not installed: the row-scaled Triton GEMM needs it")
@@ -108,10 +114,11 @@ def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
         return out
+    res = residual_args(out, residual, gate)
     global LAST_COMPILED
     if cfg.tma and tma_ok(a_q, w_q):
         LAST_COMPILED = launch_tma(a_q, w_q, out, a_scale, w_scale, bias, (0, 0, 0, 0), cfg,
-                                   a_per_row=False, row_scaled=True, act=act)
+                                   a_per_row=False, row_scaled=True, act=act, residual=res)
         return out
     if cfg.tma:
         cfg = ROW_CONFIGS[DEFAULT_ROW_CONFIG]
@@ -120,7 +127,7 @@ def gemm_rowscale(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w
         a_q, w_q, out, a_scale, w_scale, bias if bias is not None else out,
         m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-        OUT_ROUND=interp_round_bits(out_dtype), **({"ACT": act} if act else {}), **cfg.launch_kwargs())
+        OUT_ROUND=interp_round_bits(out_dtype), **({"ACT": act} if act else {}), **res, **cfg.launch_kwargs())
     return out
 
 

@@ -233,15 +233,28 @@ def cuda_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
 
 def _row_gemm(q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, scheme: str, backend: str,
-              act: int = 0) -> torch.Tensor:
+              act: int = 0, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMM of a per-row scheme on quantized 2-D activations ``q`` [M, K] with row scales ``s`` [M]; ``act``
-    1 applies GELU (tanh) to the result (in the Triton kernel's epilogue, after cuBLAS in torch)."""
+    1 applies GELU (tanh) to the result, then ``residual`` [M, N] (and ``gate`` fp32 [G, N]) the residual update
+    of :func:`residual_update` (in the Triton kernel's epilogue, after cuBLAS in torch)."""
     m, k = q.shape
     if backend == "cublas" and cublas_ok(m, w_q.shape[0], k):
         fn = fp8_row_scaled_mm if scheme == "fp8-row" else int8_row_int_mm
         out = fn(q, s, w_q, w_scale, bias, out_dtype)
-        return torch.nn.functional.gelu(out, approximate="tanh") if act else out
-    return gemm_rowscale(q, s, w_q, w_scale, bias, out_dtype, act=act)
+        out = torch.nn.functional.gelu(out, approximate="tanh") if act else out
+        return residual_update(out, residual, None if gate is None else gate.repeat_interleave(m // len(gate), 0))
+    return gemm_rowscale(q, s, w_q, w_scale, bias, out_dtype, act=act, residual=residual, gate=gate)
+
+
+def residual_update(out: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None) -> torch.Tensor:
+    """A Wan block's residual step on a linear's rounded output, as the graph writes it: ``residual + out``
+    (cross-attention), or ``(residual.float() + out.float() * gate).to(dtype)`` with the fp32 adaLN gate
+    (self-attention and FFN). The reference of ``fp8_row_gemm``'s ``residual``/``gate`` (pass ``fuse_residual``)."""
+    if residual is None:
+        return out
+    if gate is None:
+        return residual + out
+    return (residual.float() + out.float() * gate).to(out.dtype)
 
 
 _SCHEMA = "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor"
@@ -279,7 +292,17 @@ ACTIVATIONS = {"": 0, "gelu_tanh": 1}
 
 
 def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "") -> None:
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "",
+                    residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:
+    out_shape = (*x_q.shape[:-1], w_q.shape[0])
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != out_dtype):
+        raise UnsupportedShapeError(f"fp8_row_gemm: residual must be {out_dtype} {out_shape} (the output's), "
+                                    f"got {residual.dtype} {tuple(residual.shape)}")
+    if gate is not None and (residual is None or gate.dtype != torch.float32 or gate.numel() == 0
+                             or _gate_rows(gate, x_q, w_q.shape[0]) is None):
+        raise UnsupportedShapeError(f"fp8_row_gemm: gate must be fp32 [{w_q.shape[0]}] or [B, 1, {w_q.shape[0]}] "
+                                    f"for x_q [B, L, K], with a residual; got {gate.dtype} {tuple(gate.shape)}"
+                                    + ("" if residual is not None else " and no residual"))
     if activation not in ACTIVATIONS:
         raise InputError(f"fp8_row_gemm: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if x_q.dtype != torch.float8_e4m3fn or x_q.ndim < 1:
@@ -292,40 +315,86 @@ def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     _check("fp8-row", x_q.new_empty((0, x_q.shape[-1]), dtype=out_dtype), w_q, w_scale, bias)
 
 
+def _gate_rows(gate: torch.Tensor, x_q: torch.Tensor, n: int) -> int | None:
+    """Rows of the [G, N] gate table that ``gate`` stands for: 1 for [N] (or [1, 1, N]: the same gate for every
+    row), B for [B, 1, N] with x_q [B, L, K]; None for any other shape."""
+    if gate.shape[-1:] != (n,):
+        return None
+    if gate.numel() == n:
+        return 1
+    return x_q.shape[0] if x_q.ndim == 3 and tuple(gate.shape) == (x_q.shape[0], 1, n) else None
+
+
 @torch.library.custom_op("turbocompile::fp8_row_gemm", mutates_args=())
 def fp8_row_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "") -> torch.Tensor:
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "",
+                 residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``fp8_row_linear`` without its activation quantization: ``x_q`` e4m3 [..., K] with fp32 row scales
-    ``x_scale`` [...] (what ``layernorm_modulate_fp8_row`` / ``layer_norm_affine_fp8_row`` return); output
-    [..., N] in ``out_dtype``. Reference: the same dequantized product as ``reference_linear``'s fp8-row branch.
-    ``activation="gelu_tanh"``: ``gelu(that, approximate="tanh")`` on the rounded output (pass ``fuse_gelu``)."""
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
+    ``x_scale`` [...] (what ``layernorm_modulate_fp8_row`` / ``layer_norm_affine_fp8_row`` / ``quant_fp8_row``
+    return); output [..., N] in ``out_dtype``. Reference: the same dequantized product as ``reference_linear``'s
+    fp8-row branch. ``activation="gelu_tanh"``: ``gelu(that, approximate="tanh")`` on the rounded output (pass
+    ``fuse_gelu``). ``residual`` [..., N] in ``out_dtype`` (and the fp32 adaLN ``gate`` [N] or [B, 1, N]): the
+    block's residual step on the rounded output, :func:`residual_update` (pass ``fuse_residual``)."""
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation, residual, gate)
     xd = x_q.reshape(-1, x_q.shape[-1]).float() * x_scale.reshape(-1, 1)
     out = xd @ dequantize_weight(w_q, w_scale, "fp8-row").t()
     if bias is not None:
         out = out + bias.float()
     out = out.to(out_dtype).reshape(*x_q.shape[:-1], w_q.shape[0])
-    return torch.nn.functional.gelu(out, approximate="tanh") if activation else out
+    out = torch.nn.functional.gelu(out, approximate="tanh") if activation else out
+    return residual_update(out, residual, gate)
 
 
 @fp8_row_gemm.register_kernel("cuda")
-def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=""):
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
+def _fp8_row_gemm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation="", residual=None, gate=None):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation, residual, gate)
     n = w_q.shape[0]
     q2 = x_q.reshape(-1, x_q.shape[-1])
     if q2.shape[0] == 0:
         return x_q.new_empty((*x_q.shape[:-1], n), dtype=out_dtype)
     if q2.stride(-1) != 1:
         q2 = q2.contiguous()
+    r2 = None if residual is None else qa.as_2d(residual)
+    g2 = None if gate is None else gate.reshape(-1, n).contiguous()
     out = _row_gemm(q2, x_scale.reshape(-1).contiguous(), w_q, w_scale, bias, out_dtype, "fp8-row",
-                    GEMM_BACKENDS["fp8-row"], act=ACTIVATIONS[activation])
+                    GEMM_BACKENDS["fp8-row"], act=ACTIVATIONS[activation], residual=r2, gate=g2)
     return out.reshape(*x_q.shape[:-1], n)
 
 
 @fp8_row_gemm.register_fake
-def _fp8_row_gemm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=""):
-    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation)
+def _fp8_row_gemm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation="", residual=None, gate=None):
+    _check_prequant(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation, residual, gate)
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("turbocompile::quant_fp8_row", mutates_args=())
+def quant_fp8_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8-row linear's activation quantization as an op of its own: (e4m3 values [..., K], fp32 row scales
+    [...]) for an ``fp8_row_gemm``, the same bits ``fp8_row_linear`` feeds its GEMM (pass ``fuse_residual``
+    splits a linear so that its GEMM can take the residual step)."""
+    _check_quant_input(x)
+    q, s = qa.quant_fp8_row_ref(qa.as_2d(x))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def _check_quant_input(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.ndim < 1:
+        raise InputError(f"quant_fp8_row: x must be bf16/fp16/fp32 [..., K], got {x.dtype} {tuple(x.shape)}")
+
+
+@quant_fp8_row.register_kernel("cuda")
+def _quant_fp8_row_cuda(x):
+    _check_quant_input(x)
+    if qa.triton is None or x.numel() == 0:
+        q, s = qa.quant_fp8_row_ref(qa.as_2d(x))
+    else:
+        q, s = qa.quant_fp8_row(qa.as_2d(x))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@quant_fp8_row.register_fake
+def _quant_fp8_row_fake(x):
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 #: scheme -> the op overload the ``linear_to_w8a8`` pass inserts
@@ -559,29 +628,39 @@ def _bench(out_dir: str | None, quick: bool = False) -> dict:  # pragma: no cove
     return res
 
 
-def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
-    """The FFN's first GEMM with GELU in its epilogue (pass ``fuse_gelu``) against the same GEMM without it and
-    against that GEMM followed by ``aten.gelu``, at the FFN shapes of the 1.3B and 14B models, as CUDA-graph
-    replays: (fused - plain) is what the epilogue costs."""
+def _bench_epilogue_log(out_dir: str | None, name: str):  # pragma: no cover - needs a GPU
     import datetime
 
     import triton
 
     from turbocompile.kernels.benchlog import BenchLog
-    from turbocompile.kernels.sage_attention import bench_ms_graph
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
-    log = BenchLog(out_dir, "bench_gelu_epilogue", res)
+    log = BenchLog(out_dir, name, res)
     log.say(f"# {res['device']}  torch {res['torch']}  triton {res['triton']}  {res['date']}")
+    return res, log
+
+
+def _fp8_row_operands(m: int, k: int, n: int, batch: int = 1):  # pragma: no cover - needs a GPU
+    torch.manual_seed(0)
+    x = torch.randn(batch, m // batch, k, device="cuda", dtype=torch.bfloat16)
+    d = quantize_weight(torch.randn(n, k, device="cuda") / k**0.5, "fp8-row")
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+    q, sc = torch.ops.turbocompile.quant_fp8_row(x)
+    return q, sc, d["w_q"], d["w_scale"], b, torch.bfloat16
+
+
+def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    """The FFN's first GEMM with GELU in its epilogue (pass ``fuse_gelu``) against the same GEMM without it and
+    against that GEMM followed by ``aten.gelu``, at the FFN shapes of the 1.3B and 14B models, as CUDA-graph
+    replays: (fused - plain) is what the epilogue costs."""
+    from turbocompile.kernels.sage_attention import bench_ms_graph
+
+    res, log = _bench_epilogue_log(out_dir, "bench_gelu_epilogue")
     gemm = torch.ops.turbocompile.fp8_row_gemm
     for m, k, n in ((32760, 1536, 8960), (75600, 5120, 13824)):
-        torch.manual_seed(0)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        d = quantize_weight(torch.randn(n, k, device="cuda") / k**0.5, "fp8-row")
-        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
-        q, sc = qa.quant_fp8_row(x)
-        args = (q, sc, d["w_q"], d["w_scale"], b, torch.bfloat16)
+        args = _fp8_row_operands(m, k, n)
         fused = gemm(*args, "gelu_tanh")
         unfused = torch.nn.functional.gelu(gemm(*args), approximate="tanh")
         eps = torch.finfo(torch.bfloat16).eps
@@ -599,7 +678,42 @@ def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
                 f"fused vs unfused: max {row['max_err_in_eps']:.2f} eps (|y| >= 0.01 floor), "
                 f"{100 * row['bit_equal_frac']:.3f}% bit-equal")
         log.dump()
-        del x, q, sc, d, fused, unfused
+        del args, fused, unfused
+    return res
+
+
+def _bench_residual(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    """The block's gated residual step in the output GEMM's epilogue (pass ``fuse_residual``) against the GEMM
+    alone and against the GEMM followed by the step as one ``torch.compile``d kernel (what the compiled engine ran
+    before), at the o-projection and second-FFN shapes of the 1.3B and 14B models, as CUDA-graph replays."""
+    from turbocompile.kernels.sage_attention import bench_ms_graph
+
+    res, log = _bench_epilogue_log(out_dir, "bench_residual_epilogue")
+    gemm = torch.ops.turbocompile.fp8_row_gemm
+    step = torch.compile(lambda out, h, g: (h.float() + out * g).type_as(h), fullgraph=True)
+    for m, k, n in ((32760, 1536, 1536), (32760, 8960, 1536), (75600, 5120, 5120), (75600, 13824, 5120)):
+        args = _fp8_row_operands(m, k, n)
+        h = torch.randn(1, m, n, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(1, 1, n, device="cuda")
+        fused = gemm(*args, "", h, g)
+        unfused = step(gemm(*args), h, g)
+        eps = torch.finfo(torch.bfloat16).eps
+        row = {"M": m, "K": k, "N": n,
+               "max_err_in_eps": ((fused.float() - unfused.float()).abs()
+                                  / unfused.float().abs().clamp_min(1e-2)).max().item() / eps,
+               "bit_equal_frac": (fused == unfused).float().mean().item(),
+               "plain_ms": bench_ms_graph(lambda: gemm(*args)),
+               "fused_ms": bench_ms_graph(lambda: gemm(*args, "", h, g)),
+               "unfused_ms": bench_ms_graph(lambda: step(gemm(*args), h, g))}
+        row["epilogue_us"] = 1e3 * (row["fused_ms"] - row["plain_ms"])
+        row["saved_us"] = 1e3 * (row["unfused_ms"] - row["fused_ms"])
+        res["rows"].append(row)
+        log.say(f"M={m} K={k} N={n}: plain {row['plain_ms']:.3f} ms, fused {row['fused_ms']:.3f} "
+                f"(epilogue {row['epilogue_us']:.0f} us), gemm + compiled step {row['unfused_ms']:.3f} "
+                f"(saved {row['saved_us']:.0f} us); fused vs unfused: max {row['max_err_in_eps']:.2f} eps, "
+                f"{100 * row['bit_equal_frac']:.3f}% bit-equal")
+        log.dump()
+        del args, h, fused, unfused
     return res
 
 
@@ -611,8 +725,13 @@ if __name__ == "__main__":  # pragma: no cover
     p.add_argument("--out", default=None, help="folder for bench_linear.json / .log")
     p.add_argument("--quick", action="store_true", help="first M only, no 2**31-element check")
     p.add_argument("--gelu", action="store_true", help="only the GELU epilogue of fp8_row_gemm (pass fuse_gelu)")
+    p.add_argument("--residual", action="store_true",
+                   help="only the residual-step epilogue of fp8_row_gemm (pass fuse_residual)")
     args = p.parse_args()
-    if args.gelu:
-        _bench_gelu(args.out)
+    if args.gelu or args.residual:
+        if args.gelu:
+            _bench_gelu(args.out)
+        if args.residual:
+            _bench_residual(args.out)
     else:
         _bench(args.out, quick=args.quick)

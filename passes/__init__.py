@@ -15,6 +15,7 @@ from .fold_constants import fold_constants
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_norm_rope import fuse_norm_rope
 from .fuse_gelu import fuse_gelu
+from .fuse_residual import fuse_residual
 from .fuse_norms import fuse_norms
 from .fuse_projections import fuse_projections
 from .linear_to_w8a8 import linear_to_w8a8
@@ -42,10 +43,12 @@ PASSES: list[PassInfo] = [
     PassInfo("fuse_norm_quant", fuse_norm_quant,
              "a norm that only feeds fp8-row linears writes their e4m3 input itself; the linears -> fp8_row_gemm"),
     PassInfo("fuse_gelu", fuse_gelu, "the FFN's GELU (tanh) -> the epilogue of the fp8_row_gemm that feeds it"),
+    PassInfo("fuse_residual", fuse_residual,
+             "a block's residual step (h + out, or h + out * gate) -> the epilogue of the fp8-row GEMM of out"),
 ]
 
 #: Passes that builds for the ONNX / TensorRT backends leave out: their ops have no ONNX schema or plugin.
-ONNX_SKIPPED_PASSES = ("fuse_norm_rope", "fuse_norm_quant", "fuse_gelu")
+ONNX_SKIPPED_PASSES = ("fuse_norm_rope", "fuse_norm_quant", "fuse_gelu", "fuse_residual")
 
 BY_NAME = {p.name: p for p in PASSES}
 

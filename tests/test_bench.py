@@ -55,6 +55,7 @@ def test_ladder_logic_on_cpu():
     assert abs(row["+ fused q/k/v projections"]["rel_l2"] - row["+ RoPE written by the q/k norms"]["rel_l2"]) < 1e-5
     assert row["+ fp8 input written by the norms"]["rel_l2"] == row["+ W8A8 (auto scheme)"]["rel_l2"]
     assert row["+ GELU in the FFN GEMM's epilogue"]["rel_l2"] == row["+ fp8 input written by the norms"]["rel_l2"]
+    assert row["+ residual steps in the GEMMs' epilogues"]["rel_l2"] == row["+ GELU in the FFN GEMM's epilogue"]["rel_l2"]
     assert "skipped" in row["+ torch.compile"]["note"]
 
 
@@ -74,7 +75,7 @@ def test_ladder_skip_pass_leaves_the_pass_out_and_says_so():
     assert row["+ SageSLA (topk 0.1)"]["cosine"] > 0.98
     r = CliRunner().invoke(main, ["bench", "model", "--dry-run", "--skip-pass", "attention_to_sagesla"])
     assert r.exit_code != 0 and ("can leave out fuse_norms, fuse_norm_rope, fuse_projections, linear_to_w8a8, "
-                                 "fuse_norm_quant, fuse_gelu") in r.output
+                                 "fuse_norm_quant, fuse_gelu, fuse_residual") in r.output
 
 
 def test_ladder_final_only_times_the_ends_and_runs_every_pass():

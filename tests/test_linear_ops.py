@@ -6,9 +6,11 @@ triton is imported), which writes a JSON report that the tests below read.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from turbocompile.errors import InputError, UnsupportedShapeError
 from turbocompile.kernels import linear_w8a8 as L
@@ -240,6 +242,18 @@ def _interpret_checks() -> dict:
             got = L._fp8_row_gemm_cuda(q3.reshape(xs.shape), s3.reshape(xs.shape[:-1]), d["w_q"], d["w_scale"],
                                        b, dtype, "gelu_tanh")
             report[f"gelu_fp8/{m}/{str(dtype)[6:]}"] = _gelu_report(got, want, dtype)
+            # with the block's residual step in the epilogue (pass fuse_residual): plain, then gated with one gate
+            # row per batch element (B = 2), against the graph's own math on the unfused output
+            torch.manual_seed(m)
+            g, h = torch.randn(2, 1, n), torch.randn(2, m // 2, n).to(dtype)
+            for name, gate in (("plain", None), ("gated", g)):
+                got = L._fp8_row_gemm_cuda(q3.reshape(xs.shape), s3.reshape(xs.shape[:-1]), d["w_q"], d["w_scale"],
+                                           b, dtype, "", h, gate)
+                ref = L.residual_update(want, h, gate)
+                report[f"residual_fp8/{name}/{m}/{str(dtype)[6:]}"] = {
+                    "finite": bool(torch.isfinite(got).all()), "shape_dtype": got.shape == ref.shape and got.dtype == dtype,
+                    "equal_frac": (got == ref).float().mean().item(), "rel": _rel(got.float(), ref.float()),
+                    "moved": _rel(got.float(), want.float())}
     torch.empty = real_empty
     return report
 
@@ -297,6 +311,36 @@ def test_interp_fp8_row_gemm_with_gelu_is_gelu_of_the_gemm(interp_report):
         assert r["err_in_eps_of_input"] <= 2 and r["rel"] < 1e-4, (key, r)
 
 
+def test_interp_fp8_row_gemm_with_residual_is_the_residual_step(interp_report):
+    """The residual step in the GEMM's epilogue (``h + out``, and ``h + out·gate`` with a gate row per batch
+    element) gives the graph's own math on the unfused output: every element written (outputs NaN-poisoned),
+    bit-equal under the interpreter (no FMA contraction there), and the residual really moved the output."""
+    rows = {k: v for k, v in interp_report.items() if k.startswith("residual_fp8/")}
+    assert len(rows) == 8
+    for key, r in rows.items():
+        assert r["finite"] and r["shape_dtype"] and r["equal_frac"] == 1.0 and r["rel"] == 0.0, (key, r)
+        assert r["moved"] > 0.1, (key, r)
+
+
+def test_fp8_row_gemm_residual_errors():
+    """A residual of another shape or dtype, a gate that is not fp32 [N] / [B, 1, N], or a gate without a
+    residual: one clear error each, from the reference and from the fake (what export sees)."""
+    x, w, b = _inputs(8, 64, 32, seed=3)
+    d = L.quantize_weight(w, "fp8-row")
+    q, s = torch.ops.turbocompile.quant_fp8_row(x.reshape(2, 4, 64))
+    args = (q, s, d["w_q"], d["w_scale"], b, torch.float32, "")
+    h = torch.randn(2, 4, 32)
+    for residual, gate, msg in [(h[:, :3], None, "residual must be torch.float32 (2, 4, 32)"),
+                                (h.bfloat16(), None, "residual must be torch.float32 (2, 4, 32)"),
+                                (h, torch.randn(3, 1, 32), "gate must be fp32 [32] or [B, 1, 32]"),
+                                (h, torch.randn(2, 1, 32).double(), "gate must be fp32"),
+                                (None, torch.randn(32), "with a residual; got torch.float32 (32,) and no residual")]:
+        with pytest.raises(UnsupportedShapeError, match=re.escape(msg)):
+            torch.ops.turbocompile.fp8_row_gemm(*args, residual, gate)
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(UnsupportedShapeError, match=re.escape(msg)):
+            torch.ops.turbocompile.fp8_row_gemm(*args, residual, gate)
+
+
 def test_interp_gemm_configs_agree(interp_report):
     cfg = {k: v for k, v in interp_report.items() if k.startswith(("config/", "rowscale_fp8/"))}
     assert len(cfg) >= 6
@@ -331,6 +375,33 @@ def test_cuda_fp8_row_gemm_gelu_epilogue(m):
     r = _gelu_report(got, plain, torch.bfloat16)
     assert r["finite"] and r["shape_dtype"] and r["neg_frac"] > 0.2, r
     assert r["err_in_eps_of_input"] <= 2 and r["rel"] < 1e-3, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_fp8_row_gemm_residual_epilogue(batch):
+    """The residual step in the TMA kernel's epilogue (pass ``fuse_residual``) against the graph's math on the
+    unfused GEMM, bf16, at the 1.3B o-projection width with a partial last row tile: plain and gated (one gate row
+    per batch element), after a GELU epilogue too; every element written (the GEMM output is fresh memory and
+    the result must be finite and within one bf16 rounding of the reference: the kernel may contract h + out·gate
+    into one FMA)."""
+    m = 4099 * batch
+    x, w, b = _inputs(m, 1536, 1536, seed=batch)
+    x, w, b = x.cuda().bfloat16().reshape(batch, -1, 1536), w.cuda(), b.cuda()
+    d = L.quantize_weight(w, "fp8-row")
+    q, s = torch.ops.turbocompile.quant_fp8_row(x)
+    torch.manual_seed(batch)
+    h = torch.randn(batch, m // batch, 1536, device="cuda").bfloat16()
+    gate = torch.randn(batch, 1, 1536, device="cuda")
+    eps = torch.finfo(torch.bfloat16).eps
+    for act in ("", "gelu_tanh"):
+        plain = torch.ops.turbocompile.fp8_row_gemm(q, s, d["w_q"], d["w_scale"], b, torch.bfloat16, act)
+        for g in (None, gate):
+            got = torch.ops.turbocompile.fp8_row_gemm(q, s, d["w_q"], d["w_scale"], b, torch.bfloat16, act, h, g)
+            ref = L.residual_update(plain, h, g)
+            err = (got.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-2)
+            assert got.shape == ref.shape and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+            assert err.max().item() <= eps and (got == ref).float().mean().item() > 0.99, (act, g is None)
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -226,6 +226,73 @@ def test_gelu_fusion_gives_the_same_program_output(scheme, dtype):
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("scheme,dtype", [("fp8-row", torch.float32), ("fp8-row", torch.bfloat16),
+                                          ("int8-block", torch.float32)])
+def test_residual_fusion_gives_the_same_program_output(scheme, dtype):
+    """``fuse_residual`` on the wan-tiny program: with fp8-row linears each block's three residual steps (the gated
+    self-attention and FFN ones, the plain cross-attention one) go into the epilogue of the GEMM in front of them,
+    the three ``fp8_row_linear`` become ``quant_fp8_row`` + ``fp8_row_gemm``, no residual add or cast is left in
+    the blocks, and the output is bit-identical (the op's CPU implementation is the graph's own math); with another
+    scheme nothing changes."""
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0, dtype=dtype)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
+    layers = spec.dit.num_layers
+    outs = []
+    before = UP_TO_NORMS + ["fuse_norm_rope", "fuse_norm_quant", "fuse_gelu"]
+    for names in (before + ["fuse_residual"], before):
+        prog, results = _run_passes(model, inputs, names, options={"linear_to_w8a8": {"scheme": scheme}})
+        outs.append(prog(*inputs))
+        targets = _call_targets(prog)
+        if "fuse_residual" not in names:
+            continue
+        res = results["fuse_residual"]
+        if scheme == "fp8-row":
+            assert res.extra == {"residual_in_gemm": 3 * layers, "gated": 2 * layers, "plain": layers,
+                                 "linears_split": 3 * layers}, res.extra
+            assert targets.count("turbocompile.quant_fp8_row.default") == 3 * layers
+            assert targets.count("turbocompile.fp8_row_linear.default") == layers  # the text k/v projection
+            gemms = [n for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"]
+            with_residual = [n for n in gemms if len(n.args) > 7 and n.args[7] is not None]
+            assert len(with_residual) == 3 * layers
+            assert sum(n.args[8] is not None for n in with_residual) == 2 * layers
+            assert not [n for n in prog.graph.nodes if str(n.target) == "aten.type_as.default"
+                        and n.meta.get("source_module", "").startswith("blocks.")]
+        else:
+            assert res.rewritten == 0 and res.matched == 0
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_residual_fusion_leaves_a_linear_read_elsewhere():
+    """A linear whose output something else also reads keeps its own output: the residual step stays an add, and
+    the pass says why."""
+    from turbocompile.kernels import linear_w8a8 as L
+    from turbocompile.passes import BY_NAME
+    from turbocompile.passmanager import PassContext, propagate_shapes
+    from turbocompile.program import capture
+    from turbocompile.targets import get_target
+
+    d = L.quantize_weight(torch.randn(16, 32) / 6, "fp8-row")
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_q, self.w_scale = torch.nn.Parameter(d["w_q"], False), torch.nn.Parameter(d["w_scale"], False)
+
+        def forward(self, x, h, gate, return_dict=False):
+            out = torch.ops.turbocompile.fp8_row_linear(x, self.w_q, self.w_scale, None)
+            return ((h.float() + out * gate).type_as(h) + out.sum(),)
+
+    x, hh, gate = torch.randn(1, 8, 32), torch.randn(1, 8, 16), torch.randn(1, 1, 16)
+    prog = capture(Step(), (x, hh, gate))
+    propagate_shapes(prog, (x, hh, gate))
+    ctx = PassContext(spec=get_model("wan-tiny"), target=get_target("sm_90"), options={})
+    res = BY_NAME["fuse_residual"].run(prog, ctx)
+    assert res.rewritten == 0 and res.matched == 1
+    assert res.notes[-1] == "1 residual adds left as is: the linear's output has other users"
+
+
 def test_norm_rope_fusion_leaves_other_rotations_alone():
     """A rotation the kernel does not compute is left as it is, and the pass says why. Here the whole model is cast
     to bf16 with ``.to()`` (which diffusers warns against), so the RoPE tables and the graph's products are bf16,

@@ -379,7 +379,7 @@ def convert(src: Path, dst: Path, to: str, model_id: str | None) -> None:
               help="pipeline: reuse (or keep) this artifact instead of a temporary build.")
 @click.option("--skip-pass", multiple=True,
               help="model: leave this pass out of the ladder (fuse_norms, fuse_norm_rope, fuse_projections, "
-              "linear_to_w8a8, fuse_norm_quant, fuse_gelu); "
+              "linear_to_w8a8, fuse_norm_quant, fuse_gelu, fuse_residual); "
               "repeatable.")
 @click.option("--final-only", is_flag=True,
               help="model: time only the eager model, the program after every pass and the compiled rungs (the "

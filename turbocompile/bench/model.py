@@ -25,6 +25,7 @@ PASS_RUNGS: dict[str, str] = {
     "fuse_norms": "+ fused norms", "fuse_norm_rope": "+ RoPE written by the q/k norms",
     "fuse_projections": "+ fused q/k/v projections", "linear_to_w8a8": "+ W8A8 (auto scheme)",
     "fuse_norm_quant": "+ fp8 input written by the norms", "fuse_gelu": "+ GELU in the FFN GEMM's epilogue",
+    "fuse_residual": "+ residual steps in the GEMMs' epilogues",
 }
 RUNGS = ["diffusers eager bf16", "captured graph (clean-up passes)", *PASS_RUNGS.values(), "+ SageSLA (topk 0.1)",
          "+ torch.compile"]
