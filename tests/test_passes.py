@@ -330,8 +330,8 @@ def test_onnx_builds_leave_out_the_norm_quant_fusion():
     from turbocompile.passes import ONNX_SKIPPED_PASSES, PASSES
 
     names = [p.name for p in PASSES]
-    assert {"fuse_norm_quant", "fuse_norm_rope", "fuse_gelu"} <= set(ONNX_SKIPPED_PASSES) <= set(names)
-    assert names.index("fuse_gelu") > names.index("fuse_norm_quant")
+    assert {"fuse_norm_quant", "fuse_norm_rope", "fuse_gelu", "fuse_residual"} <= set(ONNX_SKIPPED_PASSES) <= set(names)
+    assert names.index("fuse_residual") > names.index("fuse_gelu") > names.index("fuse_norm_quant")
     assert names.index("fuse_norm_quant") > names.index("fuse_norms")
     assert names.index("fuse_norm_rope") > names.index("fuse_norms")
 
