@@ -299,7 +299,7 @@ def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
         raise UnsupportedShapeError(f"fp8_row_gemm: residual must be {out_dtype} {out_shape} (the output's), "
                                     f"got {residual.dtype} {tuple(residual.shape)}")
     if gate is not None and (residual is None or gate.dtype != torch.float32 or gate.numel() == 0
-                             or _gate_rows(gate, x_q, w_q.shape[0]) is None):
+                             or gate_rows(gate.shape, out_shape) is None):
         raise UnsupportedShapeError(f"fp8_row_gemm: gate must be fp32 [{w_q.shape[0]}] or [B, 1, {w_q.shape[0]}] "
                                     f"for x_q [B, L, K], with a residual; got {gate.dtype} {tuple(gate.shape)}"
                                     + ("" if residual is not None else " and no residual"))
@@ -315,14 +315,16 @@ def _check_prequant(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     _check("fp8-row", x_q.new_empty((0, x_q.shape[-1]), dtype=out_dtype), w_q, w_scale, bias)
 
 
-def _gate_rows(gate: torch.Tensor, x_q: torch.Tensor, n: int) -> int | None:
-    """Rows of the [G, N] gate table that ``gate`` stands for: 1 for [N] (or [1, 1, N]: the same gate for every
-    row), B for [B, 1, N] with x_q [B, L, K]; None for any other shape."""
-    if gate.shape[-1:] != (n,):
+def gate_rows(gate_shape, out_shape) -> int | None:
+    """Rows of the [G, N] gate table a gate of ``gate_shape`` stands for, for an output of ``out_shape`` [..., N]:
+    1 for [N] (or [1, 1, N]: the same gate for every row), B for [B, 1, N] with a [B, L, N] output; None for any
+    other shape (what ``fp8_row_gemm`` and the ``fuse_residual`` pass accept)."""
+    n = out_shape[-1]
+    if tuple(gate_shape[-1:]) != (n,):
         return None
-    if gate.numel() == n:
+    if math.prod(gate_shape) == n:
         return 1
-    return x_q.shape[0] if x_q.ndim == 3 and tuple(gate.shape) == (x_q.shape[0], 1, n) else None
+    return out_shape[0] if len(out_shape) == 3 and tuple(gate_shape) == (out_shape[0], 1, n) else None
 
 
 @torch.library.custom_op("turbocompile::fp8_row_gemm", mutates_args=())
@@ -651,43 +653,46 @@ def _fp8_row_operands(m: int, k: int, n: int, batch: int = 1):  # pragma: no cov
     return q, sc, d["w_q"], d["w_scale"], b, torch.bfloat16
 
 
-def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
-    """The FFN's first GEMM with GELU in its epilogue (pass ``fuse_gelu``) against the same GEMM without it and
-    against that GEMM followed by ``aten.gelu``, at the FFN shapes of the 1.3B and 14B models, as CUDA-graph
-    replays: (fused - plain) is what the epilogue costs."""
+def _epilogue_row(m: int, k: int, n: int, plain, fused, unfused) -> dict:  # pragma: no cover - needs a GPU
+    """One shape of an epilogue bench: ``fused`` (the step in the GEMM's epilogue) against ``unfused`` (the GEMM,
+    then the step on its own) in bf16 eps (|y| >= 0.01 floor) and bit-equal share, and the three as CUDA-graph
+    replays; (fused - plain) is what the epilogue costs, (unfused - fused) what it saves."""
     from turbocompile.kernels.sage_attention import bench_ms_graph
 
+    a, b = fused(), unfused()
+    eps = torch.finfo(torch.bfloat16).eps
+    row = {"M": m, "K": k, "N": n,
+           "max_err_in_eps": ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-2)).max().item() / eps,
+           "bit_equal_frac": (a == b).float().mean().item(),
+           "plain_ms": bench_ms_graph(plain), "fused_ms": bench_ms_graph(fused), "unfused_ms": bench_ms_graph(unfused)}
+    row["epilogue_us"] = 1e3 * (row["fused_ms"] - row["plain_ms"])
+    row["saved_us"] = 1e3 * (row["unfused_ms"] - row["fused_ms"])
+    return row
+
+
+def _bench_gelu(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
+    """The FFN's first GEMM with GELU in its epilogue (pass ``fuse_gelu``) against the same GEMM without it and
+    against that GEMM followed by ``aten.gelu``, at the FFN shapes of the 1.3B and 14B models."""
     res, log = _bench_epilogue_log(out_dir, "bench_gelu_epilogue")
     gemm = torch.ops.turbocompile.fp8_row_gemm
     for m, k, n in ((32760, 1536, 8960), (75600, 5120, 13824)):
         args = _fp8_row_operands(m, k, n)
-        fused = gemm(*args, "gelu_tanh")
-        unfused = torch.nn.functional.gelu(gemm(*args), approximate="tanh")
-        eps = torch.finfo(torch.bfloat16).eps
-        row = {"M": m, "K": k, "N": n,
-               "max_err_in_eps": ((fused.float() - unfused.float()).abs()
-                                  / unfused.float().abs().clamp_min(1e-2)).max().item() / eps,
-               "bit_equal_frac": (fused == unfused).float().mean().item(),
-               "plain_ms": bench_ms_graph(lambda: gemm(*args)),
-               "fused_ms": bench_ms_graph(lambda: gemm(*args, "gelu_tanh")),
-               "unfused_ms": bench_ms_graph(lambda: torch.nn.functional.gelu(gemm(*args), approximate="tanh"))}
-        row["epilogue_us"] = 1e3 * (row["fused_ms"] - row["plain_ms"])
+        row = _epilogue_row(m, k, n, lambda: gemm(*args), lambda: gemm(*args, "gelu_tanh"),
+                            lambda: torch.nn.functional.gelu(gemm(*args), approximate="tanh"))
         res["rows"].append(row)
         log.say(f"M={m} K={k} N={n}: plain {row['plain_ms']:.3f} ms, fused {row['fused_ms']:.3f} "
                 f"(epilogue {row['epilogue_us']:.0f} us), gemm + aten.gelu {row['unfused_ms']:.3f}; "
                 f"fused vs unfused: max {row['max_err_in_eps']:.2f} eps (|y| >= 0.01 floor), "
                 f"{100 * row['bit_equal_frac']:.3f}% bit-equal")
         log.dump()
-        del args, fused, unfused
+        del args
     return res
 
 
 def _bench_residual(out_dir: str | None) -> dict:  # pragma: no cover - needs a GPU
     """The block's gated residual step in the output GEMM's epilogue (pass ``fuse_residual``) against the GEMM
     alone and against the GEMM followed by the step as one ``torch.compile``d kernel (what the compiled engine ran
-    before), at the o-projection and second-FFN shapes of the 1.3B and 14B models, as CUDA-graph replays."""
-    from turbocompile.kernels.sage_attention import bench_ms_graph
-
+    before), at the o-projection and second-FFN shapes of the 1.3B and 14B models."""
     res, log = _bench_epilogue_log(out_dir, "bench_residual_epilogue")
     gemm = torch.ops.turbocompile.fp8_row_gemm
     step = torch.compile(lambda out, h, g: (h.float() + out * g).type_as(h), fullgraph=True)
@@ -695,25 +700,15 @@ def _bench_residual(out_dir: str | None) -> dict:  # pragma: no cover - needs a 
         args = _fp8_row_operands(m, k, n)
         h = torch.randn(1, m, n, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(1, 1, n, device="cuda")
-        fused = gemm(*args, "", h, g)
-        unfused = step(gemm(*args), h, g)
-        eps = torch.finfo(torch.bfloat16).eps
-        row = {"M": m, "K": k, "N": n,
-               "max_err_in_eps": ((fused.float() - unfused.float()).abs()
-                                  / unfused.float().abs().clamp_min(1e-2)).max().item() / eps,
-               "bit_equal_frac": (fused == unfused).float().mean().item(),
-               "plain_ms": bench_ms_graph(lambda: gemm(*args)),
-               "fused_ms": bench_ms_graph(lambda: gemm(*args, "", h, g)),
-               "unfused_ms": bench_ms_graph(lambda: step(gemm(*args), h, g))}
-        row["epilogue_us"] = 1e3 * (row["fused_ms"] - row["plain_ms"])
-        row["saved_us"] = 1e3 * (row["unfused_ms"] - row["fused_ms"])
+        row = _epilogue_row(m, k, n, lambda: gemm(*args), lambda: gemm(*args, "", h, g),
+                            lambda: step(gemm(*args), h, g))
         res["rows"].append(row)
         log.say(f"M={m} K={k} N={n}: plain {row['plain_ms']:.3f} ms, fused {row['fused_ms']:.3f} "
                 f"(epilogue {row['epilogue_us']:.0f} us), gemm + compiled step {row['unfused_ms']:.3f} "
                 f"(saved {row['saved_us']:.0f} us); fused vs unfused: max {row['max_err_in_eps']:.2f} eps, "
                 f"{100 * row['bit_equal_frac']:.3f}% bit-equal")
         log.dump()
-        del args, h, fused, unfused
+        del args, h
     return res
 
 

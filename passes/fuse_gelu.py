@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, is_call
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -39,7 +39,7 @@ def fuse_gelu(prog: Program, ctx: PassContext) -> PassResult:
         why = None
         if approximate != "tanh":
             why = f"GELU approximate={approximate!r} (the epilogue computes the tanh form)"
-        elif not (isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target == gemm):
+        elif not is_call(src, gemm):
             why = "input is not an fp8_row_gemm"
         elif len(src.users) != 1:
             why = "the GEMM's output has other users"

@@ -22,15 +22,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta, is_call
 from turbocompile.program import Program
 
 aten = torch.ops.aten
 NAME = "fuse_norm_rope"
-
-
-def _call(node: object, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -40,7 +36,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _mul_operand(mul: object, x: fx.Node) -> fx.Node | None:
     """``mul(x, t)`` or ``mul(t, x)`` -> t."""
-    if not _call(mul, aten.mul.Tensor) or len(mul.args) != 2 or mul.kwargs:
+    if not is_call(mul, aten.mul.Tensor) or len(mul.args) != 2 or mul.kwargs:
         return None
     a, b = mul.args
     return b if a is x else a if b is x else None
@@ -48,7 +44,7 @@ def _mul_operand(mul: object, x: fx.Node) -> fx.Node | None:
 
 def _rotation(x1: fx.Node, x2: fx.Node, sub: object, add: object) -> tuple[fx.Node, fx.Node] | None:
     """(cos, sin) when ``sub = x1*cos - x2*sin`` and ``add = x1*sin + x2*cos`` (add in either order), else None."""
-    if not (_call(sub, aten.sub.Tensor) and _call(add, aten.add.Tensor) and len(sub.args) == 2
+    if not (is_call(sub, aten.sub.Tensor) and is_call(add, aten.add.Tensor) and len(sub.args) == 2
             and len(add.args) == 2 and not sub.kwargs and not add.kwargs):
         return None
     cos, sin = _mul_operand(sub.args[0], x1), _mul_operand(sub.args[1], x2)
@@ -62,10 +58,10 @@ def _rotation(x1: fx.Node, x2: fx.Node, sub: object, add: object) -> tuple[fx.No
 
 def _interleaved_copy(copy: fx.Node, e: fx.Node) -> tuple[int, fx.Node] | None:
     """(start, value) for ``copy_(slice(e, last dim, start in {0, 1}, to the end, step 2), value)``."""
-    if not _call(copy, aten.copy_.default) or len(copy.args) != 2 or copy.users:
+    if not is_call(copy, aten.copy_.default) or len(copy.args) != 2 or copy.users:
         return None
     dst, value = copy.args
-    if not _call(dst, aten.slice.Tensor) or dst.args[0] is not e or len(dst.users) != 1 or "val" not in e.meta:
+    if not is_call(dst, aten.slice.Tensor) or dst.args[0] is not e or len(dst.users) != 1 or "val" not in e.meta:
         return None
     args = list(dst.args) + [0, None, None, 1][len(dst.args) - 1:]
     dim, start, end, step = args[1:5]
@@ -80,28 +76,28 @@ def _interleaved_copy(copy: fx.Node, e: fx.Node) -> tuple[int, fx.Node] | None:
 def _match(prog: Program, norm: fx.Node) -> tuple[dict, list[fx.Node]] | str:
     """The rotation after ``norm``: ({heads, cos, sin, e}, the nodes it replaces), or why it does not match."""
     u = _only_user(norm)
-    if not (_call(u, aten.unflatten.int) and u.args[0] is norm and u.args[1] in (2, -1)):
+    if not (is_call(u, aten.unflatten.int) and u.args[0] is norm and u.args[1] in (2, -1)):
         return "no rotation follows (a cross-attention norm)"
     heads = u.args[2][0]
     users = list(u.users)
-    pairs = [n for n in users if _call(n, aten.unflatten.int) and list(n.args[2]) == [-1, 2]]
-    empties = [n for n in users if _call(n, aten.empty_like.default)]
+    pairs = [n for n in users if is_call(n, aten.unflatten.int) and list(n.args[2]) == [-1, 2]]
+    empties = [n for n in users if is_call(n, aten.empty_like.default)]
     if len(users) != 2 or len(pairs) != 1 or len(empties) != 1:
         return "no rotation follows (a cross-attention norm)"
     pair, e = pairs[0], empties[0]
     if pair.args[1] not in (-1, 3) or e.kwargs.get("dtype") is not None:
         return "not a pairing of each head's last dim"
     unbind = _only_user(pair)
-    if not _call(unbind, aten.unbind.int) or unbind.args[1] not in (-1, 4):
+    if not is_call(unbind, aten.unbind.int) or unbind.args[1] not in (-1, 4):
         return "pairs not unbound"
-    gets = {n.args[1]: n for n in unbind.users if _call(n, operator.getitem)}
+    gets = {n.args[1]: n for n in unbind.users if is_call(n, operator.getitem)}
     if set(gets) != {0, 1} or len(unbind.users) != 2:
         return "unbind not read as (x1, x2)"
     x1, x2 = gets[0], gets[1]
     muls = list(x1.users) + list(x2.users)
     if len(x1.users) != 2 or len(x2.users) != 2:
         return "x1/x2 have other users"
-    copies = [next(iter(n.users)) for n in e.users if _call(n, aten.slice.Tensor) and len(n.users) == 1]
+    copies = [next(iter(n.users)) for n in e.users if is_call(n, aten.slice.Tensor) and len(n.users) == 1]
     found = {}
     for c in copies:
         got = _interleaved_copy(c, e)
@@ -138,7 +134,7 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
     g = prog.graph
     fused = 0
     for norm in list(g.nodes):
-        if not _call(norm, ops.rms_norm.default):
+        if not is_call(norm, ops.rms_norm.default):
             continue
         res.matched += 1
         got = _match(prog, norm)

@@ -34,7 +34,7 @@ import operator
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
+from turbocompile.passmanager import PassContext, PassResult, copy_source_meta, is_call, node_val
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -52,41 +52,33 @@ def _cast_dtype(node) -> torch.dtype | None:
     return node.args[1] if len(node.args) > 1 and isinstance(node.args[1], torch.dtype) else None
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
-def _is(node, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
-
-
 def _candidates(step, linears) -> list[tuple]:
     """``step`` (the node whose value would become the new residual) -> its readings as a residual step on an
     fp8-row linear: (linear, h, gate, nodes to erase, nodes to erase if then unused); none if it is another add
     or cast (the time embedding's, the modulation's, the norms')."""
     def is_linear(n) -> bool:
-        return _is(n, linears[0]) or _is(n, linears[1])
+        return is_call(n, linears[0]) or is_call(n, linears[1])
 
-    if _is(step, aten.add.Tensor) and len(step.args) == 2 and not step.kwargs:
+    if is_call(step, aten.add.Tensor) and len(step.args) == 2 and not step.kwargs:
         a, b = step.args
         found = [(lin, h, None, [step], []) for lin, h in ((a, b), (b, a)) if is_linear(lin)]  # h + out
         for mul, h in ((a, b), (b, a)):  # h + out * gate with no casts (an fp32 model: h.float() is h)
-            if _is(mul, aten.mul.Tensor) and len(mul.users) == 1:
+            if is_call(mul, aten.mul.Tensor) and len(mul.users) == 1:
                 found += [(lin, h, gate, [step, mul], []) for lin, gate in (mul.args, mul.args[::-1])
                           if is_linear(lin)]
         return found
     # (h.float() + lin * gate).type_as(h), or .to(h.dtype)
-    if _is(step, aten.type_as.default):
+    if is_call(step, aten.type_as.default):
         add, h_ref = step.args
     elif _cast_dtype(step) is not None:
         add, h_ref = step.args[0], None
     else:
         return []
-    if not _is(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs or len(add.users) != 1:
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs or len(add.users) != 1:
         return []
     found = []
     for t, mul in (add.args, add.args[::-1]):
-        if _cast_dtype(t) != torch.float32 or not _is(mul, aten.mul.Tensor) or len(mul.users) != 1:
+        if _cast_dtype(t) != torch.float32 or not is_call(mul, aten.mul.Tensor) or len(mul.users) != 1:
             continue
         h = t.args[0]
         if h_ref is not None and h_ref is not h:
@@ -102,7 +94,9 @@ def _candidates(step, linears) -> list[tuple]:
 
 def _why_not(lin, h, gate, step, gemm) -> str | None:
     """Why this reading cannot go into the GEMM's epilogue (None: it can)."""
-    out, hv, gv, sv = _val(lin), _val(h), _val(gate), _val(step)
+    from turbocompile.kernels.linear_w8a8 import gate_rows
+
+    out, hv, gv, sv = node_val(lin), node_val(h), node_val(gate), node_val(step)
     if len(lin.users) != 1:
         return "the linear's output has other users"
     if out is None or hv is None or sv is None:
@@ -111,9 +105,7 @@ def _why_not(lin, h, gate, step, gemm) -> str | None:
         return "the residual's shape or dtype differs from the linear's output"
     if lin.target == gemm and (len(lin.args) > 7 or set(lin.kwargs) - {"activation"}):
         return "the GEMM already takes a residual"
-    if gate is not None and (gv is None or gv.dtype != torch.float32 or gv.shape[-1:] != out.shape[-1:]
-                             or not (gv.numel() == out.shape[-1]
-                                     or (out.ndim == 3 and tuple(gv.shape) == (out.shape[0], 1, out.shape[-1])))):
+    if gate is not None and (gv is None or gv.dtype != torch.float32 or gate_rows(gv.shape, out.shape) is None):
         return "the gate is not fp32 [N] or [B, 1, N]"
     return None
 
@@ -140,7 +132,7 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
             skipped[whys[0]] = skipped.get(whys[0], 0) + 1
             continue
         lin, h, gate, erase, maybe_dead = found[whys.index(None)]
-        out = _val(lin)
+        out = node_val(lin)
         with g.inserting_before(step):
             if lin.target == linear:
                 x, w_q, w_scale = lin.args[:3]
@@ -157,7 +149,7 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
                 args = tuple(lin.args[:6]) + (act,)
             fused = g.call_function(gemm, args + (h, gate))
         fused.meta.update(lin.meta)
-        fused.meta["val"] = _val(step)
+        fused.meta["val"] = node_val(step)
         step.replace_all_uses_with(fused)
         for node in erase + [lin]:
             g.erase_node(node)

@@ -109,6 +109,20 @@ def _call_targets(prog) -> list[str]:
     return [str(n.target) for n in prog.graph.nodes if n.op == "call_function"]
 
 
+def _with_and_without(name: str, before: list[str], scheme: str, dtype: torch.dtype):
+    """The wan-tiny program (``dtype``, linears in ``scheme``) through the passes ``before`` and then ``name``, and
+    through ``before`` alone, on the same weights and input: (the program with the pass, its result, its call
+    targets, its output, the output without the pass)."""
+    spec = get_model("wan-tiny")
+    model = random_dit(spec, seed=0, dtype=dtype)
+    w, h = spec.pixel_size(spec.default_resolution)
+    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
+    options = {"linear_to_w8a8": {"scheme": scheme}}
+    prog, results = _run_passes(model, inputs, before + [name], options=options)
+    without, _ = _run_passes(model, inputs, before, options=options)
+    return prog, results[name], _call_targets(prog), prog(*inputs), without(*inputs)
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "int8-block", "fp8-row"])
 def test_fused_projections_program_matches_the_unfused_program(scheme):
     """The whole rewritten wan-tiny program with and without the pass, same weights, same input: equal to float
@@ -200,30 +214,20 @@ def test_gelu_fusion_gives_the_same_program_output(scheme, dtype):
     goes into the epilogue of the ``fp8_row_gemm`` in front of it and the output is bit-identical (the op's CPU
     implementation applies the same ``gelu`` to its rounded output); with another scheme nothing changes and the
     pass says why."""
-    spec = get_model("wan-tiny")
-    layers = spec.dit.num_layers
-    model = random_dit(spec, seed=0, dtype=dtype)
-    w, h = spec.pixel_size(spec.default_resolution)
-    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
-    outs = []
-    for names in (UP_TO_NORMS + ["fuse_norm_quant", "fuse_gelu"], UP_TO_NORMS + ["fuse_norm_quant"]):
-        prog, results = _run_passes(model, inputs, names, options={"linear_to_w8a8": {"scheme": scheme}})
-        outs.append(prog(*inputs))
-        targets = _call_targets(prog)
-        if "fuse_gelu" not in names:
-            continue
-        res = results["fuse_gelu"]
-        # (one more GELU, the text embedder's, follows a bf16 Linear outside the blocks and stays)
-        if scheme == "fp8-row":
-            assert res.extra == {"gelu_in_gemm": layers} and targets.count("aten.gelu.default") == 1
-            assert "1 GELU left as is: input is not an fp8_row_gemm" in res.notes
-            acts = [n.args[6] for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"
-                    and len(n.args) > 6]
-            assert acts == ["gelu_tanh"] * layers
-        else:
-            assert res.rewritten == 0 and targets.count("aten.gelu.default") == layers + 1
-            assert f"{layers + 1} GELU left as is: input is not an fp8_row_gemm" in res.notes
-    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    layers = get_model("wan-tiny").dit.num_layers
+    prog, res, targets, fused, unfused = _with_and_without("fuse_gelu", UP_TO_NORMS + ["fuse_norm_quant"], scheme,
+                                                           dtype)
+    # (one more GELU, the text embedder's, follows a bf16 Linear outside the blocks and stays)
+    if scheme == "fp8-row":
+        assert res.extra == {"gelu_in_gemm": layers} and targets.count("aten.gelu.default") == 1
+        assert "1 GELU left as is: input is not an fp8_row_gemm" in res.notes
+        acts = [n.args[6] for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"
+                and len(n.args) > 6]
+        assert acts == ["gelu_tanh"] * layers
+    else:
+        assert res.rewritten == 0 and targets.count("aten.gelu.default") == layers + 1
+        assert f"{layers + 1} GELU left as is: input is not an fp8_row_gemm" in res.notes
+    assert torch.isfinite(fused).all() and torch.equal(fused, unfused)
 
 
 @pytest.mark.parametrize("scheme,dtype", [("fp8-row", torch.float32), ("fp8-row", torch.bfloat16),
@@ -234,34 +238,23 @@ def test_residual_fusion_gives_the_same_program_output(scheme, dtype):
     the three ``fp8_row_linear`` become ``quant_fp8_row`` + ``fp8_row_gemm``, no residual add or cast is left in
     the blocks, and the output is bit-identical (the op's CPU implementation is the graph's own math); with another
     scheme nothing changes."""
-    spec = get_model("wan-tiny")
-    model = random_dit(spec, seed=0, dtype=dtype)
-    w, h = spec.pixel_size(spec.default_resolution)
-    inputs = example_inputs(spec, w, h, spec.default_frames, seed=6, dtype=dtype)
-    layers = spec.dit.num_layers
-    outs = []
+    layers = get_model("wan-tiny").dit.num_layers
     before = UP_TO_NORMS + ["fuse_norm_rope", "fuse_norm_quant", "fuse_gelu"]
-    for names in (before + ["fuse_residual"], before):
-        prog, results = _run_passes(model, inputs, names, options={"linear_to_w8a8": {"scheme": scheme}})
-        outs.append(prog(*inputs))
-        targets = _call_targets(prog)
-        if "fuse_residual" not in names:
-            continue
-        res = results["fuse_residual"]
-        if scheme == "fp8-row":
-            assert res.extra == {"residual_in_gemm": 3 * layers, "gated": 2 * layers, "plain": layers,
-                                 "linears_split": 3 * layers}, res.extra
-            assert targets.count("turbocompile.quant_fp8_row.default") == 3 * layers
-            assert targets.count("turbocompile.fp8_row_linear.default") == layers  # the text k/v projection
-            gemms = [n for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"]
-            with_residual = [n for n in gemms if len(n.args) > 7 and n.args[7] is not None]
-            assert len(with_residual) == 3 * layers
-            assert sum(n.args[8] is not None for n in with_residual) == 2 * layers
-            assert not [n for n in prog.graph.nodes if str(n.target) == "aten.type_as.default"
-                        and n.meta.get("source_module", "").startswith("blocks.")]
-        else:
-            assert res.rewritten == 0 and res.matched == 0
-    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    prog, res, targets, fused, unfused = _with_and_without("fuse_residual", before, scheme, dtype)
+    if scheme == "fp8-row":
+        assert res.extra == {"residual_in_gemm": 3 * layers, "gated": 2 * layers, "plain": layers,
+                             "linears_split": 3 * layers}, res.extra
+        assert targets.count("turbocompile.quant_fp8_row.default") == 3 * layers
+        assert targets.count("turbocompile.fp8_row_linear.default") == layers  # the text k/v projection
+        gemms = [n for n in prog.graph.nodes if str(n.target) == "turbocompile.fp8_row_gemm.default"]
+        with_residual = [n for n in gemms if len(n.args) > 7 and n.args[7] is not None]
+        assert len(with_residual) == 3 * layers
+        assert sum(n.args[8] is not None for n in with_residual) == 2 * layers
+        assert not [n for n in prog.graph.nodes if str(n.target) == "aten.type_as.default"
+                    and n.meta.get("source_module", "").startswith("blocks.")]
+    else:
+        assert res.rewritten == 0 and res.matched == 0
+    assert torch.isfinite(fused).all() and torch.equal(fused, unfused)
 
 
 def test_residual_fusion_leaves_a_linear_read_elsewhere():

@@ -62,6 +62,17 @@ def copy_source_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
     new.meta.update({k: old.meta[k] for k in SOURCE_META if k in old.meta})
 
 
+def is_call(node: object, target) -> bool:
+    """Whether ``node`` is a graph node calling ``target`` (the patterns' operands may be constants)."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def node_val(node: object) -> torch.Tensor | None:
+    """The tensor the shape propagation recorded for ``node`` (None for constants, tuples, unknown shapes)."""
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
