@@ -406,3 +406,70 @@ def test_gluon_dense_one_key_is_finite_and_matches_triton(lq, block_m):
         o = G.sage_attention_gluon(quant, lq, 1, torch.full_like(q, float("nan")), None, 64, 128, block_m=block_m)
         assert not o.isnan().any()
         assert _rel(o, ref) <= 1e-2, _rel(o, ref)
+
+
+@pytest.mark.parametrize("head_dim,tiles", [(128, 32), (128, 64), (64, 32)])
+def test_persistent_kernel_compiles_without_spills_and_two_programs_share_an_sm(head_dim, tiles):
+    """The persistent block-sparse kernel, compiled for sm_90a on the CPU: P from registers, the linear branch as
+    two bf16 wgmmas from shared memory, the next tile's table by cp.async, no spills, and at most half of an SM's
+    shared memory (227 KiB usable, 1 KiB reserved per program), so two programs still share an SM."""
+    import re
+
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if G.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = G.compile_persistent_for_sm90(head_dim=head_dim, tiles=tiles)
+    ptx = kernel.asm["ptx"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3 \{[^}]*\}, \{", ptx)
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd", ptx)) \
+        == head_dim // 16  # φ/den·M: two wgmmas of K = D/2, both operands in shared memory
+    assert "cp.async.commit_group" in ptx and "cp.async.wait_group" in ptx
+    assert not re.search(r"st\.shared(\.v\d)?\.(u8|b8|s8)", ptx)
+    assert 2 * (kernel.metadata.shared + 1024) <= 228 * 1024, kernel.metadata.shared
+    dumps = cuobjdump(kernel, "--dump-resource-usage")
+    if dumps is None:
+        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
+    res = dumps[0]
+    assert int(re.search(r"REG:(\d+)", res).group(1)) <= 255, res
+    assert int(re.search(r"STACK:(\d+)", res).group(1)) == 0, res
+
+
+def test_persistent_kernel_applies_only_to_its_case():
+    """Block-sparse with φ/den, 64-row tiles, 128-key blocks, three stages and two tables within 4 KiB."""
+    ok = dict(sparse=True, phi_pre=True, block_m=64, block_n=128, blk_k=128, num_stages=3, tiles=32)
+    assert G.persistent_applies(**ok)
+    assert G.persistent_applies(**{**ok, "tiles": 256}) and not G.persistent_applies(**{**ok, "tiles": 512})
+    for change in ({"sparse": False}, {"phi_pre": False}, {"block_m": 128}, {"block_n": 64}, {"blk_k": 64},
+                   {"num_stages": 2}, {"tiles": 1}):
+        assert not G.persistent_applies(**{**ok, **change}), change
+
+
+@pytest.mark.parametrize("n,d,topk", [(4097, 128, 0.1), (3000, 128, 0.25), (700, 64, 0.2), (1, 128, 0.1),
+                                      (200, 128, 0.5)])
+@pytest.mark.gpu
+@needs_hopper
+def test_persistent_kernel_gives_the_same_bits_as_one_program_per_tile(n, d, topk):
+    """The persistent kernel moves copies earlier and splits the linear branch's K in two, not the arithmetic:
+    bit-equal to the one-program-per-query-tile kernel, with 1, 3 and 7 programs (each then takes many query tiles
+    across heads, so every barrier phase wraps) and the default count; every element written."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(2, 3, n, d, torch.bfloat16, dev, seed=n + d)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(d, d, generator=g) * 0.05).to(dev), (torch.randn(d, generator=g) * 0.05).to(dev)
+    lin, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"])
+    ref = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, persistent=False, **kw)
+    assert not ref.isnan().any()
+    for programs in (1, 3, 7, None):
+        o = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, persistent=True,
+                                   programs=programs, **kw)
+        assert not o.isnan().any(), programs
+        assert torch.equal(o, ref), (programs, _rel(o, ref))
+    with pytest.raises(UnsupportedShapeError, match="persistent kernel takes block-sparse"):
+        G.sage_attention_gluon(quant, n, n, torch.empty_like(q), None, 64, 128, persistent=True, **kw)
