@@ -770,6 +770,9 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--wave-sweep", default="",
                     help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
                          "many 64-row query tiles per head (what the last partial wave costs)")
+    ap.add_argument("--programs-sweep", default="",
+                    help="comma-separated program counts (0: one per query tile): time the persistent sparse kernel "
+                         "at each, against one program per query tile, on each shape")
     ap.add_argument("--topk-sweep", default="",
                     help="comma-separated top-k fractions: time the sparse kernel on the first shape at each, with and "
                          "without the linear epilogue (the per-program fixed cost is the intercept over key tiles)")
@@ -778,6 +781,10 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     meta = bench_meta()
     print(meta, flush=True)
     rows = []
+    if args.programs_sweep:
+        for shape in filter(None, args.shapes.split(",")):
+            rows += _programs_sweep(shape, [int(x) for x in args.programs_sweep.split(",")], dev)
+        args.shapes = ""
     if args.wave_sweep or args.topk_sweep:
         shape = args.shapes.split(",")[0]
         if args.wave_sweep:
@@ -876,14 +883,41 @@ def _topk_sweep(shape: str, fractions: list[float], dev) -> list[dict]:  # pragm
     rows = []
     for frac in fractions:
         lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], frac)
-        for linear in (True, False):
+        # (linear branch, persistent kernel): the persistent kernel takes only calls with the linear branch
+        for linear, persistent in ((True, False), (True, True), (False, False)):
             kw = dict(q_raw=q, linear=lin, lin_phi=qg["lin_phi"]) if linear else {}
-            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, **kw))
+            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=persistent, **kw))
             slot_us = 1e3 * ms * slots / progs
-            rows.append({"shape": shape, "topk": frac, "key_tiles": lut.shape[-1], "linear": linear, "ms": ms,
-                         "us_per_program_slot": slot_us})
-            print(f"{shape} topk {frac:5.3f} {lut.shape[-1]:4d} key tiles linear={linear!s:5} {ms:8.4f} ms "
-                  f"{slot_us:7.3f} us per program per slot", flush=True)
+            rows.append({"shape": shape, "topk": frac, "key_tiles": lut.shape[-1], "linear": linear,
+                         "persistent": persistent, "ms": ms, "us_per_program_slot": slot_us})
+            print(f"{shape} topk {frac:5.3f} {lut.shape[-1]:4d} key tiles linear={linear!s:5} "
+                  f"persistent={persistent!s:5} {ms:8.4f} ms {slot_us:7.3f} us per query tile per slot", flush=True)
+    return rows
+
+
+def _programs_sweep(shape: str, counts: list[int], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
+    """Sparse top-k 0.1 kernel with the linear branch (CUDA-graph replays): one program per query tile against the
+    persistent kernel with each program count (0: one per query tile, the dispatcher balancing), bits compared."""
+    from .block_map import lut_from_pooled
+    from .sage_attention import bench_ms_graph
+
+    (b, h, n, d), q, lin, qt, qg = _sweep_inputs(shape, dev)
+    lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], 0.1)
+    kw = dict(q_raw=q, linear=lin, lin_phi=qg["lin_phi"])
+    works = -(-n // BLOCK_M) * b * h
+    ref = torch.empty_like(q)
+    ms0 = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, lut, 64, 128, persistent=False, **kw))
+    rows = [{"shape": shape, "persistent": False, "programs": works, "ms": ms0}]
+    print(f"{shape} one program per query tile ({works}) {ms0:8.4f} ms", flush=True)
+    for count in counts:
+        o = torch.full_like(q, float("nan"))
+        progs = count or works
+        ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=True, programs=progs,
+                                                         **kw))
+        same = bool(torch.equal(o, ref))
+        rows.append({"shape": shape, "persistent": True, "programs": progs, "ms": ms, "bit_equal": same})
+        print(f"{shape} persistent, {progs:6d} programs ({works / progs:6.2f} query tiles each) {ms:8.4f} ms "
+              f"x{ms0 / ms:.3f}  bit-equal {same}", flush=True)
     return rows
 
 
