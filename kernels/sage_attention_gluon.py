@@ -59,6 +59,7 @@ M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages afte
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
 PERSISTENT_SPARSE = True  # sage_sla's calls run the persistent kernel where it applies (persistent_applies)
 PROGRAMS_PER_SM = 2  # the persistent kernel's programs: as many as run at once (253 registers, ~106 KiB each)
+SPLIT_KV = True  # the persistent kernel's K and V tiles each on a barrier of their own (see its docstring)
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -366,17 +367,22 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _copy_k(k_desc, k_s, kready, t, kb, k_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """TMA key tile ``t`` (key block ``kb``) of K into stage ``t % NUM_STAGES``."""
+    def _copy_k(k_desc, k_s, kready, t, kb, k_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                EXTRA: gl.constexpr):
+        """TMA key tile ``t`` (key block ``kb``) of K into stage ``t % NUM_STAGES``; the barrier also expects
+        ``EXTRA`` bytes (V's tile, when one barrier serves both)."""
         bar = kready.index(t % NUM_STAGES)
-        mbarrier.expect(bar, k_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + EXTRA, pred=pred)
         tma_load(k_desc, [k_row0 + kb * BLKK, 0], bar, k_s.index(t % NUM_STAGES), pred=pred)
 
     @gluon.jit
-    def _copy_v(v_desc, v_s, vready, t, kb, v_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """TMA key tile ``t`` (key block ``kb``) of Vᵀ into stage ``t % NUM_STAGES``."""
+    def _copy_v(v_desc, v_s, vready, t, kb, v_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                EXPECT: gl.constexpr):
+        """TMA key tile ``t`` (key block ``kb``) of Vᵀ into stage ``t % NUM_STAGES`` (on a barrier of its own when
+        EXPECT, else on K's, which expected it)."""
         bar = vready.index(t % NUM_STAGES)
-        mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
+        if EXPECT:
+            mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
         tma_load(v_desc, [v_row0, kb * BLKK], bar, v_s.index(t % NUM_STAGES), pred=pred)
 
     @gluon.jit(do_not_specialize=["Lq", "Lk", "T", "N_WORK"])
@@ -386,7 +392,7 @@ if gluon is not None:
         stride_ob, stride_oh, stride_ol,
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, N_M, N_WORK,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, TILES: gl.constexpr,
-        num_warps: gl.constexpr,
+        SPLIT_KV: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Block-sparse Sage attention with the SLA linear branch (φ(q)/den from the Q quantizer), persistent: a
         program takes query tiles pid, pid + P, pid + 2P, ... and starts the next one during this one's end.
@@ -398,8 +404,9 @@ if gluon is not None:
         tiles at the top of the last key tile, once the last scores are in. For that the linear branch's M and
         φ/den no longer use K's stages: M's two row halves go to the two V stages the last tile does not use,
         φ/den's two column halves to the last tile's K stage, so the branch is two K = D/2 wgmmas; the next
-        tile's first V copies follow that product. K and V have a barrier each per stage, and every barrier
-        phase counts across the program's query tiles."""
+        tile's first V copies follow that product. With SPLIT_KV, K and V have a barrier each per stage (the next
+        tile's first scores need not wait for its V); else one barrier per stage takes both, as in the
+        one-program-per-tile kernel. Every barrier phase counts across the program's query tiles."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -422,6 +429,7 @@ if gluon is not None:
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         tab_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        o_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # the output's staging: 16-byte vectors
 
         q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
         k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
@@ -434,6 +442,11 @@ if gluon is not None:
             mbarrier.init(vready.index(i), count=1)
         mbarrier.init(aux.index(0), count=1)
         mbarrier.init(aux.index(1), count=1)
+        if SPLIT_KV:
+            vbar = vready
+        else:
+            vbar = kready
+        VX: gl.constexpr = 0 if SPLIT_KV else v_desc.block_type.nbytes  # what K's barrier also expects
         # two tables (this query tile's, the next one's) of key blocks and their K scales
         lut_t = gl.allocate_shared_memory(gl.int32, [2, TILES], tab_smem)
         ks_t = gl.allocate_shared_memory(gl.float32, [2, TILES], tab_smem)
@@ -456,8 +469,8 @@ if gluon is not None:
         thread_barrier()
         for i in gl.static_range(NUM_STAGES - 1):
             kb0 = _smem_scalar(lut_2d, gl.minimum(i, TILES - 1), one)
-            _copy_k(k_desc, k_s, kready, i, kb0, bh * LKP, i < n_tiles, BLKK, NUM_STAGES)
-            _copy_v(v_desc, v_s, vready, i, kb0, bh * HEAD_DIM, i < n_tiles, BLKK, NUM_STAGES)
+            _copy_k(k_desc, k_s, kready, i, kb0, bh * LKP, i < n_tiles, BLKK, NUM_STAGES, VX)
+            _copy_v(v_desc, v_s, vbar, i, kb0, bh * HEAD_DIM, i < n_tiles, BLKK, NUM_STAGES, SPLIT_KV)
         _copy_k_scales(ks_t.index(0), lut_t.index(0), KS + bh * NKS, T, TILES, one)
         qs = gl.load(QS + bh * NQS + ((pid % N_M) * BM) // BLKQ)
         async_copy.wait_group(0)
@@ -510,16 +523,17 @@ if gluon is not None:
                     for i in gl.static_range(NUM_STAGES - 1):
                         kbn = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
                         _copy_k(k_desc, k_s, kready, t + 1 + i, kbn, bhn * LKP, has_next & (i < n_tiles), BLKK,
-                                NUM_STAGES)
+                                NUM_STAGES, VX)
                     _copy_k_scales(ks_t.index(1 - buf), lut_t.index(1 - buf), KS + bhn * NKS, T, TILES, one)
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
-                mbarrier.wait(vready.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
+                if SPLIT_KV:
+                    mbarrier.wait(vready.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
                 pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(t % NUM_STAGES).permute((1, 0)),
                                    o_init, use_acc=False, max_num_imprecise_acc=BN)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
                 fill = j + NUM_STAGES - 1 < n_tiles
-                _copy_k(k_desc, k_s, kready, t + NUM_STAGES - 1, fill_kb, k_row0, fill, BLKK, NUM_STAGES)
-                _copy_v(v_desc, v_s, vready, t + NUM_STAGES - 1, fill_kb, v_row0, fill, BLKK, NUM_STAGES)
+                _copy_k(k_desc, k_s, kready, t + NUM_STAGES - 1, fill_kb, k_row0, fill, BLKK, NUM_STAGES, VX)
+                _copy_v(v_desc, v_s, vbar, t + NUM_STAGES - 1, fill_kb, v_row0, fill, BLKK, NUM_STAGES, SPLIT_KV)
                 fill_kb = _smem_scalar(lut_2d, tb + gl.minimum(j + NUM_STAGES, TILES - 1), one)
                 if j + 1 < n_tiles:
                     s_tok = _issue_scores(q_s, k_s, kready, t + 1, s_init, NUM_STAGES)
@@ -545,17 +559,27 @@ if gluon is not None:
             fence_async_shared()  # the next query tile's first V tiles go where M was
             for i in gl.static_range(NUM_STAGES - 1):
                 kbv = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
-                _copy_v(v_desc, v_s, vready, t_last + 1 + i, kbv, bhn * HEAD_DIM, has_next & (i < n_tiles), BLKK,
-                        NUM_STAGES)
+                _copy_v(v_desc, v_s, vbar, t_last + 1 + i, kbv, bhn * HEAD_DIM, has_next & (i < n_tiles), BLKK,
+                        NUM_STAGES, SPLIT_KV)
             o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
-            # stored from the accumulator layout (pairs of columns): a layout change would need a scratch buffer
-            # that the live stages leave no room for
-            rows = pm * BM + gl.arange(0, BM, layout=row_o)
+            # To 16-byte stores through the last tile's K stage (φ/den is consumed): stored straight from the
+            # accumulator layout (4 bytes a thread, half of each 32-byte sector) the output cost ~10% (Nsight
+            # Compute), and the live stages leave no room for a separate scratch buffer.
+            out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
+                                                        threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
+                                                        warps_per_cta=[num_warps, 1], order=[1, 0])
+            stage = reinterpret(k_s.index(t_last % NUM_STAGES), O.dtype.element_ty, [BM, HEAD_DIM], o_smem)
+            stage.store(o.to(O.dtype.element_ty))
+            thread_barrier()
+            out = stage.load(out_layout)
+            rows = pm * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
             ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
-                    + gl.expand_dims(offs_d, 0))
-            gl.store(ptrs, o.to(O.dtype.element_ty), mask=gl.expand_dims(rows < Lq, 1))
+                    + gl.expand_dims(cols, 0))
+            gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
             async_copy.wait_group(0)  # the next query tile's K scales
             thread_barrier()
+            fence_async_shared()  # the staged output's stage takes a TMA copy next
             g = g + n_tiles
             qs = qs_next
         for i in gl.static_range(NUM_STAGES):
@@ -688,7 +712,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
             quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, out, lin_b,
             out.stride(0), out.stride(1), out.stride(2),
             h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut, n_m, n_m * b * h,
-            BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, TILES=tiles, num_warps=4)
+            BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, TILES=tiles, SPLIT_KV=SPLIT_KV, num_warps=4)
         GUARD.succeeded()
         return out
     grid = (-(-lq // block_m), b * h)
@@ -712,7 +736,8 @@ def persistent_applies(sparse: bool, phi_pre: bool, block_m: int, block_n: int, 
             and 1 < tiles and 2 * tiles * 8 <= MAX_TABLE_BYTES)
 
 
-def compile_persistent_for_sm90(head_dim: int = 128, tiles: int = 32, num_stages: int = NUM_STAGES):
+def compile_persistent_for_sm90(head_dim: int = 128, tiles: int = 32, num_stages: int = NUM_STAGES,
+                                split_kv: bool = SPLIT_KV):
     """The persistent block-sparse kernel compiled for sm_90a without a GPU."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, 128, 64
@@ -722,7 +747,8 @@ def compile_persistent_for_sm90(head_dim: int = 128, tiles: int = 32, num_stages
            "mh_desc": f"tensordesc<bf16[{d // 2}, {d}],{lay([d // 2, d], gl.bfloat16)!r}>",
            "ph_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "LIN_B": "*fp32"}
-    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "TILES": tiles, "num_warps": 4}
+    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "TILES": tiles, "SPLIT_KV": split_kv,
+              "num_warps": 4}
     return compile_for_sm90a(_sage_sla_fwd_persistent, sig, consts,
                              ["QS", "KS", "VS", "LUT", "O", "LIN_B", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -909,15 +935,21 @@ def _programs_sweep(shape: str, counts: list[int], dev) -> list[dict]:  # pragma
     ms0 = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, lut, 64, 128, persistent=False, **kw))
     rows = [{"shape": shape, "persistent": False, "programs": works, "ms": ms0}]
     print(f"{shape} one program per query tile ({works}) {ms0:8.4f} ms", flush=True)
-    for count in counts:
-        o = torch.full_like(q, float("nan"))
-        progs = count or works
-        ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=True, programs=progs,
-                                                         **kw))
-        same = bool(torch.equal(o, ref))
-        rows.append({"shape": shape, "persistent": True, "programs": progs, "ms": ms, "bit_equal": same})
-        print(f"{shape} persistent, {progs:6d} programs ({works / progs:6.2f} query tiles each) {ms:8.4f} ms "
-              f"x{ms0 / ms:.3f}  bit-equal {same}", flush=True)
+    global SPLIT_KV
+    default = SPLIT_KV
+    for split in (default, not default):
+        SPLIT_KV = split
+        for count in counts:
+            o = torch.full_like(q, float("nan"))
+            progs = count or works
+            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=True,
+                                                             programs=progs, **kw))
+            same = bool(torch.equal(o, ref))
+            rows.append({"shape": shape, "persistent": True, "split_kv": split, "programs": progs, "ms": ms,
+                         "bit_equal": same})
+            print(f"{shape} persistent, split_kv={split!s:5}, {progs:6d} programs ({works / progs:6.2f} query tiles "
+                  f"each) {ms:8.4f} ms x{ms0 / ms:.3f}  bit-equal {same}", flush=True)
+    SPLIT_KV = default
     return rows
 
 
