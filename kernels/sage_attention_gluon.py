@@ -350,13 +350,23 @@ if gluon is not None:
 
 
     @gluon.jit
-    def _copy_lut_row(lut_s, LUT, w, N_M, MQ_LUT, T, BM: gl.constexpr, BLKQ: gl.constexpr, TILES: gl.constexpr,
-                      one: gl.constexpr):
-        """Start an asynchronous copy of query tile ``w``'s LUT row (its key blocks) into the table ``lut_s``."""
+    def _copy_lut_row(lut_s, qs_s, LUT, QS, w, N_M, MQ_LUT, NQS, T, BM: gl.constexpr, BLKQ: gl.constexpr,
+                      TILES: gl.constexpr, one: gl.constexpr):
+        """Start an asynchronous copy of query tile ``w``'s LUT row (its key blocks) into the table ``lut_s`` and of
+        its Q scale into ``qs_s`` (in shared memory, neither holds a register through the loop)."""
         jv = gl.arange(0, TILES, layout=one)
-        row = LUT + ((w // N_M) * MQ_LUT + ((w % N_M) * BM) // BLKQ) * T
-        cp_async_load(lut_s, row + jv, mask=jv < T)
+        qb = ((w % N_M) * BM) // BLKQ
+        cp_async_load(lut_s, LUT + ((w // N_M) * MQ_LUT + qb) * T + jv, mask=jv < T)
+        cp_async_load(qs_s, QS + (w // N_M) * NQS + qb + gl.arange(0, 1, layout=one))
         async_copy.commit_group()
+
+    @gluon.jit
+    def _fold_q_scale(ks_s, qs_2d, qi, TILES: gl.constexpr, one: gl.constexpr):
+        """The landed K-scale table times the query tile's Q scale (each tile's dequantisation factor, the same
+        product the loop would form), so no register holds the Q scale through the loop."""
+        c = ks_s.load(one) * _smem_scalar(qs_2d, qi, one)
+        thread_barrier()
+        ks_s.store(c)
 
     @gluon.jit
     def _copy_k_scales(ks_s, lut_s, ks_row, T, TILES: gl.constexpr, one: gl.constexpr):
@@ -450,8 +460,10 @@ if gluon is not None:
         # two tables (this query tile's, the next one's) of key blocks and their K scales
         lut_t = gl.allocate_shared_memory(gl.int32, [2, TILES], tab_smem)
         ks_t = gl.allocate_shared_memory(gl.float32, [2, TILES], tab_smem)
+        qs_t = gl.allocate_shared_memory(gl.float32, [2, 1], tab_smem)
         lut_2d = reinterpret(lut_t, gl.int32, [2 * TILES, 1], tab_smem)  # rows read one at a time
         ks_2d = reinterpret(ks_t, gl.float32, [2 * TILES, 1], tab_smem)
+        qs_2d = reinterpret(qs_t, gl.float32, [2, 1], tab_smem)
         fence_async_shared()
 
         n_tiles = T
@@ -464,7 +476,7 @@ if gluon is not None:
         bh = pid // N_M
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         tma_load(q_desc, [bh * LQP + (pid % N_M) * BM, 0], aux.index(0), q_s)
-        _copy_lut_row(lut_t.index(0), LUT, pid, N_M, MQ_LUT, T, BM, BLKQ, TILES, one)
+        _copy_lut_row(lut_t.index(0), qs_t.index(0), LUT, QS, pid, N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, one)
         async_copy.wait_group(0)
         thread_barrier()
         for i in gl.static_range(NUM_STAGES - 1):
@@ -472,8 +484,9 @@ if gluon is not None:
             _copy_k(k_desc, k_s, kready, i, kb0, bh * LKP, i < n_tiles, BLKK, NUM_STAGES, VX)
             _copy_v(v_desc, v_s, vbar, i, kb0, bh * HEAD_DIM, i < n_tiles, BLKK, NUM_STAGES, SPLIT_KV)
         _copy_k_scales(ks_t.index(0), lut_t.index(0), KS + bh * NKS, T, TILES, one)
-        qs = gl.load(QS + bh * NQS + ((pid % N_M) * BM) // BLKQ)
         async_copy.wait_group(0)
+        thread_barrier()
+        _fold_q_scale(ks_t.index(0), qs_2d, 0, TILES, one)
         thread_barrier()
 
         g = 0  # key tiles this program has consumed before the current query tile (barrier phases count on)
@@ -482,13 +495,10 @@ if gluon is not None:
             bh = w // N_M
             pm = w % N_M
             buf = it % 2
-            has_next = w + nprog < N_WORK
-            wn = gl.minimum(w + nprog, N_WORK - 1)
-            bhn = wn // N_M
             tb = buf * TILES
-            ntb = (1 - buf) * TILES
-            _copy_lut_row(lut_t.index(1 - buf), LUT, wn, N_M, MQ_LUT, T, BM, BLKQ, TILES, one)
-            qs_next = gl.load(QS + bhn * NQS + ((wn % N_M) * BM) // BLKQ)
+            # (what the next query tile needs is recomputed where it is used, not held through the loop)
+            _copy_lut_row(lut_t.index(1 - buf), qs_t.index(1 - buf), LUT, QS, gl.minimum(w + nprog, N_WORK - 1),
+                          N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, one)
             k_row0 = bh * LKP
             v_row0 = bh * HEAD_DIM
 
@@ -496,7 +506,7 @@ if gluon is not None:
             m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
             cur_start = _smem_scalar(lut_2d, tb, one) * BLKK
-            cur_c = qs * _smem_scalar(ks_2d, tb, one)
+            cur_c = _smem_scalar(ks_2d, tb, one)  # (the Q scale is folded into the table)
             nxt_kb = _smem_scalar(lut_2d, tb + gl.minimum(1, TILES - 1), one)
             fill_kb = _smem_scalar(lut_2d, tb + gl.minimum(NUM_STAGES - 1, TILES - 1), one)
             mbarrier.wait(aux.index(0), it & 1)
@@ -516,6 +526,10 @@ if gluon is not None:
                                  reinterpret(v_s.index((t + 1 + hh) % NUM_STAGES), mh_desc.dtype, [HALF, HEAD_DIM],
                                              mh_desc.layout))
                     # the next query tile: its Q, its table (copied since the top of this one), its first K tiles
+                    has_next = w + nprog < N_WORK
+                    wn = gl.minimum(w + nprog, N_WORK - 1)
+                    bhn = wn // N_M
+                    ntb = (1 - buf) * TILES
                     mbarrier.expect(aux.index(0), q_desc.block_type.nbytes, pred=has_next)
                     tma_load(q_desc, [bhn * LQP + (wn % N_M) * BM, 0], aux.index(0), q_s, pred=has_next)
                     async_copy.wait_group(0)
@@ -537,7 +551,7 @@ if gluon is not None:
                 fill_kb = _smem_scalar(lut_2d, tb + gl.minimum(j + NUM_STAGES, TILES - 1), one)
                 if j + 1 < n_tiles:
                     s_tok = _issue_scores(q_s, k_s, kready, t + 1, s_init, NUM_STAGES)
-                    cur_c = qs * _smem_scalar(ks_2d, tb + gl.minimum(j + 1, TILES - 1), one)
+                    cur_c = _smem_scalar(ks_2d, tb + gl.minimum(j + 1, TILES - 1), one)
                     cur_start = nxt_kb * BLKK
                     nxt_kb = _smem_scalar(lut_2d, tb + gl.minimum(j + 2, TILES - 1), one)
                     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
@@ -557,6 +571,9 @@ if gluon is not None:
                                             mh_desc.layout),
                                 lin, use_acc=True)
             fence_async_shared()  # the next query tile's first V tiles go where M was
+            has_next = w + nprog < N_WORK
+            bhn = gl.minimum(w + nprog, N_WORK - 1) // N_M
+            ntb = (1 - buf) * TILES
             for i in gl.static_range(NUM_STAGES - 1):
                 kbv = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
                 _copy_v(v_desc, v_s, vbar, t_last + 1 + i, kbv, bhn * HEAD_DIM, has_next & (i < n_tiles), BLKK,
@@ -577,11 +594,12 @@ if gluon is not None:
             ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
                     + gl.expand_dims(cols, 0))
             gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
-            async_copy.wait_group(0)  # the next query tile's K scales
+            async_copy.wait_group(0)  # the next query tile's K scales and Q scale
+            thread_barrier()
+            _fold_q_scale(ks_t.index(1 - buf), qs_2d, 1 - buf, TILES, one)
             thread_barrier()
             fence_async_shared()  # the staged output's stage takes a TMA copy next
             g = g + n_tiles
-            qs = qs_next
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(kready.index(i))
             mbarrier.invalidate(vready.index(i))
