@@ -350,14 +350,16 @@ if gluon is not None:
 
 
     @gluon.jit
-    def _copy_lut_row(lut_s, qs_s, LUT, QS, w, N_M, MQ_LUT, NQS, T, BM: gl.constexpr, BLKQ: gl.constexpr,
-                      TILES: gl.constexpr, one: gl.constexpr):
-        """Start an asynchronous copy of query tile ``w``'s LUT row (its key blocks) into the table ``lut_s`` and of
-        its Q scale into ``qs_s`` (in shared memory, neither holds a register through the loop)."""
+    def _copy_lut_row(lut_s, qs_s, vs_s, LUT, QS, VS, w, N_M, MQ_LUT, NQS, T, BM: gl.constexpr, BLKQ: gl.constexpr,
+                      TILES: gl.constexpr, HEAD_DIM: gl.constexpr, one: gl.constexpr):
+        """Start asynchronous copies of query tile ``w``'s LUT row (its key blocks) into the table ``lut_s``, its Q
+        scale into ``qs_s`` and its head's V channel scales into ``vs_s``: in shared memory none holds a register
+        through the loop, and the epilogue does not wait on a global load."""
         jv = gl.arange(0, TILES, layout=one)
         qb = ((w % N_M) * BM) // BLKQ
         cp_async_load(lut_s, LUT + ((w // N_M) * MQ_LUT + qb) * T + jv, mask=jv < T)
         cp_async_load(qs_s, QS + (w // N_M) * NQS + qb + gl.arange(0, 1, layout=one))
+        cp_async_load(vs_s, VS + (w // N_M) * HEAD_DIM + gl.arange(0, HEAD_DIM, layout=one))
         async_copy.commit_group()
 
     @gluon.jit
@@ -461,6 +463,8 @@ if gluon is not None:
         lut_t = gl.allocate_shared_memory(gl.int32, [2, TILES], tab_smem)
         ks_t = gl.allocate_shared_memory(gl.float32, [2, TILES], tab_smem)
         qs_t = gl.allocate_shared_memory(gl.float32, [2, 1], tab_smem)
+        vs_t = gl.allocate_shared_memory(gl.float32, [2, HEAD_DIM], tab_smem)  # V's channel scales, per query tile
+        bias_s = gl.allocate_shared_memory(gl.float32, [HEAD_DIM], tab_smem)  # the linear branch's bias
         lut_2d = reinterpret(lut_t, gl.int32, [2 * TILES, 1], tab_smem)  # rows read one at a time
         ks_2d = reinterpret(ks_t, gl.float32, [2 * TILES, 1], tab_smem)
         qs_2d = reinterpret(qs_t, gl.float32, [2, 1], tab_smem)
@@ -468,7 +472,6 @@ if gluon is not None:
 
         n_tiles = T
         n_mine = (N_WORK - pid + nprog - 1) // nprog
-        offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
         s_init = gl.zeros([BM, BN], gl.int32, s_layout)
         o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
 
@@ -476,7 +479,9 @@ if gluon is not None:
         bh = pid // N_M
         mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
         tma_load(q_desc, [bh * LQP + (pid % N_M) * BM, 0], aux.index(0), q_s)
-        _copy_lut_row(lut_t.index(0), qs_t.index(0), LUT, QS, pid, N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, one)
+        cp_async_load(bias_s, LIN_B + gl.arange(0, HEAD_DIM, layout=one))
+        _copy_lut_row(lut_t.index(0), qs_t.index(0), vs_t.index(0), LUT, QS, VS, pid, N_M, MQ_LUT, NQS, T, BM, BLKQ,
+                      TILES, HEAD_DIM, one)
         async_copy.wait_group(0)
         thread_barrier()
         for i in gl.static_range(NUM_STAGES - 1):
@@ -497,8 +502,8 @@ if gluon is not None:
             buf = it % 2
             tb = buf * TILES
             # (what the next query tile needs is recomputed where it is used, not held through the loop)
-            _copy_lut_row(lut_t.index(1 - buf), qs_t.index(1 - buf), LUT, QS, gl.minimum(w + nprog, N_WORK - 1),
-                          N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, one)
+            _copy_lut_row(lut_t.index(1 - buf), qs_t.index(1 - buf), vs_t.index(1 - buf), LUT, QS, VS,
+                          gl.minimum(w + nprog, N_WORK - 1), N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, HEAD_DIM, one)
             k_row0 = bh * LKP
             v_row0 = bh * HEAD_DIM
 
@@ -557,7 +562,7 @@ if gluon is not None:
                     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
 
             inv_l = 1.0 / gl.convert_layout(l_i, row_o)
-            o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
+            o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(vs_t.index(buf).load(col_o), 0)
             # o += (φ(q)/den)·M + bias, M's row halves against φ/den's column halves
             t_last = g + n_tiles - 1
             phi_s = reinterpret(k_s.index(t_last % NUM_STAGES), ph_desc.dtype, [2, BM, HALF], ph_desc.layout)
@@ -578,7 +583,7 @@ if gluon is not None:
                 kbv = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
                 _copy_v(v_desc, v_s, vbar, t_last + 1 + i, kbv, bhn * HEAD_DIM, has_next & (i < n_tiles), BLKK,
                         NUM_STAGES, SPLIT_KV)
-            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(bias_s.load(col_o), 0)
             # To 16-byte stores through the last tile's K stage (φ/den is consumed): stored straight from the
             # accumulator layout (4 bytes a thread, half of each 32-byte sector) the output cost ~10% (Nsight
             # Compute), and the live stages leave no room for a separate scratch buffer.
@@ -814,6 +819,8 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--wave-sweep", default="",
                     help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
                          "many 64-row query tiles per head (what the last partial wave costs)")
+    ap.add_argument("--split-kv", choices=("0", "1"), default=None,
+                    help="the persistent kernel's K and V on separate barriers (1) or one (0); default: SPLIT_KV")
     ap.add_argument("--programs-sweep", default="",
                     help="comma-separated program counts (0: one per query tile): time the persistent sparse kernel "
                          "at each, against one program per query tile, on each shape")
@@ -821,6 +828,9 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
                     help="comma-separated top-k fractions: time the sparse kernel on the first shape at each, with and "
                          "without the linear epilogue (the per-program fixed cost is the intercept over key tiles)")
     args = ap.parse_args(argv)
+    if args.split_kv is not None:
+        global SPLIT_KV
+        SPLIT_KV = args.split_kv == "1"
     dev = torch.device("cuda")
     meta = bench_meta()
     print(meta, flush=True)
