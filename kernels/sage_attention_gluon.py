@@ -44,8 +44,6 @@ from .gluon_hopper import (
     on_hopper,
     reinterpret,
     thread_barrier,
-    async_copy,
-    cp_async_load,
     tma_load,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -57,9 +55,6 @@ NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at he
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
-PERSISTENT_SPARSE = True  # sage_sla's calls run the persistent kernel where it applies (persistent_applies)
-PROGRAMS_PER_SM = 2  # the persistent kernel's programs: as many as run at once (253 registers, ~106 KiB each)
-SPLIT_KV = True  # the persistent kernel's K and V tiles each on a barrier of their own (see its docstring)
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -349,268 +344,6 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
 
-    @gluon.jit
-    def _copy_lut_row(lut_s, qs_s, vs_s, LUT, QS, VS, w, N_M, MQ_LUT, NQS, T, BM: gl.constexpr, BLKQ: gl.constexpr,
-                      TILES: gl.constexpr, HEAD_DIM: gl.constexpr, one: gl.constexpr):
-        """Start asynchronous copies of query tile ``w``'s LUT row (its key blocks) into the table ``lut_s``, its Q
-        scale into ``qs_s`` and its head's V channel scales into ``vs_s``: in shared memory none holds a register
-        through the loop, and the epilogue does not wait on a global load."""
-        jv = gl.arange(0, TILES, layout=one)
-        qb = ((w % N_M) * BM) // BLKQ
-        cp_async_load(lut_s, LUT + ((w // N_M) * MQ_LUT + qb) * T + jv, mask=jv < T)
-        cp_async_load(qs_s, QS + (w // N_M) * NQS + qb + gl.arange(0, 1, layout=one))
-        cp_async_load(vs_s, VS + (w // N_M) * HEAD_DIM + gl.arange(0, HEAD_DIM, layout=one))
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _fold_q_scale(ks_s, qs_2d, qi, TILES: gl.constexpr, one: gl.constexpr):
-        """The landed K-scale table times the query tile's Q scale (each tile's dequantisation factor, the same
-        product the loop would form), so no register holds the Q scale through the loop."""
-        c = ks_s.load(one) * _smem_scalar(qs_2d, qi, one)
-        thread_barrier()
-        ks_s.store(c)
-
-    @gluon.jit
-    def _copy_k_scales(ks_s, lut_s, ks_row, T, TILES: gl.constexpr, one: gl.constexpr):
-        """Start an asynchronous gather of the K scales (``ks_row``: the head's) of the key blocks in the landed
-        table ``lut_s``."""
-        jv = gl.arange(0, TILES, layout=one)
-        cp_async_load(ks_s, ks_row + lut_s.load(one), mask=jv < T)
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _copy_k(k_desc, k_s, kready, t, kb, k_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                EXTRA: gl.constexpr):
-        """TMA key tile ``t`` (key block ``kb``) of K into stage ``t % NUM_STAGES``; the barrier also expects
-        ``EXTRA`` bytes (V's tile, when one barrier serves both)."""
-        bar = kready.index(t % NUM_STAGES)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + EXTRA, pred=pred)
-        tma_load(k_desc, [k_row0 + kb * BLKK, 0], bar, k_s.index(t % NUM_STAGES), pred=pred)
-
-    @gluon.jit
-    def _copy_v(v_desc, v_s, vready, t, kb, v_row0, pred, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                EXPECT: gl.constexpr):
-        """TMA key tile ``t`` (key block ``kb``) of Vᵀ into stage ``t % NUM_STAGES`` (on a barrier of its own when
-        EXPECT, else on K's, which expected it)."""
-        bar = vready.index(t % NUM_STAGES)
-        if EXPECT:
-            mbarrier.expect(bar, v_desc.block_type.nbytes, pred=pred)
-        tma_load(v_desc, [v_row0, kb * BLKK], bar, v_s.index(t % NUM_STAGES), pred=pred)
-
-    @gluon.jit(do_not_specialize=["Lq", "Lk", "T", "N_WORK"])
-    def _sage_sla_fwd_persistent(
-        q_desc, k_desc, v_desc, mh_desc, ph_desc,
-        QS, KS, VS, LUT, O, LIN_B,
-        stride_ob, stride_oh, stride_ol,
-        H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT, N_M, N_WORK,
-        BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, TILES: gl.constexpr,
-        SPLIT_KV: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """Block-sparse Sage attention with the SLA linear branch (φ(q)/den from the Q quantizer), persistent: a
-        program takes query tiles pid, pid + P, pid + 2P, ... and starts the next one during this one's end.
-
-        Same arithmetic as ``_sage_attn_fwd_gluon`` with SPARSE, LINEAR and PHI_PRE (the same bits). What a new
-        program would wait for before its first scores (its LUT row, then its Q and first K copies: ~2 µs of a
-        ~40 µs program at 1.3B@480p, measured as the intercept of time against key tiles) is requested during
-        the previous query tile: the next LUT row by ``cp.async`` at the top of a tile, the next Q and first K
-        tiles at the top of the last key tile, once the last scores are in. For that the linear branch's M and
-        φ/den no longer use K's stages: M's two row halves go to the two V stages the last tile does not use,
-        φ/den's two column halves to the last tile's K stage, so the branch is two K = D/2 wgmmas; the next
-        tile's first V copies follow that product. With SPLIT_KV, K and V have a barrier each per stage (the next
-        tile's first scores need not wait for its V); else one barrier per stage takes both, as in the
-        one-program-per-tile kernel. Every barrier phase counts across the program's query tiles."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        HALF: gl.constexpr = HEAD_DIM // 2
-        gl.static_assert(BM == 64 and num_warps == 4, "one warpgroup per 64 query rows")
-        gl.static_assert(BM <= BLKQ and BN == BLKK, "one LUT row per program, one key tile per key block")
-        gl.static_assert(NUM_STAGES >= 3 and BN >= HEAD_DIM and BN * HEAD_DIM >= 4 * BM * HALF,
-                         "an M half fits a V stage, both φ/den halves a K stage")
-
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BN, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        tab_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        o_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # the output's staging: 16-byte vectors
-
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [BM, HEAD_DIM], q_desc.layout)
-        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        kready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        vready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear branch
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(kready.index(i), count=1)
-            mbarrier.init(vready.index(i), count=1)
-        mbarrier.init(aux.index(0), count=1)
-        mbarrier.init(aux.index(1), count=1)
-        if SPLIT_KV:
-            vbar = vready
-        else:
-            vbar = kready
-        VX: gl.constexpr = 0 if SPLIT_KV else v_desc.block_type.nbytes  # what K's barrier also expects
-        # two tables (this query tile's, the next one's) of key blocks and their K scales
-        lut_t = gl.allocate_shared_memory(gl.int32, [2, TILES], tab_smem)
-        ks_t = gl.allocate_shared_memory(gl.float32, [2, TILES], tab_smem)
-        qs_t = gl.allocate_shared_memory(gl.float32, [2, 1], tab_smem)
-        vs_t = gl.allocate_shared_memory(gl.float32, [2, HEAD_DIM], tab_smem)  # V's channel scales, per query tile
-        bias_s = gl.allocate_shared_memory(gl.float32, [HEAD_DIM], tab_smem)  # the linear branch's bias
-        lut_2d = reinterpret(lut_t, gl.int32, [2 * TILES, 1], tab_smem)  # rows read one at a time
-        ks_2d = reinterpret(ks_t, gl.float32, [2 * TILES, 1], tab_smem)
-        qs_2d = reinterpret(qs_t, gl.float32, [2, 1], tab_smem)
-        fence_async_shared()
-
-        n_tiles = T
-        n_mine = (N_WORK - pid + nprog - 1) // nprog
-        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
-        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-
-        # The first query tile: nothing to overlap its start with.
-        bh = pid // N_M
-        mbarrier.expect(aux.index(0), q_desc.block_type.nbytes)
-        tma_load(q_desc, [bh * LQP + (pid % N_M) * BM, 0], aux.index(0), q_s)
-        cp_async_load(bias_s, LIN_B + gl.arange(0, HEAD_DIM, layout=one))
-        _copy_lut_row(lut_t.index(0), qs_t.index(0), vs_t.index(0), LUT, QS, VS, pid, N_M, MQ_LUT, NQS, T, BM, BLKQ,
-                      TILES, HEAD_DIM, one)
-        async_copy.wait_group(0)
-        thread_barrier()
-        for i in gl.static_range(NUM_STAGES - 1):
-            kb0 = _smem_scalar(lut_2d, gl.minimum(i, TILES - 1), one)
-            _copy_k(k_desc, k_s, kready, i, kb0, bh * LKP, i < n_tiles, BLKK, NUM_STAGES, VX)
-            _copy_v(v_desc, v_s, vbar, i, kb0, bh * HEAD_DIM, i < n_tiles, BLKK, NUM_STAGES, SPLIT_KV)
-        _copy_k_scales(ks_t.index(0), lut_t.index(0), KS + bh * NKS, T, TILES, one)
-        async_copy.wait_group(0)
-        thread_barrier()
-        _fold_q_scale(ks_t.index(0), qs_2d, 0, TILES, one)
-        thread_barrier()
-
-        g = 0  # key tiles this program has consumed before the current query tile (barrier phases count on)
-        for it in range(n_mine):
-            w = pid + it * nprog
-            bh = w // N_M
-            pm = w % N_M
-            buf = it % 2
-            tb = buf * TILES
-            # (what the next query tile needs is recomputed where it is used, not held through the loop)
-            _copy_lut_row(lut_t.index(1 - buf), qs_t.index(1 - buf), vs_t.index(1 - buf), LUT, QS, VS,
-                          gl.minimum(w + nprog, N_WORK - 1), N_M, MQ_LUT, NQS, T, BM, BLKQ, TILES, HEAD_DIM, one)
-            k_row0 = bh * LKP
-            v_row0 = bh * HEAD_DIM
-
-            acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-            m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-            cur_start = _smem_scalar(lut_2d, tb, one) * BLKK
-            cur_c = _smem_scalar(ks_2d, tb, one)  # (the Q scale is folded into the table)
-            nxt_kb = _smem_scalar(lut_2d, tb + gl.minimum(1, TILES - 1), one)
-            fill_kb = _smem_scalar(lut_2d, tb + gl.minimum(NUM_STAGES - 1, TILES - 1), one)
-            mbarrier.wait(aux.index(0), it & 1)
-            s_tok = _issue_scores(q_s, k_s, kready, g, s_init, NUM_STAGES)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-            for j in range(n_tiles):
-                t = g + j
-                if j == n_tiles - 1:
-                    # The last scores are in: Q and every K stage are free, and the V stages but the last tile's.
-                    fence_async_shared()
-                    mbarrier.expect(aux.index(1), 2 * mh_desc.block_type.nbytes + 2 * ph_desc.block_type.nbytes)
-                    phi_s = reinterpret(k_s.index(t % NUM_STAGES), ph_desc.dtype, [2, BM, HALF], ph_desc.layout)
-                    tma_load(ph_desc, [bh * LQP + pm * BM, 0], aux.index(1), phi_s.index(0))
-                    tma_load(ph_desc, [bh * LQP + pm * BM, HALF], aux.index(1), phi_s.index(1))
-                    for hh in gl.static_range(2):
-                        tma_load(mh_desc, [bh * HEAD_DIM + hh * HALF, 0], aux.index(1),
-                                 reinterpret(v_s.index((t + 1 + hh) % NUM_STAGES), mh_desc.dtype, [HALF, HEAD_DIM],
-                                             mh_desc.layout))
-                    # the next query tile: its Q, its table (copied since the top of this one), its first K tiles
-                    has_next = w + nprog < N_WORK
-                    wn = gl.minimum(w + nprog, N_WORK - 1)
-                    bhn = wn // N_M
-                    ntb = (1 - buf) * TILES
-                    mbarrier.expect(aux.index(0), q_desc.block_type.nbytes, pred=has_next)
-                    tma_load(q_desc, [bhn * LQP + (wn % N_M) * BM, 0], aux.index(0), q_s, pred=has_next)
-                    async_copy.wait_group(0)
-                    thread_barrier()
-                    for i in gl.static_range(NUM_STAGES - 1):
-                        kbn = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
-                        _copy_k(k_desc, k_s, kready, t + 1 + i, kbn, bhn * LKP, has_next & (i < n_tiles), BLKK,
-                                NUM_STAGES, VX)
-                    _copy_k_scales(ks_t.index(1 - buf), lut_t.index(1 - buf), KS + bhn * NKS, T, TILES, one)
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout)
-                if SPLIT_KV:
-                    mbarrier.wait(vready.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
-                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(t % NUM_STAGES).permute((1, 0)),
-                                   o_init, use_acc=False, max_num_imprecise_acc=BN)
-                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-                fill = j + NUM_STAGES - 1 < n_tiles
-                _copy_k(k_desc, k_s, kready, t + NUM_STAGES - 1, fill_kb, k_row0, fill, BLKK, NUM_STAGES, VX)
-                _copy_v(v_desc, v_s, vbar, t + NUM_STAGES - 1, fill_kb, v_row0, fill, BLKK, NUM_STAGES, SPLIT_KV)
-                fill_kb = _smem_scalar(lut_2d, tb + gl.minimum(j + NUM_STAGES, TILES - 1), one)
-                if j + 1 < n_tiles:
-                    s_tok = _issue_scores(q_s, k_s, kready, t + 1, s_init, NUM_STAGES)
-                    cur_c = _smem_scalar(ks_2d, tb + gl.minimum(j + 1, TILES - 1), one)
-                    cur_start = nxt_kb * BLKK
-                    nxt_kb = _smem_scalar(lut_2d, tb + gl.minimum(j + 2, TILES - 1), one)
-                    s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-
-            inv_l = 1.0 / gl.convert_layout(l_i, row_o)
-            o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(vs_t.index(buf).load(col_o), 0)
-            # o += (φ(q)/den)·M + bias, M's row halves against φ/den's column halves
-            t_last = g + n_tiles - 1
-            phi_s = reinterpret(k_s.index(t_last % NUM_STAGES), ph_desc.dtype, [2, BM, HALF], ph_desc.layout)
-            mbarrier.wait(aux.index(1), it & 1)
-            lin = warpgroup_mma(phi_s.index(0),
-                                reinterpret(v_s.index((t_last + 1) % NUM_STAGES), mh_desc.dtype, [HALF, HEAD_DIM],
-                                            mh_desc.layout),
-                                gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
-            lin = warpgroup_mma(phi_s.index(1),
-                                reinterpret(v_s.index((t_last + 2) % NUM_STAGES), mh_desc.dtype, [HALF, HEAD_DIM],
-                                            mh_desc.layout),
-                                lin, use_acc=True)
-            fence_async_shared()  # the next query tile's first V tiles go where M was
-            has_next = w + nprog < N_WORK
-            bhn = gl.minimum(w + nprog, N_WORK - 1) // N_M
-            ntb = (1 - buf) * TILES
-            for i in gl.static_range(NUM_STAGES - 1):
-                kbv = _smem_scalar(lut_2d, ntb + gl.minimum(i, TILES - 1), one)
-                _copy_v(v_desc, v_s, vbar, t_last + 1 + i, kbv, bhn * HEAD_DIM, has_next & (i < n_tiles), BLKK,
-                        NUM_STAGES, SPLIT_KV)
-            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(bias_s.load(col_o), 0)
-            # To 16-byte stores through the last tile's K stage (φ/den is consumed): stored straight from the
-            # accumulator layout (4 bytes a thread, half of each 32-byte sector) the output cost ~10% (Nsight
-            # Compute), and the live stages leave no room for a separate scratch buffer.
-            out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
-                                                        threads_per_warp=[32 // (HEAD_DIM // 8), HEAD_DIM // 8],
-                                                        warps_per_cta=[num_warps, 1], order=[1, 0])
-            stage = reinterpret(k_s.index(t_last % NUM_STAGES), O.dtype.element_ty, [BM, HEAD_DIM], o_smem)
-            stage.store(o.to(O.dtype.element_ty))
-            thread_barrier()
-            out = stage.load(out_layout)
-            rows = pm * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
-            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-            ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
-                    + gl.expand_dims(cols, 0))
-            gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
-            async_copy.wait_group(0)  # the next query tile's K scales and Q scale
-            thread_barrier()
-            _fold_q_scale(ks_t.index(1 - buf), qs_2d, 1 - buf, TILES, one)
-            thread_barrier()
-            fence_async_shared()  # the staged output's stage takes a TMA copy next
-            g = g + n_tiles
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(kready.index(i))
-            mbarrier.invalidate(vready.index(i))
-        mbarrier.invalidate(aux.index(0))
-        mbarrier.invalidate(aux.index(1))
-
 #: Off for the rest of the process once a first launch fails (an incompatible Triton); see :mod:`.gluon_guard`.
 GUARD = GluonGuard("attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the attempt")
 
@@ -665,8 +398,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None,
-                         preload: bool | None = None, persistent: bool | None = None,
-                         programs: int | None = None) -> torch.Tensor:
+                         preload: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -674,10 +406,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     linear branch. ``lin_phi`` [B, H, Lq_pad, D] bf16, ``φ(q)/(φ(q)·z + 1e-5)`` from the Q quantizer
     (``sage_quantize_triton(..., linear_z=z)``), spares the epilogue computing it from ``q_raw``. ``preload``
     puts every tile's first key and K scale in shared memory before the loop (:func:`preload_tiles`); by default
-    only for block-sparse calls, where it was measured faster (dense lost 1%: docs/kernels-attention.md).
-    ``persistent`` (default :data:`PERSISTENT_SPARSE` where :func:`persistent_applies`) runs the block-sparse
-    call with the linear branch's φ/den as ``programs`` (default: :data:`PROGRAMS_PER_SM` per SM) persistent
-    programs, each starting its next query tile during the current one's last key tile and epilogue."""
+    only for block-sparse calls, where it was measured faster (dense lost 1%: docs/kernels-attention.md)."""
     if not quant.get("v_wgmma_order"):
         raise UnsupportedShapeError("the Gluon attention kernel needs V quantized in wgmma key order "
                                     "(sage_quantize_triton(..., v_order='wgmma'))")
@@ -717,27 +446,6 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
     if preload is None:
         preload = PRELOAD_SPARSE and lut is not None
     tiles = preload_tiles(n_tiles, lut is not None) if preload else 1
-    applies = persistent_applies(lut is not None, phi_pre, block_m, block_n, blk_k, num_stages, tiles)
-    if persistent is None:
-        persistent = PERSISTENT_SPARSE and applies
-    elif persistent and not applies:
-        raise UnsupportedShapeError("the persistent kernel takes block-sparse calls with the linear branch's φ/den, "
-                                    f"64-row tiles, 128-key blocks and a tile table (blocks {blk_q}x{blk_k}, "
-                                    f"key tile {block_n}, {num_stages} stages, table {tiles})")
-    if persistent:
-        n_m = -(-lq // block_m)
-        mh_desc = TensorDescriptor.from_tensor(lin_m.reshape(b * h * d, d), [d // 2, d], lay([d // 2, d], gl.bfloat16))
-        ph_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [block_m, d // 2],
-                                               lay([block_m, d // 2], gl.bfloat16))
-        n_prog = programs or PROGRAMS_PER_SM * torch.cuda.get_device_properties(q2.device).multi_processor_count
-        _sage_sla_fwd_persistent[(min(n_prog, n_m * b * h),)](
-            q_desc, k_desc, v_desc, mh_desc, ph_desc,
-            quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, out, lin_b,
-            out.stride(0), out.stride(1), out.stride(2),
-            h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut, n_m, n_m * b * h,
-            BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, TILES=tiles, SPLIT_KV=SPLIT_KV, num_warps=4)
-        GUARD.succeeded()
-        return out
     grid = (-(-lq // block_m), b * h)
     _sage_attn_fwd_gluon[grid](
         q_desc, k_desc, v_desc, m_desc, p_desc or m_desc,
@@ -748,32 +456,6 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
-
-
-def persistent_applies(sparse: bool, phi_pre: bool, block_m: int, block_n: int, blk_k: int, num_stages: int,
-                       tiles: int) -> bool:
-    """Whether ``_sage_sla_fwd_persistent`` takes a call: block-sparse with φ/den from the Q quantizer, 64-row
-    tiles, one 128-key tile per key block, three or more stages, and two tile tables within
-    :data:`MAX_TABLE_BYTES`."""
-    return (sparse and phi_pre and block_m == 64 and block_n == blk_k == 128 and num_stages >= 3
-            and 1 < tiles and 2 * tiles * 8 <= MAX_TABLE_BYTES)
-
-
-def compile_persistent_for_sm90(head_dim: int = 128, tiles: int = 32, num_stages: int = NUM_STAGES,
-                                split_kv: bool = SPLIT_KV):
-    """The persistent block-sparse kernel compiled for sm_90a without a GPU."""
-    lay = gl.NVMMASharedLayout.get_default_for
-    d, bn, bm = head_dim, 128, 64
-    sig = {"q_desc": f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>",
-           "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
-           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "mh_desc": f"tensordesc<bf16[{d // 2}, {d}],{lay([d // 2, d], gl.bfloat16)!r}>",
-           "ph_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>",
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "O": "*bf16", "LIN_B": "*fp32"}
-    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "TILES": tiles, "SPLIT_KV": split_kv,
-              "num_warps": 4}
-    return compile_for_sm90a(_sage_sla_fwd_persistent, sig, consts,
-                             ["QS", "KS", "VS", "LUT", "O", "LIN_B", "stride_ob", "stride_oh", "stride_ol"])
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
@@ -799,8 +481,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
 BENCH_VARIANTS = [{}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
-                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "persistent": False},
-                  {"phi_pre": True, "preload": False}]
+                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "preload": False}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU
@@ -819,26 +500,14 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap.add_argument("--wave-sweep", default="",
                     help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
                          "many 64-row query tiles per head (what the last partial wave costs)")
-    ap.add_argument("--split-kv", choices=("0", "1"), default=None,
-                    help="the persistent kernel's K and V on separate barriers (1) or one (0); default: SPLIT_KV")
-    ap.add_argument("--programs-sweep", default="",
-                    help="comma-separated program counts (0: one per query tile): time the persistent sparse kernel "
-                         "at each, against one program per query tile, on each shape")
     ap.add_argument("--topk-sweep", default="",
                     help="comma-separated top-k fractions: time the sparse kernel on the first shape at each, with and "
                          "without the linear epilogue (the per-program fixed cost is the intercept over key tiles)")
     args = ap.parse_args(argv)
-    if args.split_kv is not None:
-        global SPLIT_KV
-        SPLIT_KV = args.split_kv == "1"
     dev = torch.device("cuda")
     meta = bench_meta()
     print(meta, flush=True)
     rows = []
-    if args.programs_sweep:
-        for shape in filter(None, args.shapes.split(",")):
-            rows += _programs_sweep(shape, [int(x) for x in args.programs_sweep.split(",")], dev)
-        args.shapes = ""
     if args.wave_sweep or args.topk_sweep:
         shape = args.shapes.split(",")[0]
         if args.wave_sweep:
@@ -871,7 +540,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             for var in BENCH_VARIANTS:
                 kw = {k_: v_ for k_, v_ in var.items() if k_ not in ("linear_off", "phi_pre")}
                 if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and (
-                        "linear_off" in var or "phi_pre" in var or "persistent" in var)):
+                        "linear_off" in var or "phi_pre" in var)):
                     continue
                 if set(var) == {"preload"} and var["preload"] == (PRELOAD_SPARSE and lut is not None):
                     continue  # that is this mode's default row again
@@ -937,47 +606,14 @@ def _topk_sweep(shape: str, fractions: list[float], dev) -> list[dict]:  # pragm
     rows = []
     for frac in fractions:
         lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], frac)
-        # (linear branch, persistent kernel): the persistent kernel takes only calls with the linear branch
-        for linear, persistent in ((True, False), (True, True), (False, False)):
+        for linear in (True, False):
             kw = dict(q_raw=q, linear=lin, lin_phi=qg["lin_phi"]) if linear else {}
-            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=persistent, **kw))
+            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, **kw))
             slot_us = 1e3 * ms * slots / progs
-            rows.append({"shape": shape, "topk": frac, "key_tiles": lut.shape[-1], "linear": linear,
-                         "persistent": persistent, "ms": ms, "us_per_program_slot": slot_us})
-            print(f"{shape} topk {frac:5.3f} {lut.shape[-1]:4d} key tiles linear={linear!s:5} "
-                  f"persistent={persistent!s:5} {ms:8.4f} ms {slot_us:7.3f} us per query tile per slot", flush=True)
-    return rows
-
-
-def _programs_sweep(shape: str, counts: list[int], dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
-    """Sparse top-k 0.1 kernel with the linear branch (CUDA-graph replays): one program per query tile against the
-    persistent kernel with each program count (0: one per query tile, the dispatcher balancing), bits compared."""
-    from .block_map import lut_from_pooled
-    from .sage_attention import bench_ms_graph
-
-    (b, h, n, d), q, lin, qt, qg = _sweep_inputs(shape, dev)
-    lut = lut_from_pooled(qt["q_pool"], qt["k_pool"], 0.1)
-    kw = dict(q_raw=q, linear=lin, lin_phi=qg["lin_phi"])
-    works = -(-n // BLOCK_M) * b * h
-    ref = torch.empty_like(q)
-    ms0 = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, lut, 64, 128, persistent=False, **kw))
-    rows = [{"shape": shape, "persistent": False, "programs": works, "ms": ms0}]
-    print(f"{shape} one program per query tile ({works}) {ms0:8.4f} ms", flush=True)
-    global SPLIT_KV
-    default = SPLIT_KV
-    for split in (default, not default):
-        SPLIT_KV = split
-        for count in counts:
-            o = torch.full_like(q, float("nan"))
-            progs = count or works
-            ms = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o, lut, 64, 128, persistent=True,
-                                                             programs=progs, **kw))
-            same = bool(torch.equal(o, ref))
-            rows.append({"shape": shape, "persistent": True, "split_kv": split, "programs": progs, "ms": ms,
-                         "bit_equal": same})
-            print(f"{shape} persistent, split_kv={split!s:5}, {progs:6d} programs ({works / progs:6.2f} query tiles "
-                  f"each) {ms:8.4f} ms x{ms0 / ms:.3f}  bit-equal {same}", flush=True)
-    SPLIT_KV = default
+            rows.append({"shape": shape, "topk": frac, "key_tiles": lut.shape[-1], "linear": linear, "ms": ms,
+                         "us_per_program_slot": slot_us})
+            print(f"{shape} topk {frac:5.3f} {lut.shape[-1]:4d} key tiles linear={linear!s:5} {ms:8.4f} ms "
+                  f"{slot_us:7.3f} us per program per slot", flush=True)
     return rows
 
 
