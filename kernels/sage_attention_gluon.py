@@ -301,7 +301,8 @@ if gluon is not None:
                          j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
                 fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
-            if EARLY:  # the next tile's factor before the P·V (read inside the scores' wgmma issue, it stalled it)
+            if EARLY and (PHI_PRE or not LINEAR):  # the next tile's factor before the P·V (read inside the scores'
+                # wgmma issue, it stalled it); not with the epilogue computing φ, which then spills (Triton 3.9)
                 cur_c = qs * _kscale_at(ks_s, ks_row, gl.minimum(j + 1, n_tiles - 1), nxt_start, BLKK, TILES, one)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
@@ -312,7 +313,7 @@ if gluon is not None:
                 fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
-                if not EARLY:
+                if not (EARLY and (PHI_PRE or not LINEAR)):
                     cur_c = qs * _kscale_at(ks_s, ks_row, j + 1, nxt_start, BLKK, TILES, one)
                 cur_start = nxt_start
                 nxt_start = _start_at(st_s, lut_base, j + 2, n_tiles, SPARSE, BLKK, BN, TILES, one)
