@@ -284,6 +284,8 @@ if gluon is not None:
         mbarrier.wait(aux.index(0), 0)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        # (not with the epilogue computing φ from the raw query: its registers then spill, with Triton 3.9)
+        EARLY_HERE: gl.constexpr = EARLY and (PHI_PRE or not LINEAR)
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
@@ -293,7 +295,7 @@ if gluon is not None:
                     mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
-            if EARLY:
+            if EARLY_HERE:
                 # Stage (j + 2) % 3 held tile j - 1, whose scores and P·V are done: its copy can start before this
                 # tile's softmax. (After the P·V, ptxas put the copy's shared::cluster address computation inside
                 # the P·V wgmma sequence, where Nsight Compute saw it stall the issue.)
@@ -301,19 +303,18 @@ if gluon is not None:
                          j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
                 fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
-            if EARLY and (PHI_PRE or not LINEAR):  # the next tile's factor before the P·V (read inside the scores'
-                # wgmma issue, it stalled it); not with the epilogue computing φ, which then spills (Triton 3.9)
+            if EARLY_HERE:  # the next tile's factor before the P·V (read inside the scores' wgmma issue, it stalled it)
                 cur_c = qs * _kscale_at(ks_s, ks_row, gl.minimum(j + 1, n_tiles - 1), nxt_start, BLKK, TILES, one)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-            if not EARLY:
+            if not EARLY_HERE:
                 _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
                          j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
                 fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
-                if not (EARLY and (PHI_PRE or not LINEAR)):
+                if not EARLY_HERE:
                     cur_c = qs * _kscale_at(ks_s, ks_row, j + 1, nxt_start, BLKK, TILES, one)
                 cur_start = nxt_start
                 nxt_start = _start_at(st_s, lut_base, j + 2, n_tiles, SPARSE, BLKK, BN, TILES, one)
