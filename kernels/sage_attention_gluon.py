@@ -55,11 +55,6 @@ NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at he
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
-#: The loop starts each K/V copy before the tile's softmax (its stage held the tile before the last, done) and reads
-#: the next tile's dequantisation factor before the P·V. After the P·V and inside the next scores' wgmma issue,
-#: ptxas had placed their address arithmetic and shared-memory reads between the wgmma instructions, where
-#: Nsight Compute saw them stall the issue (docs/kernels-attention.md). Same arithmetic, same bits.
-EARLY = True
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -171,7 +166,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        EARLY: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -284,8 +279,6 @@ if gluon is not None:
         mbarrier.wait(aux.index(0), 0)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        # (not with the epilogue computing φ from the raw query: its registers then spill, with Triton 3.9)
-        EARLY_HERE: gl.constexpr = EARLY and (PHI_PRE or not LINEAR)
         # One tile at a time, every wgmma waited at once: no accumulator in flight across the softmax, which leaves
         # room for 128-key tiles; the two programs on an SM interleave their phases instead.
         for j in range(n_tiles):
@@ -295,27 +288,16 @@ if gluon is not None:
                     mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
-            if EARLY_HERE:
-                # Stage (j + 2) % 3 held tile j - 1, whose scores and P·V are done: its copy can start before this
-                # tile's softmax. (After the P·V, ptxas put the copy's shared::cluster address computation inside
-                # the P·V wgmma sequence, where Nsight Compute saw it stall the issue.)
-                _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
-                         j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
-                fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
-            if EARLY_HERE:  # the next tile's factor before the P·V (read inside the scores' wgmma issue, it stalled it)
-                cur_c = qs * _kscale_at(ks_s, ks_row, gl.minimum(j + 1, n_tiles - 1), nxt_start, BLKK, TILES, one)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-            if not EARLY_HERE:
-                _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
-                         j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
-                fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
+            _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
+                     j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
+            fill_start = _start_at(st_s, lut_base, j + NUM_STAGES, n_tiles, SPARSE, BLKK, BN, TILES, one)
             if j + 1 < n_tiles:
                 s_tok = _issue_scores(q_s, k_s, ready, j + 1, s_init, NUM_STAGES)
-                if not EARLY_HERE:
-                    cur_c = qs * _kscale_at(ks_s, ks_row, j + 1, nxt_start, BLKK, TILES, one)
+                cur_c = qs * _kscale_at(ks_s, ks_row, j + 1, nxt_start, BLKK, TILES, one)
                 cur_start = nxt_start
                 nxt_start = _start_at(st_s, lut_base, j + 2, n_tiles, SPARSE, BLKK, BN, TILES, one)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
@@ -416,7 +398,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None,
-                         preload: bool | None = None, early: bool | None = None) -> torch.Tensor:
+                         preload: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -471,15 +453,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, EARLY=EARLY if early is None else early,
-        num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32,
-                     early: bool = EARLY):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
@@ -493,16 +473,15 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "EARLY": early, "num_warps": block_m // 16}
+              "num_warps": block_m // 16}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"early": False}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
-                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "early": False},
-                  {"phi_pre": True, "preload": False}]
+BENCH_VARIANTS = [{}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
+                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "preload": False}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU

@@ -406,27 +406,3 @@ def test_gluon_dense_one_key_is_finite_and_matches_triton(lq, block_m):
         o = G.sage_attention_gluon(quant, lq, 1, torch.full_like(q, float("nan")), None, 64, 128, block_m=block_m)
         assert not o.isnan().any()
         assert _rel(o, ref) <= 1e-2, _rel(o, ref)
-
-
-@pytest.mark.parametrize("n,sparse", [(4096, True), (3000, True), (1, True), (1000, False), (63, False)])
-@pytest.mark.gpu
-@needs_hopper
-def test_early_copies_give_the_same_bits(n, sparse):
-    """EARLY moves where the loop issues each K/V copy and reads the next tile's scale, not the arithmetic:
-    bit-equal outputs, dense and block-sparse with the linear branch's φ/den, every element written."""
-    from turbocompile.kernels.block_map import lut_from_pooled
-    from turbocompile.kernels.sage_attention import sage_quantize_triton
-    from turbocompile.kernels.sla import linear_branch_stats
-
-    dev = torch.device("cuda")
-    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + 7)
-    g = torch.Generator().manual_seed(n)
-    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
-    lin, moments = linear_branch_stats(k, v, w, b)
-    quant = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
-    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.2) if sparse else None
-    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
-    outs = [G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, early=e, **kw)
-            for e in (True, False)]
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
