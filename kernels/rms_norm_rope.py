@@ -137,7 +137,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor
     # the rms_norm kernel's measured launch shape: 2 warps for rows up to 2048 slots, 4 above (docs/kernels-linear.md)
     warps = 2 if block_h * head_dim <= 2048 else 4
     _rms_norm_rope_kernel[(x2.shape[0],)](
-        x2, weight.float().contiguous(), cos2.contiguous(), sin2.contiguous(), out, l, c, heads, x2.stride(0), out.stride(0), float(eps),
+        x2, weight.float().contiguous(), cos2.contiguous(), sin2.contiguous(), out, l, c, heads, x2.stride(0),
+        out.stride(0), float(eps),
         HEAD_DIM=head_dim, BLOCK_H=block_h, OUT_ROUND=interp_round_bits(x.dtype), num_warps=warps)
     return out.reshape(x.shape)
 

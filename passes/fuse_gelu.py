@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, is_call
+from turbocompile.passmanager import PassContext, PassResult, call_arg, is_call
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -28,14 +28,13 @@ def fuse_gelu(prog: Program, ctx: PassContext) -> PassResult:
     turbocompile.kernels.load_ops()
     gemm = torch.ops.turbocompile.fp8_row_gemm.default
     res = PassResult()
-    skipped: dict[str, int] = {}
     g = prog.graph
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target != aten.gelu.default:
+        if not is_call(node, aten.gelu.default):
             continue
         res.matched += 1
         src = node.args[0]
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        approximate = call_arg(node, 1, "approximate", "none")
         why = None
         if approximate != "tanh":
             why = f"GELU approximate={approximate!r} (the epilogue computes the tanh form)"
@@ -43,10 +42,10 @@ def fuse_gelu(prog: Program, ctx: PassContext) -> PassResult:
             why = "input is not an fp8_row_gemm"
         elif len(src.users) != 1:
             why = "the GEMM's output has other users"
-        elif (src.args[6] if len(src.args) > 6 else src.kwargs.get("activation", "")):
+        elif call_arg(src, 6, "activation", ""):
             why = "the GEMM already applies an activation"
         if why:
-            skipped[why] = skipped.get(why, 0) + 1
+            res.skip(why)
             continue
         src.args = tuple(src.args[:6]) + ("gelu_tanh",)
         src.kwargs = {k: v for k, v in src.kwargs.items() if k != "activation"}
@@ -55,6 +54,5 @@ def fuse_gelu(prog: Program, ctx: PassContext) -> PassResult:
         res.rewritten += 1
     res.extra = {"gelu_in_gemm": res.rewritten}
     res.notes.append(f"{res.rewritten} GELUs now applied in their fp8-row GEMM's epilogue")
-    for why, n in skipped.items():
-        res.notes.append(f"{n} GELU left as is: {why}")
+    res.note_skipped("GELU")
     return res

@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
+from turbocompile.passmanager import PassContext, PassResult, call_arg, copy_source_meta
 from turbocompile.program import Program
 
 NAME = "fuse_norm_quant"
@@ -53,7 +53,7 @@ def fuse_norm_quant(prog: Program, ctx: PassContext) -> PassResult:
             copy_source_meta(new, node)
         for u in users:
             w_q, w_scale = u.args[1], u.args[2]
-            bias = u.args[3] if len(u.args) > 3 else u.kwargs.get("bias")
+            bias = call_arg(u, 3, "bias")
             with g.inserting_before(u):
                 gemm = g.call_function(ops.fp8_row_gemm.default, (q, s, w_q, w_scale, bias, val.dtype))
             gemm.meta.update(u.meta)

@@ -130,7 +130,6 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
     turbocompile.kernels.load_ops()
     ops = torch.ops.turbocompile
     res = PassResult()
-    skipped: dict[str, int] = {}
     g = prog.graph
     fused = 0
     for norm in list(g.nodes):
@@ -139,7 +138,7 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
         res.matched += 1
         got = _match(prog, norm)
         if isinstance(got, str):
-            skipped[got] = skipped.get(got, 0) + 1
+            res.skip(got)
             continue
         m, erase = got
         x, w, eps = norm.args
@@ -156,6 +155,5 @@ def fuse_norm_rope(prog: Program, ctx: PassContext) -> PassResult:
     res.rewritten = fused
     res.extra = {"rms_norm_rope": fused}
     res.notes.append(f"{fused} q/k norms now write rotated values (rms_norm_rope)")
-    for why, n in skipped.items():
-        res.notes.append(f"{n} rms_norm left as is: {why}")
+    res.note_skipped("rms_norm")
     return res

@@ -14,7 +14,7 @@ import re
 import torch
 import torch.fx as fx
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
+from turbocompile.passmanager import PassContext, PassResult, call_arg, copy_source_meta
 from turbocompile.program import Program
 
 from .remove_noop_ops import _SAME_DTYPE_CASTS, is_noop
@@ -65,8 +65,8 @@ def fuse_norms(prog: Program, ctx: PassContext) -> PassResult:
             continue
         if node.target == aten.rms_norm.default:
             x, shape = node.args[0], node.args[1]
-            w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-            eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+            w = call_arg(node, 2, "weight")
+            eps = call_arg(node, 3, "eps")
             res.matched += 1
             if w is None or len(shape) != 1 or eps is None:
                 continue

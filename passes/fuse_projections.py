@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult
+from turbocompile.passmanager import PassContext, PassResult, call_arg
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -58,7 +58,7 @@ def _module(prog: Program, node: torch.fx.Node) -> str:
 
 
 def _bias(node: torch.fx.Node) -> torch.fx.Node | None:
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return call_arg(node, 2, "bias")
 
 
 def _fusable(prog: Program, nodes: list[torch.fx.Node]) -> bool:

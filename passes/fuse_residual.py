@@ -34,7 +34,7 @@ import operator
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta, is_call, node_val
+from turbocompile.passmanager import PassContext, PassResult, call_arg, copy_source_meta, is_call, node_val
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -117,7 +117,6 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
     ops = torch.ops.turbocompile
     linear, gemm = ops.fp8_row_linear.default, ops.fp8_row_gemm.default
     res = PassResult()
-    skipped: dict[str, int] = {}
     counts = {"gated": 0, "plain": 0, "linears_split": 0}
     g = prog.graph
     for step in list(g.nodes):
@@ -129,14 +128,14 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
         res.matched += 1
         whys = [_why_not(c[0], c[1], c[2], step, gemm) for c in found]
         if all(whys):
-            skipped[whys[0]] = skipped.get(whys[0], 0) + 1
+            res.skip(whys[0])
             continue
         lin, h, gate, erase, maybe_dead = found[whys.index(None)]
         out = node_val(lin)
         with g.inserting_before(step):
             if lin.target == linear:
                 x, w_q, w_scale = lin.args[:3]
-                bias = lin.args[3] if len(lin.args) > 3 else lin.kwargs.get("bias")
+                bias = call_arg(lin, 3, "bias")
                 quant = g.call_function(ops.quant_fp8_row.default, (x,))
                 q = g.call_function(operator.getitem, (quant, 0))
                 s = g.call_function(operator.getitem, (quant, 1))
@@ -145,7 +144,7 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
                 args = (q, s, w_q, w_scale, bias, out.dtype, "")
                 counts["linears_split"] += 1
             else:
-                act = lin.args[6] if len(lin.args) > 6 else lin.kwargs.get("activation", "")
+                act = call_arg(lin, 6, "activation", "")
                 args = tuple(lin.args[:6]) + (act,)
             fused = g.call_function(gemm, args + (h, gate))
         fused.meta.update(lin.meta)
@@ -161,6 +160,5 @@ def fuse_residual(prog: Program, ctx: PassContext) -> PassResult:
     res.extra = {"residual_in_gemm": res.rewritten, **counts}
     res.notes.append(f"{res.rewritten} residual steps now in their fp8-row GEMM's epilogue ({counts['gated']} gated, "
                      f"{counts['plain']} plain; {counts['linears_split']} linears split into quant_fp8_row + GEMM)")
-    for why, n in skipped.items():
-        res.notes.append(f"{n} residual adds left as is: {why}")
+    res.note_skipped("residual adds")
     return res

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, copy_source_meta
+from turbocompile.passmanager import PassContext, PassResult, call_arg, copy_source_meta
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -52,7 +52,7 @@ def linear_to_w8a8(prog: Program, ctx: PassContext) -> PassResult:
             reused += 1
         else:
             q = linear_w8a8.quantize_weight(w, scheme)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = call_arg(node, 2, "bias")
         wq_node = prog.add_weight(module + ".w_q", q["w_q"])
         ws_node = prog.add_weight(module + ".w_scale", q["w_scale"])
         with prog.graph.inserting_before(node):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from turbocompile.passmanager import PassContext, PassResult, node_val
+from turbocompile.passmanager import PassContext, PassResult, call_arg, node_val
 from turbocompile.program import Program
 
 aten = torch.ops.aten
@@ -21,7 +21,7 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten.contiguous.default, aten
 def is_noop(node: torch.fx.Node) -> bool:
     """Whether ``node`` returns its input unchanged (by the nodes' ``val`` metadata); shared with ``fuse_norms``."""
     if node.target in (aten.dropout.default,):
-        p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
+        p, train = node.args[1], call_arg(node, 2, "train", False)
         return (not train) or p == 0.0
     src, out = node_val(node.args[0]) if node.args else None, node_val(node)
     if src is None or out is None:

@@ -50,6 +50,15 @@ class PassResult:
     weight_bytes_changed: int = 0
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # why a matched node was left alone -> how many
+
+    def skip(self, why: str) -> None:
+        """Count one matched node left alone for ``why``."""
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+    def note_skipped(self, what: str) -> None:
+        """One note per reason counted by :meth:`skip`: ``"<n> <what> left as is: <why>"``."""
+        self.notes += [f"{n} {what} left as is: {why}" for why, n in self.skipped.items()]
 
 
 #: Node metadata a rewritten node inherits from the one it replaces: where it came from, for the dumps, the
@@ -65,6 +74,11 @@ def copy_source_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
 def is_call(node: object, target) -> bool:
     """Whether ``node`` is a graph node calling ``target`` (the patterns' operands may be constants)."""
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def call_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call node, given at position ``index`` or as a keyword (``default`` if neither)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def node_val(node: object) -> torch.Tensor | None:
