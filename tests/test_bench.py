@@ -41,10 +41,15 @@ def test_refuses_without_gpu():
     assert r.exit_code == 2 and "needs a CUDA GPU" in r.output and "--dry-run" in r.output
 
 
-def test_ladder_logic_on_cpu():
+@pytest.fixture(scope="module")
+def full_ladder():
+    """The whole ladder on wan-tiny with the CPU reference kernels, run once for the tests that read it."""
+    return bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False)
+
+
+def test_ladder_logic_on_cpu(full_ladder):
     """The ladder end to end on wan-tiny with the CPU reference kernels (timings meaningless, logic real)."""
-    report = bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False)
-    rows = report.sections["ladder wan-tiny@tiny"]
+    rows = full_ladder.sections["ladder wan-tiny@tiny"]
     assert [r["rung"] for r in rows] == RUNGS
     row = {r["rung"]: r for r in rows}
     for r in rows[1:RUNGS.index("+ torch.compile")]:
@@ -78,11 +83,10 @@ def test_ladder_skip_pass_leaves_the_pass_out_and_says_so():
                                  "fuse_norm_quant, fuse_gelu, fuse_residual") in r.output
 
 
-def test_ladder_final_only_times_the_ends_and_runs_every_pass():
+def test_ladder_final_only_times_the_ends_and_runs_every_pass(full_ladder):
     """`bench model --final-only`: the rungs in between are recorded as applied but untimed; the last eager rung
     still carries every pass (same numbers as the full ladder's), and the flag is refused outside `bench model`."""
-    full = {r["rung"]: r for r in bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu",
-                                               compile=False).sections["ladder wan-tiny@tiny"]}
+    full = {r["rung"]: r for r in full_ladder.sections["ladder wan-tiny@tiny"]}
     report = bench_model(get_model("wan-tiny"), "tiny", repeats=1, dry_run=False, device="cpu", compile=False,
                          final_only=True)
     assert report.header["command"].endswith("--final-only")
