@@ -5,14 +5,11 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States (``sage_sla``'s prologue, :mod:`turbocompile.kernels.sage_sla_prologue`): "3 launches" = the Q, K and V
-quantizers as three kernels after the statistics' finishing launch, Σ K an elementwise running sum in the
-statistics pass (as before 2026-11-27 14:30 UTC); "1 launch" = the three quantizers as one ``_quant_qkv_kernel``
-launch after the finishing launch; "1 launch + fold" = the finishing step folded into that launch too; "now" =
-today's defaults (also Σ K by a wgmma in the statistics pass, ``linear_stats_gluon.KSUM_MMA``). The dense ``sage_attention`` runs the same code in every state, so it is timed once per round. (The
-14:30 UTC run had "1 launch" as "now" and "1 launch, K 8-row", K's blocks read in 8-row chunks, 96 instead of 126
-registers: 1.175 ms at 1.3B@480p, no better than three launches. The 07:45 UTC run compared "06:53", the top-k LUT
-by the 32-round radix select, against the interpolation search of ``block_map._topk_search_kernel``.) (The 05:58-06:26 UTC runs in
+States: "3 launches" = the Q, K and V quantizers as three kernels (as before 2026-11-27 15:00 UTC); "now" = today's
+defaults (one ``_quant_qkv_kernel`` launch for ``sage_sla``; the 14:30 UTC run also had "1 launch, K 8-row", K's
+blocks read in 8-row chunks, 96 instead of 126 registers: 1.175 ms at 1.3B@480p, no better than three launches). (The
+07:45 UTC run compared "06:53", the top-k LUT by the 32-round radix select,
+against the interpolation search of ``block_map._topk_search_kernel``.) (The 05:58-06:26 UTC runs in
 docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
 the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
 (activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
@@ -55,16 +52,11 @@ def main() -> None:
     from turbocompile.kernels import block_map as bm
 
     load_ops()
-    from turbocompile.kernels import linear_stats_gluon as LG
-    from turbocompile.kernels import sage_sla_prologue as prologue
-
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, prologue.QKV_QUANT_CONFIG, prologue.FOLD_FINISH,
-           LG.KSUM_MMA)
-    states = {"3 launches": now[:3] + (None, False, False), "1 launch": now[:3] + (now[3], False, False),
-              "1 launch + fold": now[:3] + (now[3], True, False), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sa.QKV_QUANT_CONFIG)
+    states = {"3 launches": now[:3] + (None,), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, prologue.QKV_QUANT_CONFIG, prologue.FOLD_FINISH, LG.KSUM_MMA = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sa.QKV_QUANT_CONFIG = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -92,7 +84,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
-                    for tag, state in states.items() if name == "sage_sla" else [("now", now)]:
+                    for tag, state in states.items():
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

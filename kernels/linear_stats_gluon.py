@@ -47,9 +47,6 @@ from .gluon_hopper import (
 BLOCK_L = 64  # tokens per tile: K and V tiles of 16 KiB each at head_dim 128 (bf16)
 NUM_STAGES = 4  # K/V stages in flight per program: 128 KiB at head_dim 128, plus 16 KiB for φ
 PROGRAMS_PER_SM = 1  # the registers (~240 per thread at 8 warps) and shared memory of one program fill an SM
-#: Σ K of the full tiles by a wgmma with ones (like Σφ) instead of an elementwise fp32 running sum: 32 registers and
-#: 32 FADDs per thread and tile less on an issue-bound loop (2026-11-27; the A/B is in docs/kernels-attention.md).
-KSUM_MMA = True
 
 
 if gluon is not None:
@@ -68,11 +65,10 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_moments(k_s, v_s, ready, t, n_valid, ksum, vmax, NUM_STAGES: gl.constexpr, blk: gl.constexpr,
-                      MASK: gl.constexpr, KSUM_MMA: gl.constexpr):
+                      MASK: gl.constexpr):
         """Wait for tile ``t``; return φ of its rows and the running Σ K and max |V|. With ``MASK`` (the chunk's
         last tile) rows past ``n_valid`` tokens of the chunk count as zero: the TMA box there holds the next
-        head's tokens, or zeros past the tensor. KSUM_MMA: ``ksum`` is left alone (a wgmma of the K stage sums
-        it), and a masked tile's K goes back to its stage with those rows zeroed."""
+        head's tokens, or zeros past the tensor."""
         BLOCK_L: gl.constexpr = k_s.shape[1]
         s = t % NUM_STAGES
         mbarrier.wait(ready.index(s), (t // NUM_STAGES) & 1)
@@ -83,11 +79,7 @@ if gluon is not None:
             ok = gl.expand_dims(rows < n_valid, 1)
             k = gl.where(ok, k, 0.0)
             v = gl.where(ok, v, 0.0).to(vmax.dtype)
-        if KSUM_MMA:
-            if MASK:
-                k_s.index(s).store(k.to(k_s.dtype))  # exact: bf16/fp16 values, zeros past the chunk
-        else:
-            ksum += k
+        ksum += k
         vmax = gl.maximum(vmax, v)
         # softmax over head_dim: exp2 with log2 e folded into one FMA per element, one reciprocal per row
         m = gl.max(k, axis=1) * 1.4426950408889634
@@ -98,17 +90,12 @@ if gluon is not None:
         return phi.to(k_s.dtype), ksum, vmax
 
     @gluon.jit
-    def _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, t, n_valid, n_tiles, kv, z, ks, ksum, vmax,
-              k_row, k_col, v_row, v_col, NUM_STAGES: gl.constexpr, blk: gl.constexpr, MASK: gl.constexpr,
-              KSUM_MMA: gl.constexpr):
+    def _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, t, n_valid, n_tiles, kv, z, ksum, vmax,
+              k_row, k_col, v_row, v_col, NUM_STAGES: gl.constexpr, blk: gl.constexpr, MASK: gl.constexpr):
         """Tile ``t`` >= 1: its φ while the wgmmas of tile t - 1 run, then, once they are done, the next copy into
-        their stage, φ into shared memory and this tile's wgmmas (left in flight): φᵀ·V, φᵀ·1 and, with KSUM_MMA,
-        Kᵀ·1 into ``ks``."""
-        phi, ksum, vmax = _tile_moments(k_s, v_s, ready, t, n_valid, ksum, vmax, NUM_STAGES, blk, MASK, KSUM_MMA)
-        if KSUM_MMA:
-            kv, z, ks = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z, ks])
-        else:
-            kv, z = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z])
+        their stage, φ into shared memory and this tile's wgmmas (left in flight)."""
+        phi, ksum, vmax = _tile_moments(k_s, v_s, ready, t, n_valid, ksum, vmax, NUM_STAGES, blk, MASK)
+        kv, z = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z])
         thread_barrier()  # both warpgroups are past tile t - 1: φ's buffer and its K/V stage are free
         fence_async_shared()
         _load_tile(k_desc, v_desc, k_s, v_s, ready, t - 1 + NUM_STAGES, k_row, k_col, v_row, v_col,
@@ -118,14 +105,12 @@ if gluon is not None:
         thread_barrier()
         kv = warpgroup_mma(phi_s.permute((1, 0)), v_s.index(t % NUM_STAGES), kv, is_async=True)
         z = warpgroup_mma(phi_s.permute((1, 0)), ones_s.permute((1, 0)), z, is_async=True)
-        if KSUM_MMA:
-            ks = warpgroup_mma(k_s.index(t % NUM_STAGES).permute((1, 0)), ones_s.permute((1, 0)), ks, is_async=True)
-        return kv, z, ks, ksum, vmax
+        return kv, z, ksum, vmax
 
     @gluon.jit
     def _linear_stats_gluon_kernel(k_desc, v_desc, KV, Z, KSUM, VMAX, H, L, CHUNK,
                                    k_rows_b, k_rows_h, k_cols_h, v_rows_b, v_rows_h, v_cols_h,
-                                   NUM_STAGES: gl.constexpr, KSUM_MMA: gl.constexpr, num_warps: gl.constexpr):
+                                   NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """One program: one token chunk of one (batch, head). Token ``l`` of head (b, h) is row
         ``b·rows_b + h·rows_h + l`` and columns ``h·cols_h`` .. +D of its tensor's 2-D view."""
         BLOCK_L: gl.constexpr = k_desc.block_type.shape[0]
@@ -171,38 +156,27 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             _load_tile(k_desc, v_desc, k_s, v_s, ready, i, k_row, k_col, v_row, v_col, i < n_tiles, NUM_STAGES)
 
-        if KSUM_MMA:  # Σ K by a wgmma with ones (as Σφ); ksum stays unused
-            ksum = gl.zeros([D], gl.float32, gl.SliceLayout(0, blk))
-        else:  # an elementwise running sum, reduced after the loop
-            ksum = gl.zeros([BLOCK_L, D], gl.float32, blk)
+        ksum = gl.zeros([BLOCK_L, D], gl.float32, blk)
         vmax = gl.zeros([BLOCK_L, D], dtype, blk)
         phi_t = phi_s.permute((1, 0))  # [D, BLOCK_L]: the A operand, φ transposed
         ones_t = ones_s.permute((1, 0))  # [BLOCK_L, 16]
 
         # Tile 0, peeled (the loop carries the accumulators in flight), masked (it may be the chunk's only tile)
-        phi, ksum, vmax = _tile_moments(k_s, v_s, ready, 0, n_valid, ksum, vmax, NUM_STAGES, blk, True, KSUM_MMA)
+        phi, ksum, vmax = _tile_moments(k_s, v_s, ready, 0, n_valid, ksum, vmax, NUM_STAGES, blk, True)
         phi_s.store(phi)
         fence_async_shared()
         thread_barrier()
         kv = warpgroup_mma(phi_t, v_s.index(0), gl.zeros([D, D], gl.float32, kv_layout), use_acc=False,
                            is_async=True)
         z = warpgroup_mma(phi_t, ones_t, gl.zeros([D, 16], gl.float32, z_layout), use_acc=False, is_async=True)
-        ks = gl.zeros([D, 16], gl.float32, z_layout)
-        if KSUM_MMA:
-            ks = warpgroup_mma(k_s.index(0).permute((1, 0)), ones_t, ks, use_acc=False, is_async=True)
         n_full = n_valid // BLOCK_L
         for t in range(1, n_full):
-            kv, z, ks, ksum, vmax = _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, t, n_valid, n_tiles, kv,
-                                          z, ks, ksum, vmax, k_row, k_col, v_row, v_col, NUM_STAGES, blk, False,
-                                          KSUM_MMA)
+            kv, z, ksum, vmax = _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, t, n_valid, n_tiles, kv, z,
+                                      ksum, vmax, k_row, k_col, v_row, v_col, NUM_STAGES, blk, False)
         if n_tiles > n_full and n_full > 0:  # a partial last tile (not tile 0, which was masked)
-            kv, z, ks, ksum, vmax = _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, n_full, n_valid,
-                                          n_tiles, kv, z, ks, ksum, vmax, k_row, k_col, v_row, v_col, NUM_STAGES,
-                                          blk, True, KSUM_MMA)
-        if KSUM_MMA:
-            kv, z, ks = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z, ks])
-        else:
-            kv, z = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z])
+            kv, z, ksum, vmax = _step(k_desc, v_desc, k_s, v_s, phi_s, ones_s, ready, n_full, n_valid, n_tiles, kv,
+                                      z, ksum, vmax, k_row, k_col, v_row, v_col, NUM_STAGES, blk, True)
+        kv, z = warpgroup_mma_wait(num_outstanding=0, deps=[kv, z])
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
 
@@ -215,10 +189,7 @@ if gluon is not None:
         # every column of φᵀ·1 is Σφ: keep column 0 (exact; a sum of the 16 copies could round)
         gl.store(Z + part * D + zr, gl.sum(gl.where(gl.expand_dims(zc == 0, 0), z, 0.0), axis=1))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
-        if KSUM_MMA:  # every column of Kᵀ·1 is Σ K
-            gl.store(KSUM + part * D + zr, gl.sum(gl.where(gl.expand_dims(zc == 0, 0), ks, 0.0), axis=1))
-        else:
-            gl.store(KSUM + part * D + cols, gl.sum(ksum, axis=0))
+        gl.store(KSUM + part * D + cols, gl.sum(ksum, axis=0))
         gl.store(VMAX + part * D + cols, gl.max(vmax.to(gl.float32), axis=0))
 
 
@@ -285,17 +256,17 @@ def linear_stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tenso
     v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_L, d], layout)
     _linear_stats_gluon_kernel[(n_chunks, b * h)](
         k_desc, v_desc, kv, z, ksum, vmax, h, lk, chunk, k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
-        NUM_STAGES=NUM_STAGES, KSUM_MMA=KSUM_MMA, num_warps=d // 16)
+        NUM_STAGES=NUM_STAGES, num_warps=d // 16)
     GUARD.succeeded()
     return kv, z, ksum, vmax
 
 
 def compile_for_sm90(head_dim: int = 128, dtype: str = "bf16", num_stages: int = NUM_STAGES,
-                     block_l: int = BLOCK_L, ksum_mma: bool = KSUM_MMA):
+                     block_l: int = BLOCK_L):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for([block_l, head_dim], getattr(gl, {"bf16": "bfloat16",
                                                                                 "fp16": "float16"}[dtype]))
     desc = f"tensordesc<{dtype}[{block_l}, {head_dim}],{lay!r}>"
     ptrs = {"KV": "*fp32", "Z": "*fp32", "KSUM": "*fp32", "VMAX": "*fp32"}
     return compile_for_sm90a(_linear_stats_gluon_kernel, {"k_desc": desc, "v_desc": desc, **ptrs},
-                             {"NUM_STAGES": num_stages, "KSUM_MMA": ksum_mma, "num_warps": head_dim // 16}, ptrs)
+                             {"NUM_STAGES": num_stages, "num_warps": head_dim // 16}, ptrs)

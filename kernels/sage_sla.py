@@ -7,12 +7,11 @@ elsewhere; the block sizes are op arguments and the graph pass picks them per GP
 and the quantization blocks are the same blocks, so the GPU path takes the pooled means for the block map straight
 from the fused quantization kernel (one pass over Q and K serves both).
 
-GPU pipeline per call: (1) one pass over K and V for ``φ(K)ᵀV``, ``Σφ(K)``, the token mean of K and the channel
-amax of V, and the [D, D] fold with ``proj_weight``; (2) Triton quantization of Q, K (with pooling) and V (FP8,
-transposed), where on sm_90 the pass over Q also writes ``φ(q)/(φ(q)·z + 1e-5)`` and the three quantizers and
-the fold of (1) run as one launch (:mod:`.sage_sla_prologue`); (3) top-k LUT from the pooled means; (4) the
-sparse Sage attention kernel with the linear branch in its epilogue (the Gluon kernel multiplies the quantizer's
-φ(q)/den by M, the Triton kernel computes it all there). The CPU implementation is
+GPU pipeline per call: (1) one Triton pass over K and V for ``φ(K)ᵀV``, ``Σφ(K)``, the token mean of K and the
+channel amax of V, and the [D, D] fold with ``proj_weight``; (2) Triton quantization of Q, K (with pooling) and V
+(FP8, transposed), where on sm_90 the pass over Q also writes ``φ(q)/(φ(q)·z + 1e-5)``; (3) top-k LUT from the
+pooled means; (4) the sparse Sage attention kernel with the linear branch in its epilogue (the Gluon kernel
+multiplies the quantizer's φ(q)/den by M, the Triton kernel computes it all there). The CPU implementation is
 :func:`sage_sla_reference` (same quantization emulated in PyTorch).
 
 ``python -m turbocompile.kernels.sage_sla --bench`` runs the GPU benchmark of all three attention ops.
@@ -27,7 +26,6 @@ import os
 import torch
 
 from .block_map import lut_from_pooled, sla_block_map
-from .sage_sla_prologue import sage_sla_prologue
 from .sage_attention import (
     ATTENTION_BENCH_SHAPES,
     attention_fp32_reference,
@@ -66,17 +64,15 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA on the GPU kernels (the Gluon attention kernel on sm_90, the Triton one elsewhere and on the CPU
     under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
+    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
     # on the Gluon path the pass over Q also writes φ(q)/den, which the kernel's epilogue multiplies by M
     gluon = kernel == "gluon"
     if gluon:
         from .sage_attention_gluon import uses_lin_phi
-    if gluon and uses_lin_phi(blk_k, q.shape[-1]):
-        # the statistics pass, then the quantizers and the statistics' finishing step in one launch
-        lin, quant = sage_sla_prologue(q, k, v, proj_weight, proj_bias, blk_q, blk_k, v_order="wgmma")
-    else:
-        lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
-        quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural")
+    phi = gluon and uses_lin_phi(blk_k, q.shape[-1])
+    quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
+                                 linear_z=lin[1] if phi else None)
     if lut is None:
         lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,

@@ -91,96 +91,40 @@ if HAS_TRITON:
         tl.store(VMAX + out * HEAD_DIM + cols, tl.max(vmax.to(tl.float32), 0))
 
     @triton.jit
-    def _chunk_sum(P, bh, BH, HEAD_DIM: tl.constexpr, N_CHUNKS: tl.constexpr, UNROLLED: tl.constexpr = False):
-        """Σ over the statistics pass's chunks of head ``bh``'s [D] partials, in chunk order from 0. UNROLLED issues
-        every load before the first add (a loop waits on each in turn) at the cost of a register per chunk and
-        element: for the many programs that need one such sum before their real work."""
-        c = tl.arange(0, HEAD_DIM)
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        if UNROLLED:
-            for i in tl.static_range(N_CHUNKS):
-                acc += tl.load(P + (i * BH + bh) * HEAD_DIM + c)
-        else:
-            for i in range(N_CHUNKS):
-                acc += tl.load(P + (i * BH + bh) * HEAD_DIM + c)
-        return acc
-
-    @triton.jit
-    def _chunk_max(P, bh, BH, HEAD_DIM: tl.constexpr, N_CHUNKS: tl.constexpr, UNROLLED: tl.constexpr = False):
-        """max(0, max over the chunks) of head ``bh``'s [D] partials (max |V|); UNROLLED as :func:`_chunk_sum`."""
-        c = tl.arange(0, HEAD_DIM)
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        if UNROLLED:
-            for i in tl.static_range(N_CHUNKS):
-                acc = tl.maximum(acc, tl.load(P + (i * BH + bh) * HEAD_DIM + c))
-        else:
-            for i in range(N_CHUNKS):
-                acc = tl.maximum(acc, tl.load(P + (i * BH + bh) * HEAD_DIM + c))
-        return acc
-
-    @triton.jit
-    def _k_mean(KSUM, bh, BH, n_tokens, HEAD_DIM: tl.constexpr, N_CHUNKS: tl.constexpr,
-                UNROLLED: tl.constexpr = False):
-        """Head ``bh``'s token mean of K from the chunks' Σ K."""
-        return _chunk_sum(KSUM, bh, BH, HEAD_DIM, N_CHUNKS, UNROLLED) / n_tokens
-
-    @triton.jit
-    def _v_scale(vmax):
-        """FP8 V's per-channel scale from max |V|."""
-        return tl.math.div_rn(tl.maximum(vmax, 1e-6), 448.0)
-
-    @triton.jit
-    def _finish_moments(Z, KSUM, VMAX, BIAS, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT, bh, BH, n_tokens,
-                        HEAD_DIM: tl.constexpr, N_CHUNKS: tl.constexpr):
-        """Head ``bh``'s z = Σφ(K), K mean, V amax and FP8 V scale from the chunk partials (and, for head 0, the
-        bias in fp32)."""
-        c = tl.arange(0, HEAD_DIM)
-        vmax = _chunk_max(VMAX, bh, BH, HEAD_DIM, N_CHUNKS)
-        tl.store(Z_OUT + bh * HEAD_DIM + c, _chunk_sum(Z, bh, BH, HEAD_DIM, N_CHUNKS))
-        tl.store(KMEAN + bh * HEAD_DIM + c, _k_mean(KSUM, bh, BH, n_tokens, HEAD_DIM, N_CHUNKS))
-        tl.store(VAMAX + bh * HEAD_DIM + c, vmax)
-        tl.store(VSCALE + bh * HEAD_DIM + c, _v_scale(vmax))
-        if bh == 0:
-            tl.store(BIAS_OUT + c, tl.load(BIAS + c).to(tl.float32))
-
-    @triton.jit
-    def _fold_m_rows(KV, W, M_OUT, bh, r0, BH, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                     N_CHUNKS: tl.constexpr, EMULATE: tl.constexpr, KSTEP: tl.constexpr = 16):
-        """Rows ``r0`` .. +ROWS of head ``bh``'s ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores:
-        fp32 accuracy), ``KSTEP`` columns of φ(K)ᵀV (rows of Wᵀ) at a time: a whole [D, D] fp32 Wᵀ would take 128
-        registers per thread at 4 warps (the one-launch quantizer runs this at 4)."""
-        rr = r0 + tl.arange(0, ROWS)
-        c = tl.arange(0, HEAD_DIM)
-        m = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-        for j0 in tl.range(0, HEAD_DIM, KSTEP):
-            j = j0 + tl.arange(0, KSTEP)
-            kv_ptrs = KV + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + j[None, :]
-            kv = tl.zeros([ROWS, KSTEP], dtype=tl.float32)
-            for i in range(N_CHUNKS):  # a loop, not unrolled: few programs run this, registers matter more
-                kv += tl.load(kv_ptrs + i * BH * HEAD_DIM * HEAD_DIM)
-            w_t = tl.load(W + c[None, :] * HEAD_DIM + j[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
-            if EMULATE:  # the CPU interpreter: fp32 dot
-                m = tl.dot(kv, w_t, m, input_precision="ieee")
-            else:
-                m = tl.dot(kv, w_t, m, input_precision="tf32x3")
-        if EMULATE:  # pre-rounded to bf16 (the interpreter's bf16 cast does not round to even)
-            m = round_bits(m, 16)
-        tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
-
-    @triton.jit
     def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT,
-                                    BH, n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                                    N_CHUNKS: tl.constexpr, EMULATE: tl.constexpr):
-        """``ROWS`` rows of one head's M (:func:`_fold_m_rows`), and in the head's first program the moments
-        summed over the chunks and FP8 V's scale (:func:`_finish_moments`): one launch where PyTorch needed eleven
-        small ones. (``sage_sla`` on Hopper folds this into its one-launch quantizer instead:
-        :mod:`.sage_sla_prologue`.)"""
+                                    n_chunks, BH, n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                                    EMULATE: tl.constexpr):
+        """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
+        accuracy), and in the head's first program the moments summed over the chunks and FP8 V's scale: one launch
+        where PyTorch needed eleven small ones."""
         bh = tl.program_id(0)
         r0 = tl.program_id(1) * ROWS
-        _fold_m_rows(KV, W, M_OUT, bh, r0, BH, HEAD_DIM, ROWS, N_CHUNKS, EMULATE)
+        rr = r0 + tl.arange(0, ROWS)
+        c = tl.arange(0, HEAD_DIM)
+        kv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        for i in range(n_chunks):
+            kv += tl.load(KV + ((i * BH + bh) * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :])
+        w_t = tl.load(W + c[None, :] * HEAD_DIM + c[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
+        if EMULATE:  # the CPU interpreter: fp32 dot, pre-rounded to bf16 (its bf16 cast does not round to even)
+            m = round_bits(tl.dot(kv, w_t, input_precision="ieee"), 16)
+        else:
+            m = tl.dot(kv, w_t, input_precision="tf32x3")
+        tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
         if r0 == 0:
-            _finish_moments(Z, KSUM, VMAX, BIAS, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT, bh, BH, n_tokens,
-                            HEAD_DIM, N_CHUNKS)
+            z = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            for i in range(n_chunks):
+                part = (i * BH + bh) * HEAD_DIM
+                z += tl.load(Z + part + c)
+                ksum += tl.load(KSUM + part + c)
+                vmax = tl.maximum(vmax, tl.load(VMAX + part + c))
+            tl.store(Z_OUT + bh * HEAD_DIM + c, z)
+            tl.store(KMEAN + bh * HEAD_DIM + c, ksum / n_tokens)
+            tl.store(VAMAX + bh * HEAD_DIM + c, vmax)
+            tl.store(VSCALE + bh * HEAD_DIM + c, tl.math.div_rn(tl.maximum(vmax, 1e-6), 448.0))  # FP8 V's scale
+            if bh == 0:
+                tl.store(BIAS_OUT + c, tl.load(BIAS + c).to(tl.float32))
 
 
 def check_proj(q: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> None:
@@ -234,17 +178,6 @@ def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...
     return kv, z, ksum, vmax
 
 
-def finished_stats_buffers(k: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
-    """Empty outputs of the statistics' finishing step for K [B, H, L, D]: ``(M, z, bias)`` and the moments, as
-    :func:`linear_branch_stats` returns them."""
-    b, h, _, d = k.shape
-    f32 = dict(dtype=torch.float32, device=k.device)
-    m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
-    z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
-    return (m, z_sum, torch.empty(d, **f32)), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
-                                              "v_scale": v_scale.view(b, h, d)}
-
-
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                         proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
     """One pass over K and V (:func:`_stats_partials`), then one launch that sums its chunks. Returns what the
@@ -253,14 +186,17 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     ``max(v_amax, 1e-6) / 448``)."""
     b, h, lk, d = k.shape
     kv, z, ksum, vmax = _stats_partials(k, v)
-    lin, moments = finished_stats_buffers(k)
-    m, z_sum, bias = lin
+    n_chunks = kv.shape[0]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    m = torch.empty((b * h, d, d), dtype=torch.bfloat16, device=k.device)
+    z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
+    bias = torch.empty(d, **f32)
     rows = 16  # rows of M per program: 8 warps, no spills (the 3xTF32 operands of 64 rows need 192 KB of shared memory)
     _linear_stats_finish_kernel[(b * h, d // rows)](
-        kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, moments["k_mean"],
-        moments["v_amax"], moments["v_scale"], bias, b * h, float(lk), HEAD_DIM=d, ROWS=rows,
-        N_CHUNKS=kv.shape[0], EMULATE=_interpreting(), num_warps=8)
-    return lin, moments
+        kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
+        n_chunks, b * h, float(lk), HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), num_warps=8)
+    return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
+                              "v_scale": v_scale.view(b, h, d)}
 
 
 def sparse_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,

@@ -249,7 +249,6 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from turbocompile.kernels.sla import linear_branch_stats, sla_reference, sla_triton
 
     import turbocompile.kernels.sage_attention as sa
-    import turbocompile.kernels.sage_sla_prologue as prologue
     sa._sm_count = lambda device: 1  # as if on a small GPU: several token blocks per quantizer program
 
     def rel(a, b):
@@ -299,33 +298,28 @@ _INTERP_SCRIPT = textwrap.dedent("""
             phi = phi / (phi @ z.view(1, 2, d, 1) + 1e-5)
             r["phi"] = rel(qt["lin_phi"][:, :, :n], phi)
             r["phi_nan"] = bool(qt["lin_phi"].isnan().any())
-            # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
-            # on and off, one block per program; the two-pass kernel in 16-row chunks (loop unrolled by 2) and
-            # 32-row chunks; pooled means up to the fp32 summation order, which the chunking sets
-            keep, same = dict(sa.QUANT_CONFIGS), []
-            for stages, bpp, pf in ((1, 2, True), (1, 2, False), (1, 1, False), (2, 16, sa.TWO_PASS),
-                                    (1, 32, sa.TWO_PASS)):
-                sa.QUANT_CONFIGS.update({key: (cfg[0], stages, bpp, pf) for key, cfg in keep.items()})
-                qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z)
-                same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "lin_phi"))
-                            and all(torch.allclose(qt[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
-                                    for x, t in (("q_pool", q), ("k_pool", k))))
-            sa.QUANT_CONFIGS.update(keep)
-            # sage_sla's one-launch prologue (the three quantizers, with and without the statistics' finishing
-            # step folded in, two chunkings) writes what the separate launches write, in both V orders
-            keep_pro = prologue.QKV_QUANT_CONFIG, prologue.FOLD_FINISH
-            lin = linear_branch_stats(k, v, w, b)[0]
-            for cfg, fold in ((keep_pro[0], True), (keep_pro[0], False), ((2, (32, 1), (8, 2)), True)):
-                prologue.QKV_QUANT_CONFIG, prologue.FOLD_FINISH = cfg, fold
-                for vo, ref in (("natural", qt), ("wgmma", qt_wgmma)):
-                    lin2, qt2 = prologue.sage_sla_prologue(q, k, v, w, b, 64, 128, v_order=vo)
-                    same.append(all(torch.equal(a, b) for a, b in zip(lin, lin2))
-                                and all(torch.equal(ref[x], qt2[x]) for x in ("q", "k", "v", "q_scale", "k_scale",
-                                                                               "lin_phi", "k_mean", "v_scale"))
-                                and qt2["v_wgmma_order"] == (vo == "wgmma")
-                                and all(torch.allclose(ref[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
+            # other program shapes give the same bytes: the three quantizers as separate launches (QKV_QUANT_CONFIG
+            # None) with 2 blocks per program (several programs per head), prefetch on and off, one block per
+            # program, the two-pass kernel in 16-row chunks (loop unrolled by 2) and 32-row chunks; the one launch
+            # with other chunkings; pooled means up to the fp32 summation order, which the chunking sets
+            keep, keep_qkv, same = dict(sa.QUANT_CONFIGS), sa.QKV_QUANT_CONFIG, []
+            variants = [(None, (1, 2, True)), (None, (1, 2, False)), (None, (1, 1, False)),
+                        (None, (2, 16, sa.TWO_PASS)), (None, (1, 32, sa.TWO_PASS)),
+                        ((4, (16, 1), (8, 2)), None), ((2, (32, 2), (32, 1)), None)]
+            for qkv, shape in variants:
+                sa.QKV_QUANT_CONFIG = qkv
+                if shape is not None:
+                    stages, bpp, pf = shape
+                    sa.QUANT_CONFIGS.update({key: (cfg[0], stages, bpp, pf) for key, cfg in keep.items()})
+                for vo in ("natural", "wgmma"):
+                    qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z, v_order=vo)
+                    ref_v = qt["v"] if vo == "natural" else qt_wgmma["v"]
+                    same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "lin_phi"))
+                                and torch.equal(qt2["v"], ref_v)
+                                and all(torch.allclose(qt[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
                                         for x, t in (("q_pool", q), ("k_pool", k))))
-            prologue.QKV_QUANT_CONFIG, prologue.FOLD_FINISH = keep_pro
+                sa.QUANT_CONFIGS.update(keep)
+            sa.QKV_QUANT_CONFIG = keep_qkv
             # (B, H, L, D) views of (B, L, H, D) tensors, as the exported Wan graph passes them: same bytes
             view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)
             qt3 = sage_quantize_triton(view(q), view(k), view(v), 64, 128, **mom, linear_z=z)

@@ -343,40 +343,6 @@ def test_gluon_sparse_with_linear_branch_matches_reference(n, d, blk_q, blk_k, t
     assert _rel(o_g, o_t) <= 1e-2
 
 
-@pytest.mark.parametrize("n,d,h", [(1, 128, 2), (1000, 64, 3), (4097, 128, 2), (32760, 128, 12)])
-@pytest.mark.gpu
-@needs_hopper
-def test_one_launch_prologue_writes_what_the_separate_launches_write(n, d, h):
-    """sage_sla's prologue in one launch (with and without the statistics' finishing step folded in) against the
-    statistics, finishing and three quantizer launches: the same bytes, pooled means up to the summation order and
-    M up to its 3xTF32 products' order (a 4-warp and an 8-warp mma tiling)."""
-    from turbocompile.kernels import sage_sla_prologue as P
-    from turbocompile.kernels.sage_attention import sage_quantize_triton
-    from turbocompile.kernels.sla import linear_branch_stats
-
-    dev = torch.device("cuda")
-    q, k, v = structured_qkv(1, h, n, d, torch.bfloat16, dev, seed=n + 1)
-    k = k + 0.5 * torch.randn(1, 1, 1, d, device=dev, dtype=k.dtype)  # a channel offset: the K mean matters
-    g = torch.Generator().manual_seed(n)
-    w, b = (torch.randn(d, d, generator=g) * 0.05).to(dev), (torch.randn(d, generator=g) * 0.05).to(dev)
-    lin, mom = linear_branch_stats(k, v, w, b)
-    ref = sage_quantize_triton(q, k, v, 64, 128, **mom, v_order="wgmma", linear_z=lin[1])
-    keep = P.QKV_QUANT_CONFIG, P.FOLD_FINISH
-    try:
-        for fold in (False, True):
-            P.FOLD_FINISH = fold
-            lin2, out = P.sage_sla_prologue(q, k, v, w, b, 64, 128, v_order="wgmma")
-            for x in ("q", "k", "v", "q_scale", "k_scale", "lin_phi", "k_mean", "v_scale"):
-                assert torch.equal(out[x], ref[x]), (fold, x)
-            for x in ("q_pool", "k_pool"):
-                torch.testing.assert_close(out[x], ref[x], rtol=0, atol=1e-5 * float(ref[x].abs().max()) + 1e-7)
-            assert torch.equal(lin2[1], lin[1]) and torch.equal(lin2[2], lin[2]), fold  # z, bias
-            assert _rel(lin2[0], lin[0]) <= 4e-3, (fold, _rel(lin2[0], lin[0]))  # M in bf16: an ulp here and there
-            assert out["v_wgmma_order"] is True
-    finally:
-        P.QKV_QUANT_CONFIG, P.FOLD_FINISH = keep
-
-
 def test_lin_phi_is_requested_only_where_the_kernel_takes_it():
     """sage_sla asks the Q quantizer for φ(q)/den only where the kernel's K stages hold it and M (128-key tiles);
     with 64-key tiles the epilogue computes φ itself and that work would be wasted."""
