@@ -446,11 +446,10 @@ if HAS_TRITON:
                           H, LQ, LK, LQ_PAD, LK_PAD, NQB, NKB, mul_q,
                           BLK_Q: tl.constexpr, BLK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                           CH_Q: tl.constexpr, UNROLL_Q: tl.constexpr, CH_K: tl.constexpr, UNROLL_K: tl.constexpr,
-                          EMULATE: tl.constexpr, WGMMA_ORDER: tl.constexpr):
-        """The three quantizers of ``sage_sla`` in one launch: each group of programs covers 128 tokens, its first
-        128/BLK_Q programs quantize Q blocks (and write φ/den), the next 128/BLK_K K blocks (minus the token mean),
-        the last two V blocks of 64 keys. The same bytes as the three launches (the int8 blocks by
-        :func:`_quant_int8_two_pass_block`).
+                          LINEAR: tl.constexpr, EMULATE: tl.constexpr, WGMMA_ORDER: tl.constexpr):
+        """The three quantizers in one launch: each group of programs covers 128 tokens, its first 128/BLK_Q
+        programs quantize Q blocks, the next 128/BLK_K K blocks (minus the token mean), the last two V blocks of
+        64 keys. The same bytes as the three launches (the int8 blocks by :func:`_quant_int8_two_pass_block`).
 
         Why one launch: at 1.3B@480p each stage is 40-85 µs, so a launch boundary (the last wave draining, the
         next filling) is a few percent of it; and mixed on an SM, the Q programs' exponentials (φ/den) run
@@ -467,7 +466,7 @@ if HAS_TRITON:
             if blk < LQ_PAD // BLK_Q:
                 _quant_int8_two_pass_block(Q, K_MEAN, QO, QS, QP, LIN_Z, PHI, blk, bh, stride_qb, stride_qh,
                                            stride_ql, H, LQ, LQ_PAD, NQB, mul_q, BLK_Q, HEAD_DIM, CH_Q, False,
-                                           True, UNROLL_Q)
+                                           LINEAR, UNROLL_Q)
         elif r < GQ + GK:
             blk = g * GK + (r - GQ)
             if blk < LK_PAD // BLK_K:
@@ -643,8 +642,7 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
         "lin_phi": None if linear_z is None else torch.empty((b, h, lq_pad, d), dtype=torch.bfloat16, device=dev),
     }
-    # one launch where it was measured faster: sage_sla's prologue (with φ/den); the dense op's Q went 0.7% slower
-    if QKV_QUANT_CONFIG is not None and linear_z is not None and 128 % blk_q == 0 and 128 % blk_k == 0:
+    if QKV_QUANT_CONFIG is not None and 128 % blk_q == 0 and 128 % blk_k == 0:
         _quantize_qkv_into(q, k, v, k_mean, v_scale, linear_z, out, blk_q, blk_k, v_order)
         return out
     _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E,
@@ -671,13 +669,10 @@ QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool | int]] = {
 }
 
 
-#: The three quantizers in one launch (``_quant_qkv_kernel``) for calls that write φ/den (``sage_sla``): (warps,
-#: (rows per chunk, loop unroll factor) of the two-pass int8 blocks of Q with φ/den, of K), the best two-pass
-#: configs of the separate-launch sweeps (H200, 2026-11-27). None: three launches, as :data:`QUANT_CONFIGS` says.
-#: A/B through the ops (H200, 14:30 UTC, graph replays): ``sage_sla`` 1.3B@480p 1.169 against 1.175 ms, 14B@720p
-#: 17.68 against 17.66 (noise); with Q alone (no φ/den) the dense ``sage_attention`` measured 8.609 against 8.550,
-#: so the dense op keeps three launches.
-QKV_QUANT_CONFIG: tuple[int, tuple[int, int], tuple[int, int]] | None = (4, (8, 2), (16, 4))
+#: The three quantizers in one launch (``_quant_qkv_kernel``): (warps, (rows per chunk, loop unroll factor) of the
+#: two-pass int8 blocks of Q with φ/den, of Q alone, of K), the best two-pass configs of the separate-launch sweeps
+#: (H200, 2026-11-27). None: three launches, as :data:`QUANT_CONFIGS` says.
+QKV_QUANT_CONFIG: tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]] | None = (4, (8, 2), (8, 4), (16, 4))
 
 
 @functools.lru_cache(maxsize=None)
@@ -715,23 +710,26 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
 
 
 def _quantize_qkv_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_scale: torch.Tensor,
-                       linear_z: torch.Tensor, out: dict, blk_q: int, blk_k: int, v_order: str) -> None:
-    """Fill ``out`` (the buffers of :func:`sage_quantize_triton`, φ/den included) by one ``_quant_qkv_kernel``
-    launch: one program group per 128 tokens, each doing 128/blk_q Q blocks, 128/blk_k K blocks and two 64-key V
-    blocks."""
+                       linear_z: torch.Tensor | None, out: dict, blk_q: int, blk_k: int, v_order: str) -> None:
+    """Fill ``out`` (the buffers of :func:`sage_quantize_triton`) by one ``_quant_qkv_kernel`` launch: one program
+    group per 128 tokens, each doing 128/blk_q Q blocks, 128/blk_k K blocks and two 64-key V blocks."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     lq_pad, lk_pad = out["q"].shape[2], out["k"].shape[2]
-    warps, (ch_q, unroll_q), (ch_k, unroll_k) = QKV_QUANT_CONFIG
+    warps, cfg_phi, cfg_q, cfg_k = QKV_QUANT_CONFIG
+    ch_q, unroll_q = cfg_phi if linear_z is not None else cfg_q
+    ch_k, unroll_k = cfg_k
     groups = max(lq_pad, lk_pad) // 128
+    scale = out["q_scale"]  # a float tensor for the pointer arguments a variant does not read
     _quant_qkv_kernel[(groups * (128 // blk_q + 128 // blk_k + 2), b * h)](
-        q, k, v, k_mean, v_scale, linear_z, out["q"], out["q_scale"], out["q_pool"], out["lin_phi"],
+        q, k, v, k_mean, v_scale, linear_z if linear_z is not None else scale,
+        out["q"], out["q_scale"], out["q_pool"], out["lin_phi"] if linear_z is not None else scale,
         out["k"], out["k_scale"], out["k_pool"], out["v"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         h, lq, lk, lq_pad, lk_pad, out["q_scale"].shape[-1], out["k_scale"].shape[-1], d ** -0.5 * LOG2E,
         BLK_Q=blk_q, BLK_K=blk_k, HEAD_DIM=d, CH_Q=min(ch_q, blk_q), UNROLL_Q=unroll_q, CH_K=min(ch_k, blk_k),
-        UNROLL_K=unroll_k, EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma",
+        UNROLL_K=unroll_k, LINEAR=linear_z is not None, EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma",
         num_warps=warps)
 
 

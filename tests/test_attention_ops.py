@@ -305,7 +305,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
             keep, keep_qkv, same = dict(sa.QUANT_CONFIGS), sa.QKV_QUANT_CONFIG, []
             variants = [(None, (1, 2, True)), (None, (1, 2, False)), (None, (1, 1, False)),
                         (None, (2, 16, sa.TWO_PASS)), (None, (1, 32, sa.TWO_PASS)),
-                        ((4, (16, 1), (8, 2)), None), ((2, (32, 2), (32, 1)), None)]
+                        ((4, (16, 1), (16, 1), (8, 2)), None), ((2, (32, 2), (32, 2), (32, 1)), None)]
             for qkv, shape in variants:
                 sa.QKV_QUANT_CONFIG = qkv
                 if shape is not None:
