@@ -355,12 +355,19 @@ if HAS_TRITON:
                 tl.store(SCALE + bh * NBLK + blk, scale)
 
     @triton.jit
-    def _quant_int8_two_pass_block(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI, blk, bh,
-                                   stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
-                                   BLK: tl.constexpr, HEAD_DIM: tl.constexpr, CH: tl.constexpr,
-                                   HAS_MEAN: tl.constexpr, LINEAR: tl.constexpr, UNROLL: tl.constexpr):
-        """Token block ``blk`` of head ``bh``, read twice in ``CH``-row chunks: the first pass keeps only the
-        running |x| maxima and column sums, the second (the same bytes again, from L1/L2) quantizes and stores."""
+    def _quant_int8_two_pass_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
+                                    stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
+                                    BLK: tl.constexpr, HEAD_DIM: tl.constexpr, CH: tl.constexpr,
+                                    HAS_MEAN: tl.constexpr, LINEAR: tl.constexpr, UNROLL: tl.constexpr):
+        """The same outputs as ``_quant_int8_kernel`` (int8 values, scales and φ/den bit for bit; pooled means up
+        to the fp32 summation order), one token block per program, read twice in ``CH``-row chunks: the first pass
+        keeps only the running |x| maxima and column sums, the second (the same bytes again, from L1/L2)
+        quantizes and stores. Holding a whole block and the next one in registers, the one-pass kernel fits two
+        programs per SM (228-255 registers; Nsight Compute: 2.4-2.5 TB/s of DRAM traffic at 1.3B@480p against
+        3.5 for the V quantizer, which needs no block reduction); this one keeps few registers, so many programs
+        per SM keep enough loads in flight."""
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
         cols = tl.arange(0, HEAD_DIM)
         x_base = X + (bh // H) * stride_xb + (bh % H) * stride_xh
         if HAS_MEAN:
@@ -395,37 +402,6 @@ if HAS_TRITON:
             tl.store(SCALE + bh * NBLK + blk, scale)
 
     @triton.jit
-    def _quant_int8_two_pass_kernel(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI,
-                                    stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
-                                    BLK: tl.constexpr, HEAD_DIM: tl.constexpr, CH: tl.constexpr,
-                                    HAS_MEAN: tl.constexpr, LINEAR: tl.constexpr, UNROLL: tl.constexpr):
-        """The same outputs as ``_quant_int8_kernel`` (int8 values, scales and φ/den bit for bit; pooled means up
-        to the fp32 summation order), one token block per program (:func:`_quant_int8_two_pass_block`). Holding a
-        whole block and the next one in registers, the one-pass kernel fits two programs per SM (228-255
-        registers; Nsight Compute: 2.4-2.5 TB/s of DRAM traffic at 1.3B@480p against 3.5 for the V quantizer,
-        which needs no block reduction); this one keeps few registers, so many programs per SM keep enough loads
-        in flight."""
-        _quant_int8_two_pass_block(X, MEAN, OUT, SCALE, POOL, LIN_Z, PHI, tl.program_id(0), tl.program_id(1),
-                                   stride_xb, stride_xh, stride_xl, H, L, L_PAD, NBLK, mul,
-                                   BLK, HEAD_DIM, CH, HAS_MEAN, LINEAR, UNROLL)
-
-    @triton.jit
-    def _quant_v_fp8_block(V, VSCALE, OUT, vb, bh, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
-                           BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
-                           WGMMA_ORDER: tl.constexpr):
-        """Token block ``vb`` of head ``bh`` of V -> FP8 e4m3 with the per-channel scale, written transposed."""
-        pos = vb * BLK + tl.arange(0, BLK)  # key slots written by this program, in order
-        if WGMMA_ORDER:
-            rows = (pos & -16) | (((pos >> 2) & 3) << 1) | (((pos >> 1) & 1) << 3) | (pos & 1)
-        else:
-            rows = pos
-        cols = tl.arange(0, HEAD_DIM)
-        x = tl.load(V + (bh // H) * stride_vb + (bh % H) * stride_vh + rows[:, None] * stride_vl + cols[None, :],
-                    mask=(rows < L)[:, None], other=0.0).to(tl.float32)
-        x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
-        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + pos[:, None], _fp8_e4m3(x, EMULATE, True))
-
-    @triton.jit
     def _quant_v_fp8_kernel(V, VSCALE, OUT, stride_vb, stride_vh, stride_vl, H, L, L_PAD,
                             BLK: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE: tl.constexpr,
                             WGMMA_ORDER: tl.constexpr):
@@ -435,49 +411,17 @@ if HAS_TRITON:
         kernel's P registers arrive, see ``sage_attention_gluon.wgmma_key_order``). It permutes which rows it
         loads (whole rows, by the inverse map) rather than where it stores, so the transposed stores stay runs of
         contiguous keys (permuted stores cost +25% at 14B@720p)."""
-        _quant_v_fp8_block(V, VSCALE, OUT, tl.program_id(0), tl.program_id(1), stride_vb, stride_vh, stride_vl,
-                           H, L, L_PAD, BLK, HEAD_DIM, EMULATE, WGMMA_ORDER)
-
-    @triton.jit
-    def _quant_qkv_kernel(Q, K, V, K_MEAN, VSCALE, LIN_Z,
-                          QO, QS, QP, PHI, KO, KS, KP, VO,
-                          stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-                          stride_vb, stride_vh, stride_vl,
-                          H, LQ, LK, LQ_PAD, LK_PAD, NQB, NKB, mul_q,
-                          BLK_Q: tl.constexpr, BLK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          CH_Q: tl.constexpr, UNROLL_Q: tl.constexpr, CH_K: tl.constexpr, UNROLL_K: tl.constexpr,
-                          LINEAR: tl.constexpr, EMULATE: tl.constexpr, WGMMA_ORDER: tl.constexpr):
-        """The three quantizers in one launch: each group of programs covers 128 tokens, its first 128/BLK_Q
-        programs quantize Q blocks, the next 128/BLK_K K blocks (minus the token mean), the last two V blocks of
-        64 keys. The same bytes as the three launches (the int8 blocks by :func:`_quant_int8_two_pass_block`).
-
-        Why one launch: at 1.3B@480p each stage is 40-85 µs, so a launch boundary (the last wave draining, the
-        next filling) is a few percent of it; and mixed on an SM, the Q programs' exponentials (φ/den) run
-        beside the V programs' pure copies instead of after them."""
-        u = tl.program_id(0)
         bh = tl.program_id(1)
-        GQ: tl.constexpr = 128 // BLK_Q
-        GK: tl.constexpr = 128 // BLK_K
-        GROUP: tl.constexpr = GQ + GK + 2
-        g = u // GROUP
-        r = u % GROUP
-        if r < GQ:
-            blk = g * GQ + r
-            if blk < LQ_PAD // BLK_Q:
-                _quant_int8_two_pass_block(Q, K_MEAN, QO, QS, QP, LIN_Z, PHI, blk, bh, stride_qb, stride_qh,
-                                           stride_ql, H, LQ, LQ_PAD, NQB, mul_q, BLK_Q, HEAD_DIM, CH_Q, False,
-                                           LINEAR, UNROLL_Q)
-        elif r < GQ + GK:
-            blk = g * GK + (r - GQ)
-            if blk < LK_PAD // BLK_K:
-                _quant_int8_two_pass_block(K, K_MEAN, KO, KS, KP, LIN_Z, PHI, blk, bh, stride_kb, stride_kh,
-                                           stride_kl, H, LK, LK_PAD, NKB, 1.0, BLK_K, HEAD_DIM, CH_K, True,
-                                           False, UNROLL_K)
+        pos = tl.program_id(0) * BLK + tl.arange(0, BLK)  # key slots written by this program, in order
+        if WGMMA_ORDER:
+            rows = (pos & -16) | (((pos >> 2) & 3) << 1) | (((pos >> 1) & 1) << 3) | (pos & 1)
         else:
-            vb = g * 2 + (r - GQ - GK)
-            if vb < LK_PAD // 64:
-                _quant_v_fp8_block(V, VSCALE, VO, vb, bh, stride_vb, stride_vh, stride_vl, H, LK, LK_PAD, 64,
-                                   HEAD_DIM, EMULATE, WGMMA_ORDER)
+            rows = pos
+        cols = tl.arange(0, HEAD_DIM)
+        x = tl.load(V + (bh // H) * stride_vb + (bh % H) * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+                    mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+        x = x / tl.load(VSCALE + bh * HEAD_DIM + cols)[None, :]
+        tl.store(OUT + bh * HEAD_DIM * L_PAD + cols[None, :] * L_PAD + pos[:, None], _fp8_e4m3(x, EMULATE, True))
 
     @triton.jit
     def _attn_tile(acc, m_i, l_i, q, qs, K_base, V_base, KS_base, start, Lk, stride_kl, stride_vl, stride_vd,
@@ -642,9 +586,6 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
         "v_scale": v_scale, "k_mean": k_mean, "v_wgmma_order": v_order == "wgmma",
         "lin_phi": None if linear_z is None else torch.empty((b, h, lq_pad, d), dtype=torch.bfloat16, device=dev),
     }
-    if QKV_QUANT_CONFIG is not None and 128 % blk_q == 0 and 128 % blk_k == 0:
-        _quantize_qkv_into(q, k, v, k_mean, v_scale, linear_z, out, blk_q, blk_k, v_order)
-        return out
     _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E,
                         linear_z, out["lin_phi"])
     _quantize_int8_into(k, k_mean, out["k"], out["k_scale"], out["k_pool"], blk_k, 1.0)
@@ -667,12 +608,6 @@ QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool | int]] = {
     (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
     (64, True): (4, 2, 8, TWO_PASS), (128, True): (4, 1, 8, True),
 }
-
-
-#: The three quantizers in one launch (``_quant_qkv_kernel``): (warps, (rows per chunk, loop unroll factor) of the
-#: two-pass int8 blocks of Q with φ/den, of Q alone, of K), the best two-pass configs of the separate-launch sweeps
-#: (H200, 2026-11-27). None: three launches, as :data:`QUANT_CONFIGS` says.
-QKV_QUANT_CONFIG: tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]] | None = (4, (8, 2), (8, 4), (16, 4))
 
 
 @functools.lru_cache(maxsize=None)
@@ -707,30 +642,6 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
         x.stride(0), x.stride(1), x.stride(2), h, n, n_pad, scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d,
         HAS_MEAN=mean is not None, LINEAR=linear_z is not None, PREFETCH=prefetch, num_warps=warps,
         num_stages=stages)
-
-
-def _quantize_qkv_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_scale: torch.Tensor,
-                       linear_z: torch.Tensor | None, out: dict, blk_q: int, blk_k: int, v_order: str) -> None:
-    """Fill ``out`` (the buffers of :func:`sage_quantize_triton`) by one ``_quant_qkv_kernel`` launch: one program
-    group per 128 tokens, each doing 128/blk_q Q blocks, 128/blk_k K blocks and two 64-key V blocks."""
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    lq_pad, lk_pad = out["q"].shape[2], out["k"].shape[2]
-    warps, cfg_phi, cfg_q, cfg_k = QKV_QUANT_CONFIG
-    ch_q, unroll_q = cfg_phi if linear_z is not None else cfg_q
-    ch_k, unroll_k = cfg_k
-    groups = max(lq_pad, lk_pad) // 128
-    scale = out["q_scale"]  # a float tensor for the pointer arguments a variant does not read
-    _quant_qkv_kernel[(groups * (128 // blk_q + 128 // blk_k + 2), b * h)](
-        q, k, v, k_mean, v_scale, linear_z if linear_z is not None else scale,
-        out["q"], out["q_scale"], out["q_pool"], out["lin_phi"] if linear_z is not None else scale,
-        out["k"], out["k_scale"], out["k_pool"], out["v"],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        h, lq, lk, lq_pad, lk_pad, out["q_scale"].shape[-1], out["k_scale"].shape[-1], d ** -0.5 * LOG2E,
-        BLK_Q=blk_q, BLK_K=blk_k, HEAD_DIM=d, CH_Q=min(ch_q, blk_q), UNROLL_Q=unroll_q, CH_K=min(ch_k, blk_k),
-        UNROLL_K=unroll_k, LINEAR=linear_z is not None, EMULATE=_interpreting(), WGMMA_ORDER=v_order == "wgmma",
-        num_warps=warps)
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:

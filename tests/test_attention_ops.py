@@ -283,7 +283,6 @@ _INTERP_SCRIPT = textwrap.dedent("""
             # one multiply where the reference divides), and φ(q)/den, which the pass over Q writes for the
             # linear branch
             qt = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z)
-            qt_wgmma = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z, v_order="wgmma")
             qr = sage_quantize_reference(q, k, v, 64, 128)
             diffs = [(qt[x][:, :, :n].int() - qr[x].int()).abs() for x in ("q", "k")]
             r["int8_max_off"] = max(int(t.max()) for t in diffs)
@@ -298,28 +297,18 @@ _INTERP_SCRIPT = textwrap.dedent("""
             phi = phi / (phi @ z.view(1, 2, d, 1) + 1e-5)
             r["phi"] = rel(qt["lin_phi"][:, :, :n], phi)
             r["phi_nan"] = bool(qt["lin_phi"].isnan().any())
-            # other program shapes give the same bytes: the three quantizers as separate launches (QKV_QUANT_CONFIG
-            # None) with 2 blocks per program (several programs per head), prefetch on and off, one block per
-            # program, the two-pass kernel in 16-row chunks (loop unrolled by 2) and 32-row chunks; the one launch
-            # with other chunkings; pooled means up to the fp32 summation order, which the chunking sets
-            keep, keep_qkv, same = dict(sa.QUANT_CONFIGS), sa.QKV_QUANT_CONFIG, []
-            variants = [(None, (1, 2, True)), (None, (1, 2, False)), (None, (1, 1, False)),
-                        (None, (2, 16, sa.TWO_PASS)), (None, (1, 32, sa.TWO_PASS)),
-                        ((4, (16, 1), (16, 1), (8, 2)), None), ((2, (32, 2), (32, 2), (32, 1)), None)]
-            for qkv, shape in variants:
-                sa.QKV_QUANT_CONFIG = qkv
-                if shape is not None:
-                    stages, bpp, pf = shape
-                    sa.QUANT_CONFIGS.update({key: (cfg[0], stages, bpp, pf) for key, cfg in keep.items()})
-                for vo in ("natural", "wgmma"):
-                    qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z, v_order=vo)
-                    ref_v = qt["v"] if vo == "natural" else qt_wgmma["v"]
-                    same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "lin_phi"))
-                                and torch.equal(qt2["v"], ref_v)
-                                and all(torch.allclose(qt[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
-                                        for x, t in (("q_pool", q), ("k_pool", k))))
-                sa.QUANT_CONFIGS.update(keep)
-            sa.QKV_QUANT_CONFIG = keep_qkv
+            # other program shapes give the same bytes: 2 blocks per program (several programs per head), prefetch
+            # on and off, one block per program; the two-pass kernel in 16-row chunks (loop unrolled by 2) and
+            # 32-row chunks; pooled means up to the fp32 summation order, which the chunking sets; strided inputs
+            keep, same = dict(sa.QUANT_CONFIGS), []
+            for stages, bpp, pf in ((1, 2, True), (1, 2, False), (1, 1, False), (2, 16, sa.TWO_PASS),
+                                    (1, 32, sa.TWO_PASS)):
+                sa.QUANT_CONFIGS.update({key: (cfg[0], stages, bpp, pf) for key, cfg in keep.items()})
+                qt2 = sage_quantize_triton(q, k, v, 64, 128, **mom, linear_z=z)
+                same.append(all(torch.equal(qt[x], qt2[x]) for x in ("q", "k", "q_scale", "k_scale", "lin_phi"))
+                            and all(torch.allclose(qt[x], qt2[x], rtol=0.0, atol=1e-6 * float(t.abs().max()))
+                                    for x, t in (("q_pool", q), ("k_pool", k))))
+            sa.QUANT_CONFIGS.update(keep)
             # (B, H, L, D) views of (B, L, H, D) tensors, as the exported Wan graph passes them: same bytes
             view = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)
             qt3 = sage_quantize_triton(view(q), view(k), view(v), 64, 128, **mom, linear_z=z)
