@@ -13,7 +13,9 @@ the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 lin
 times the cross-attention choice of the ``attention_to_sagesla`` pass (option ``cross``): ``sage_attention`` against
 the SDPA backends at the video length of each shape against Wan's 512 text tokens.
 
-(The 09:10 and 09:21 UTC H200 runs, docs/measurements/ab_early_loads_h200_*.json, compared "08:36" against a
+(The 14:30 and 14:45 UTC H200 runs, docs/measurements/ab_fused_quant_h200_1430.json and ab_fold_ksum_h200_1445.json,
+compared one-launch sage_sla prologues and Σ K by a wgmma in the statistics pass: no gain or slower, removed; commits
+ad6627a-d684fb5 have them. The 09:10 and 09:21 UTC H200 runs, docs/measurements/ab_early_loads_h200_*.json, compared "08:36" against a
 state whose attention kernel loaded V's scales and the linear bias at its start: no gain, removed. The 06:26 UTC
 H100 run in docs/measurements/ab_pdl_h100_0626.* had a third state, programmatic dependent launch
 between the kernels, since removed: it was slower. Its "no-pdl" rows are today's code.)
