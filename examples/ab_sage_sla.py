@@ -5,10 +5,8 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "l by FADD" = the Gluon kernel summing each softmax row in registers (64 FADDs and a quad reduction per
-thread and tile, as before 2026-11-27 15:00 UTC); "now" = today's defaults (the row sums of the FP8 P by an N = 8
-wgmma with a tile of ones, ``sage_attention_gluon.L_MMA``). (The 07:45 UTC run compared "06:53", the top-k LUT by
-the 32-round radix select, against the interpolation search of ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in
+States: "06:53" = the code at 2026-11-27 06:53 UTC (the top-k LUT by the 32-round radix select); "now" = today's
+defaults (the LUT by the interpolation search of ``block_map._topk_search_kernel``). (The 05:58-06:26 UTC runs in
 docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
 the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
 (activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
@@ -53,11 +51,11 @@ def main() -> None:
     from turbocompile.kernels import block_map as bm
 
     load_ops()
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, G.L_MMA)
-    states = {"l by FADD": now[:3] + (False,), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG)
+    states = {"06:53": (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TopkConfig(kernel="radix")), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, G.L_MMA = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 

@@ -51,9 +51,6 @@ from .gluon_hopper import (
 
 BLOCK_M = 64  # query rows per program: one warpgroup, one wgmma M (dense may take 128: two warpgroups, shared K/V)
 BLOCK_N = 128  # keys per tile where the K block allows (else 64)
-#: The softmax row sums as P times a tile of ones on the tensor cores (an N = 8 FP8 wgmma beside P·V) instead of
-#: 64 FADDs and a quad reduction per thread and tile: l is then the sum of the FP8 P that P·V multiplies.
-L_MMA = True
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
@@ -125,9 +122,8 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SCALES: gl.constexpr = False, L_MMA: gl.constexpr = False):
-        """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l
-        (L_MMA: l is left alone, the tensor cores sum the FP8 P in the P·V step).
+                      ROW_SCALES: gl.constexpr = False):
+        """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
         ROW_SCALES (the tile spans several Q blocks). The int32 -> fp32
@@ -144,8 +140,7 @@ if gluon is not None:
         else:
             p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
-        if not L_MMA:
-            l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
     @gluon.jit
@@ -171,7 +166,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        L_MMA: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -200,9 +195,6 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, HEAD_DIM, 16])  # φ·M, bf16
-        # L_MMA: the row sums of the FP8 P as P times an [N, 8] tile of ones (every column the same sum)
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, 8, 32])
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
@@ -211,12 +203,6 @@ if gluon is not None:
         v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         aux = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q, linear-branch M
-        if L_MMA:
-            ones_blk: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
-            ones_lay: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-            ones_s = reinterpret(gl.allocate_shared_memory(gl.int8, [8, BN], ones_lay,
-                                                           gl.full([8, BN], 0x38, gl.int8, ones_blk)),
-                                 v_desc.dtype, [8, BN], ones_lay)  # 0x38: 1.0 in e4m3
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
         mbarrier.init(aux.index(0), count=1)
@@ -283,9 +269,6 @@ if gluon is not None:
         acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-        if L_MMA:
-            l_acc = gl.zeros([BM, 8], gl.float32, l_layout)
-            l_init = gl.zeros([BM, 8], gl.float32, l_layout)
 
         # Scalars carried one iteration ahead: start/scale of the current and next tile, start of the next copy.
         cur_start = _start_at(st_s, lut_base, 0, n_tiles, SPARSE, BLKK, BN, TILES, one)
@@ -305,19 +288,9 @@ if gluon is not None:
                     mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES,
-                                               L_MMA)
-            p_op = _as_pv_operand(p, BM, BN, p_layout)
-            if L_MMA:
-                pv = warpgroup_mma(p_op, v_s.index(j % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
-                                   max_num_imprecise_acc=BN, is_async=True)
-                lv = warpgroup_mma(p_op, ones_s.permute((1, 0)), l_init, use_acc=False, max_num_imprecise_acc=BN,
-                                   is_async=True)
-                pv, lv = warpgroup_mma_wait(num_outstanding=0, deps=[pv, lv])
-                l_acc = gl.fma(l_acc, gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1), lv)
-            else:
-                pv = warpgroup_mma(p_op, v_s.index(j % NUM_STAGES).permute((1, 0)), o_init, use_acc=False,
-                                   max_num_imprecise_acc=BN)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
+            pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
+                               o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
             _load_kv(k_desc, v_desc, k_s, v_s, ready, j + NUM_STAGES - 1, fill_start, k_row0, v_row0,
                      j + NUM_STAGES - 1 < n_tiles, NUM_STAGES)
@@ -336,10 +309,7 @@ if gluon is not None:
             tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
 
         offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
-        if L_MMA:
-            inv_l = 1.0 / gl.convert_layout(gl.max(l_acc, axis=1), row_o)  # the 8 columns are equal
-        else:
-            inv_l = 1.0 / gl.convert_layout(l_i, row_o)
+        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
         offs_m = pid_m * BM + gl.arange(0, BM, layout=row_o)
         row_ok = gl.expand_dims(offs_m < Lq, 1)
@@ -428,7 +398,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None,
-                         preload: bool | None = None, l_mma: bool | None = None) -> torch.Tensor:
+                         preload: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -483,15 +453,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, L_MMA=L_MMA if l_mma is None else l_mma,
-        num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32,
-                     l_mma: bool | None = None):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
@@ -505,14 +473,14 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "L_MMA": L_MMA if l_mma is None else l_mma, "num_warps": block_m // 16}
+              "num_warps": block_m // 16}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"l_mma": False}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
+BENCH_VARIANTS = [{}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
                   {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "preload": False}]
 
 
@@ -528,8 +496,6 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
     ap = argparse.ArgumentParser(description="Gluon Sage attention kernel variants vs the Triton kernel")
     ap.add_argument("--shapes", default="1.3B@480p,14B@720p")
     ap.add_argument("--modes", default="dense,sparse0.1")
-    ap.add_argument("--variants", default="",
-                    help="comma-separated indices into BENCH_VARIANTS to time (default: all; 0 is the default kernel)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--wave-sweep", default="",
                     help="comma-separated query-tile counts: time the sparse kernel on the first shape with only that "
@@ -571,8 +537,7 @@ def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - nee
             t_ms = bench_ms(fn_t)
             rows.append({"shape": shape, "mode": mode, "kernel": "triton", "ms": t_ms, "tops": flops / t_ms / 1e9})
             print(f"{shape:10} {mode:10} triton                        {t_ms:8.3f} ms", flush=True)
-            picked = [int(i) for i in args.variants.split(",")] if args.variants else range(len(BENCH_VARIANTS))
-            for var in (BENCH_VARIANTS[i] for i in picked):
+            for var in BENCH_VARIANTS:
                 kw = {k_: v_ for k_, v_ in var.items() if k_ not in ("linear_off", "phi_pre")}
                 if (lut is not None and kw.get("block_m", 64) > blks[0]) or (lut is None and (
                         "linear_off" in var or "phi_pre" in var)):
