@@ -5,8 +5,10 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "06:53" = the code at 2026-11-27 06:53 UTC (the top-k LUT by the 32-round radix select); "now" = today's
-defaults (the LUT by the interpolation search of ``block_map._topk_search_kernel``). (The 05:58-06:26 UTC runs in
+States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 15:10 UTC);
+"now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``). The
+dense ``sage_attention`` is the same in both. (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
+radix select, against the interpolation search of ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in
 docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
 the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
 (activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
@@ -51,11 +53,13 @@ def main() -> None:
     from turbocompile.kernels import block_map as bm
 
     load_ops()
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG)
-    states = {"06:53": (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TopkConfig(kernel="radix")), "now": now}
+    from turbocompile.kernels import sage_sla as sla_mod
+
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V)
+    states = {"one stream": now[:3] + (False,), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -83,7 +87,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
-                    for tag, state in states.items():
+                    for tag, state in states.items() if name == "sage_sla" else [("now", now)]:
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

@@ -111,6 +111,26 @@ def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float)
     return topk_lut_reference(scores, t)
 
 
+def lut_buffers(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Empty (scores, LUT) buffers for :func:`lut_into`, or None where :func:`lut_from_pooled` would not run the two
+    Triton kernels (CPU, every block kept, Nk over :data:`TOPK_MAX_NK`, operands the scores kernel declines).
+    Allocating them apart from the launches lets a caller allocate on one CUDA stream and launch on another."""
+    nk = pooled_k.shape[-2]
+    t = num_kept_blocks(topk, nk)
+    if not (pooled_q.is_cuda and HAS_TRITON and _block_scores_fits(pooled_q, pooled_k) and t < nk
+            and nk <= TOPK_MAX_NK):
+        return None
+    lead = pooled_q.shape[:-1]
+    return (torch.empty(lead + (nk,), dtype=torch.float32, device=pooled_q.device),
+            torch.empty(lead + (t,), dtype=torch.int32, device=pooled_q.device))
+
+
+def lut_into(pooled_q: torch.Tensor, pooled_k: torch.Tensor, scores: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """:func:`lut_from_pooled`'s two Triton launches into buffers from :func:`lut_buffers`; returns ``lut``."""
+    block_scores_triton(pooled_q, pooled_k, out=scores)
+    return topk_lut_triton(scores, lut.shape[-1], out=lut)
+
+
 def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128) -> torch.Tensor:
     """SLA block map of q [B, H, Lq, D] and k [B, H, Lk, D]: int32 LUT [B, H, ceil(Lq/blk_q), T] of kept key blocks."""
     check_block_size("blk_q", blk_q)

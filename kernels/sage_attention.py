@@ -548,7 +548,7 @@ def triton_supported(q: torch.Tensor, blk_q: int, blk_k: int) -> str | None:
 def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_q: int, blk_k: int,
                          k_mean: torch.Tensor | None = None, v_amax: torch.Tensor | None = None,
                          v_order: str = "natural", linear_z: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> dict:
+                         v_scale: torch.Tensor | None = None, v_later: bool = False) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
     One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
@@ -557,7 +557,8 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     Vᵀ's keys permuted within each 32-key group for the Gluon kernel (``out["v_wgmma_order"]`` says which).
     ``linear_z`` (z = Σφ(K) [B·H, D] fp32 of :func:`~.sla.linear_branch_stats`): the pass over Q also writes
     ``out["lin_phi"] = φ(q)/(φ(q)·z + 1e-5)`` [B, H, Lq_pad, D] bf16, the SLA linear branch short of its
-    product with M, which the Gluon kernel's epilogue takes by TMA.
+    product with M, which the Gluon kernel's epilogue takes by TMA. ``v_later``: Vᵀ's buffer is allocated but the
+    caller launches its quantizer (:func:`quantize_v_into`), e.g. beside other work on another CUDA stream.
     """
     if v_order not in ("natural", "wgmma"):
         raise ValueError(f"v_order must be 'natural' or 'wgmma', not {v_order!r}")
@@ -589,7 +590,8 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     _quantize_int8_into(q, None, out["q"], out["q_scale"], out["q_pool"], blk_q, d ** -0.5 * LOG2E,
                         linear_z, out["lin_phi"])
     _quantize_int8_into(k, k_mean, out["k"], out["k_scale"], out["k_pool"], blk_k, 1.0)
-    _quantize_v_into(v, v_scale, out["v"], v_order)
+    if not v_later:
+        quantize_v_into(v, out)
     return out
 
 
@@ -642,6 +644,11 @@ def _quantize_int8_into(x: torch.Tensor, mean: torch.Tensor | None, xq: torch.Te
         x.stride(0), x.stride(1), x.stride(2), h, n, n_pad, scale.shape[-1], bpp, mul, BLK=blk, HEAD_DIM=d,
         HAS_MEAN=mean is not None, LINEAR=linear_z is not None, PREFETCH=prefetch, num_warps=warps,
         num_stages=stages)
+
+
+def quantize_v_into(v: torch.Tensor, quant: dict) -> None:
+    """Fill ``quant["v"]`` (a :func:`sage_quantize_triton` result made with ``v_later=True``) from ``v``."""
+    _quantize_v_into(v, quant["v_scale"], quant["v"], "wgmma" if quant["v_wgmma_order"] else "natural")
 
 
 def _quantize_v_into(v: torch.Tensor, v_scale: torch.Tensor, vt: torch.Tensor, v_order: str) -> None:

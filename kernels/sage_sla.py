@@ -19,13 +19,14 @@ multiplies the quantizer's φ(q)/den by M, the Triton kernel computes it all the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 
 import torch
 
-from .block_map import lut_from_pooled, sla_block_map
+from .block_map import lut_buffers, lut_from_pooled, lut_into, sla_block_map
 from .sage_attention import (
     ATTENTION_BENCH_SHAPES,
     attention_fp32_reference,
@@ -33,6 +34,7 @@ from .sage_attention import (
     bench_ms,
     bench_ms_graph,
     block_attention_triton,
+    quantize_v_into,
     sage_kernel_for,
     sage_quantize_triton,
     structured_qkv,
@@ -58,6 +60,16 @@ def sage_sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_w
     return sparse_linear_reference(q, k, v, proj_weight, proj_bias, topk, blk_q, blk_k, lut, sage=True)
 
 
+#: Run the top-k LUT on a second CUDA stream beside V's quantizer (CUDA only; captured into graphs as a fork/join).
+LUT_BESIDE_V = True
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra CUDA stream per device for the prologue's independent work."""
+    return torch.cuda.Stream(device=device)
+
+
 def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
                     proj_bias: torch.Tensor, topk: float = 0.1, blk_q: int = 64, blk_k: int = 128,
                     lut: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
@@ -72,9 +84,21 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
         from .sage_attention_gluon import uses_lin_phi
     phi = gluon and uses_lin_phi(blk_k, q.shape[-1])
     quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
-                                 linear_z=lin[1] if phi else None)
-    if lut is None:
-        lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+                                 linear_z=lin[1] if phi else None, v_later=True)
+    bufs = lut_buffers(quant["q_pool"], quant["k_pool"], topk) if lut is None and LUT_BESIDE_V else None
+    if bufs is not None:
+        # the LUT's two small launches (~20 µs at 1.3B@480p, latency-bound, the scores grid far from filling the
+        # GPU) on a second stream beside V's quantizer (memory-bound): both need only what came before
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # buffers were allocated on the main stream, which joins before freeing
+            lut = lut_into(quant["q_pool"], quant["k_pool"], *bufs)
+        quantize_v_into(v, quant)
+        main.wait_stream(side)
+    else:
+        quantize_v_into(v, quant)
+        if lut is None:
+            lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
 

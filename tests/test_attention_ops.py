@@ -367,3 +367,37 @@ def test_cuda_ops_match_references(n):
     assert l2 <= 1e-2
     _, _, l2 = metrics(sla(q, k, v, w, b, 0.1, 64, 128), sla_reference(q, k, v, w, b, 0.1, 64, 128, lut=lut))
     assert l2 <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [4097, 32760])
+def test_sage_sla_lut_on_a_side_stream_is_the_same_eager_and_in_a_cuda_graph(n, monkeypatch):
+    """The top-k LUT on a second stream beside V's quantizer (fork/join) gives the one-stream result bit for bit,
+    eagerly and captured into a CUDA graph, whose replays follow new inputs."""
+    from turbocompile.kernels import sage_sla as S
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 12, n, 128, torch.bfloat16, dev, seed=n)
+    q2, k2, v2 = structured_qkv(1, 12, n, 128, torch.bfloat16, dev, seed=n + 1)
+    w, b = (t.to(dev) for t in proj(128))
+    monkeypatch.setattr(S, "LUT_BESIDE_V", False)
+    ref, ref2 = S.sage_sla_triton(q, k, v, w, b, 0.1), S.sage_sla_triton(q2, k2, v2, w, b, 0.1)
+    monkeypatch.setattr(S, "LUT_BESIDE_V", True)
+    assert torch.equal(S.sage_sla_triton(q, k, v, w, b, 0.1), ref)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs advises
+        S.sage_sla_triton(q, k, v, w, b, 0.1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = S.sage_sla_triton(q, k, v, w, b, 0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    for x, x2 in ((q, q2), (k, k2), (v, v2)):
+        x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref2)
