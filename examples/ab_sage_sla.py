@@ -6,9 +6,8 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
 States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 15:10 UTC);
-"LUT beside V" = the top-k LUT on a second stream beside V's quantizer (``sage_sla.LUT_BESIDE_V``; measured 1.173
-against 1.183 ms at 1.3B@480p at 14:56 UTC); "now" = today's defaults (also the statistics' M on that stream beside
-the quantizers, ``sage_sla.M_BESIDE``). The dense ``sage_attention`` is the same in every state. (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
+"now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``). The
+dense ``sage_attention`` is the same in both. (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
 radix select, against the interpolation search of ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in
 docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
 the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
@@ -56,11 +55,11 @@ def main() -> None:
     load_ops()
     from turbocompile.kernels import sage_sla as sla_mod
 
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, sla_mod.M_BESIDE)
-    states = {"one stream": now[:3] + (False, False), "LUT beside V": now[:3] + (True, False), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V)
+    states = {"one stream": now[:3] + (False,), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, sla_mod.M_BESIDE = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 

@@ -63,9 +63,6 @@ def sage_sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_w
 #: Run the top-k LUT on a second CUDA stream beside V's quantizer (CUDA only; captured into graphs as a fork/join).
 #: H200, A/B through the op (2026-11-27): 1.173 against 1.183 ms at 1.3B@480p, 17.88 against 17.89 at 14B@720p.
 LUT_BESIDE_V = True
-#: With LUT_BESIDE_V: the statistics' M (3xTF32, 96 programs at 1.3B) on that stream too, beside the quantizers;
-#: the moments they need come from a launch of their own.
-M_BESIDE = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,11 +77,7 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """SageSLA on the GPU kernels (the Gluon attention kernel on sm_90, the Triton one elsewhere and on the CPU
     under TRITON_INTERPRET=1); ``lut`` overrides the block map."""
-    # the LUT (and M, which only the attention kernel reads) on a second stream where that stream is used
-    side = _side_stream(q.device) if LUT_BESIDE_V and lut is None and q.is_cuda else None
-    m_side = side if M_BESIDE and side is not None else None
-    # one pass over K, V: also mean(K), amax(V)
-    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias, m_stream=m_side)
+    lin, moments = linear_branch_stats(k, v, proj_weight, proj_bias)  # one pass over K, V: also mean(K), amax(V)
     kernel = sage_kernel_for(q, blk_q, blk_k, config)
     # on the Gluon path the pass over Q also writes φ(q)/den, which the kernel's epilogue multiplies by M
     gluon = kernel == "gluon"
@@ -93,21 +86,20 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
     phi = gluon and uses_lin_phi(blk_k, q.shape[-1])
     quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
                                  linear_z=lin[1] if phi else None, v_later=True)
-    bufs = lut_buffers(quant["q_pool"], quant["k_pool"], topk) if side is not None else None
-    main = torch.cuda.current_stream(q.device) if side is not None else None
+    bufs = lut_buffers(quant["q_pool"], quant["k_pool"], topk) if lut is None and LUT_BESIDE_V else None
     if bufs is not None:
         # the LUT's two small launches (~20 µs at 1.3B@480p, latency-bound, the scores grid far from filling the
         # GPU) on a second stream beside V's quantizer (memory-bound): both need only what came before
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):  # buffers were allocated on the main stream, which joins before freeing
             lut = lut_into(quant["q_pool"], quant["k_pool"], *bufs)
         quantize_v_into(v, quant)
+        main.wait_stream(side)
     else:
         quantize_v_into(v, quant)
         if lut is None:
             lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
-    if side is not None:
-        main.wait_stream(side)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
 

@@ -93,27 +93,24 @@ if HAS_TRITON:
     @triton.jit
     def _linear_stats_finish_kernel(KV, Z, KSUM, VMAX, W, BIAS, M_OUT, Z_OUT, KMEAN, VAMAX, VSCALE, BIAS_OUT,
                                     n_chunks, BH, n_tokens, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                                    EMULATE: tl.constexpr, DO_M: tl.constexpr = True,
-                                    DO_MOMENTS: tl.constexpr = True):
+                                    EMULATE: tl.constexpr):
         """``ROWS`` rows of one head's ``M = (Σ chunks φ(K)ᵀV)·Wᵀ`` in bf16 (3xTF32 on the tensor cores: fp32
         accuracy), and in the head's first program the moments summed over the chunks and FP8 V's scale: one launch
-        where PyTorch needed eleven small ones. DO_M / DO_MOMENTS: only one of the two (two launches, which can run
-        on two streams: the quantizers wait for the moments only, M is first read by the attention kernel)."""
+        where PyTorch needed eleven small ones."""
         bh = tl.program_id(0)
         r0 = tl.program_id(1) * ROWS
+        rr = r0 + tl.arange(0, ROWS)
         c = tl.arange(0, HEAD_DIM)
-        if DO_M:
-            rr = r0 + tl.arange(0, ROWS)
-            kv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-            for i in range(n_chunks):
-                kv += tl.load(KV + ((i * BH + bh) * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :])
-            w_t = tl.load(W + c[None, :] * HEAD_DIM + c[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
-            if EMULATE:  # the CPU interpreter: fp32 dot, pre-rounded to bf16 (its bf16 cast does not round to even)
-                m = round_bits(tl.dot(kv, w_t, input_precision="ieee"), 16)
-            else:
-                m = tl.dot(kv, w_t, input_precision="tf32x3")
-            tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
-        if DO_MOMENTS and r0 == 0:
+        kv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        for i in range(n_chunks):
+            kv += tl.load(KV + ((i * BH + bh) * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :])
+        w_t = tl.load(W + c[None, :] * HEAD_DIM + c[:, None]).to(tl.float32)  # Wᵀ[j, o] = W[o, j]
+        if EMULATE:  # the CPU interpreter: fp32 dot, pre-rounded to bf16 (its bf16 cast does not round to even)
+            m = round_bits(tl.dot(kv, w_t, input_precision="ieee"), 16)
+        else:
+            m = tl.dot(kv, w_t, input_precision="tf32x3")
+        tl.store(M_OUT + (bh * HEAD_DIM + rr[:, None]) * HEAD_DIM + c[None, :], m.to(tl.bfloat16))
+        if r0 == 0:
             z = tl.zeros([HEAD_DIM], dtype=tl.float32)
             ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
             vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -182,14 +179,11 @@ def _stats_partials(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
-                        proj_bias: torch.Tensor, m_stream: torch.cuda.Stream | None = None,
-                        ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
+                        proj_bias: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict]:
     """One pass over K and V (:func:`_stats_partials`), then one launch that sums its chunks. Returns what the
     fused epilogue needs, ``(M = (φ(K)ᵀV)·Wᵀ`` [B·H, D, D] bf16, ``z = Σφ(K)`` [B·H, D] fp32, bias fp32), and the
     moments ``{"k_mean", "v_amax", "v_scale"}`` [B, H, D] fp32 (``v_scale`` = FP8 V's per-channel scale,
-    ``max(v_amax, 1e-6) / 448``). With ``m_stream`` the moments come from one launch on the current stream and M
-    from another on ``m_stream`` (forked here; the caller joins it before reading M; every buffer is allocated
-    on the current stream)."""
+    ``max(v_amax, 1e-6) / 448``)."""
     b, h, lk, d = k.shape
     kv, z, ksum, vmax = _stats_partials(k, v)
     n_chunks = kv.shape[0]
@@ -198,18 +192,9 @@ def linear_branch_stats(k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Ten
     z_sum, k_mean, v_amax, v_scale = (torch.empty((b * h, d), **f32) for _ in range(4))
     bias = torch.empty(d, **f32)
     rows = 16  # rows of M per program: 8 warps, no spills (the 3xTF32 operands of 64 rows need 192 KB of shared memory)
-    args = (kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale,
-            bias, n_chunks, b * h, float(lk))
-    if m_stream is None:
-        _linear_stats_finish_kernel[(b * h, d // rows)](*args, HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(),
-                                                        num_warps=8)
-    else:
-        m_stream.wait_stream(torch.cuda.current_stream(k.device))
-        with torch.cuda.stream(m_stream):
-            _linear_stats_finish_kernel[(b * h, d // rows)](*args, HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(),
-                                                            DO_MOMENTS=False, num_warps=8)
-        _linear_stats_finish_kernel[(b * h, 1)](*args, HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), DO_M=False,
-                                                num_warps=8)
+    _linear_stats_finish_kernel[(b * h, d // rows)](
+        kv, z, ksum, vmax, proj_weight.contiguous(), proj_bias.contiguous(), m, z_sum, k_mean, v_amax, v_scale, bias,
+        n_chunks, b * h, float(lk), HEAD_DIM=d, ROWS=rows, EMULATE=_interpreting(), num_warps=8)
     return (m, z_sum, bias), {"k_mean": k_mean.view(b, h, d), "v_amax": v_amax.view(b, h, d),
                               "v_scale": v_scale.view(b, h, d)}
 
