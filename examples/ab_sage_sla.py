@@ -7,7 +7,8 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
 States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 15:10 UTC);
 "now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``). The
-dense ``sage_attention`` is the same in both. (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
+dense ``sage_attention`` is the same in both, so it is timed once per round. (The 15:03 UTC run,
+docs/measurements/ab_m_side_h200_1503.json, also had the statistics' M on the side stream: no gain, removed.) (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
 radix select, against the interpolation search of ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in
 docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
 the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
