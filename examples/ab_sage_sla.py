@@ -5,23 +5,25 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 15:10 UTC);
-"now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``). The
-dense ``sage_attention`` is the same in both, so it is timed once per round. (The 15:03 UTC run,
-docs/measurements/ab_m_side_h200_1503.json, also had the statistics' M on the side stream: no gain, removed.) (The 07:45 UTC run compared "06:53", the top-k LUT by the 32-round
-radix select, against the interpolation search of ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in
-docs/measurements compared against "04:55": sparse programs loading their tile starts and K scales inside the loop,
-the one-pass int8 quantizer for Q.) ``--linear`` also times the fp8-row W8A8 linear
-(activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes and prints the geomean. ``--cross``
-times the cross-attention choice of the ``attention_to_sagesla`` pass (option ``cross``): ``sage_attention`` against
-the SDPA backends at the video length of each shape against Wan's 512 text tokens.
+States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 14:56
+UTC); "now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``).
+The dense ``sage_attention`` is the same in both, so it is timed once per round. (The 15:03 UTC run,
+docs/measurements/ab_m_side_h200_1503.json, also had the statistics' M on the side stream: no gain, removed. The
+07:45 UTC run compared "06:53", the top-k LUT by the 32-round radix select, against the interpolation search of
+``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in docs/measurements compared against "04:55": sparse
+programs loading their tile starts and K scales inside the loop, the one-pass int8 quantizer for Q.) ``--linear``
+also times the fp8-row W8A8 linear (activation quantization + GEMM) against cuBLAS bf16 at the twelve Wan shapes
+and prints the geomean. ``--cross`` times the cross-attention choice of the ``attention_to_sagesla`` pass (option
+``cross``): ``sage_attention`` against the SDPA backends at the video length of each shape against Wan's 512 text
+tokens.
 
-(The 14:30 and 14:45 UTC H200 runs, docs/measurements/ab_fused_quant_h200_1430.json and ab_fold_ksum_h200_1445.json,
-compared one-launch sage_sla prologues and Σ K by a wgmma in the statistics pass: no gain or slower, removed; commits
-ad6627a-d684fb5 have them. The 09:10 and 09:21 UTC H200 runs, docs/measurements/ab_early_loads_h200_*.json, compared "08:36" against a
-state whose attention kernel loaded V's scales and the linear bias at its start: no gain, removed. The 06:26 UTC
-H100 run in docs/measurements/ab_pdl_h100_0626.* had a third state, programmatic dependent launch
-between the kernels, since removed: it was slower. Its "no-pdl" rows are today's code.)
+(The 14:30 and 14:45 UTC H200 runs, docs/measurements/ab_fused_quant_h200_1430.json and
+ab_fold_ksum_h200_1445.json, compared one-launch sage_sla prologues and Σ K by a wgmma in the statistics pass: no
+gain or slower, removed; commits ad6627a-d684fb5 have them. The 14:50 UTC run, ab_l_mma_h200_1450.json, the softmax
+row sums by a wgmma: slower, removed. The 09:10 and 09:21 UTC H200 runs, docs/measurements/ab_early_loads_h200_*.json,
+compared "08:36" against a state whose attention kernel loaded V's scales and the linear bias at its start: no
+gain, removed. The 06:26 UTC H100 run in docs/measurements/ab_pdl_h100_0626.* had a third state, programmatic
+dependent launch between the kernels, since removed: it was slower. Its "no-pdl" rows are today's code.)
 """
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def lut_from_pooled(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float)
     return topk_lut_reference(scores, t)
 
 
-def lut_buffers(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def lut_buffers(pooled_q: torch.Tensor, pooled_k: torch.Tensor,
+                topk: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Empty (scores, LUT) buffers for :func:`lut_into`, or None where :func:`lut_from_pooled` would not run the two
     Triton kernels (CPU, every block kept, Nk over :data:`TOPK_MAX_NK`, operands the scores kernel declines).
     Allocating them apart from the launches lets a caller allocate on one CUDA stream and launch on another."""

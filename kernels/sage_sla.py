@@ -10,8 +10,9 @@ from the fused quantization kernel (one pass over Q and K serves both).
 GPU pipeline per call: (1) one Triton pass over K and V for ``φ(K)ᵀV``, ``Σφ(K)``, the token mean of K and the
 channel amax of V, and the [D, D] fold with ``proj_weight``; (2) Triton quantization of Q, K (with pooling) and V
 (FP8, transposed), where on sm_90 the pass over Q also writes ``φ(q)/(φ(q)·z + 1e-5)``; (3) top-k LUT from the
-pooled means, on a second CUDA stream while V is quantized (:data:`LUT_BESIDE_V`); (4) the sparse Sage attention kernel with the linear branch in its epilogue (the Gluon kernel
-multiplies the quantizer's φ(q)/den by M, the Triton kernel computes it all there). The CPU implementation is
+pooled means, on a second CUDA stream while V is quantized (:data:`LUT_BESIDE_V`); (4) the sparse Sage attention
+kernel with the linear branch in its epilogue (the Gluon kernel multiplies the quantizer's φ(q)/den by M, the
+Triton kernel computes it all there). The CPU implementation is
 :func:`sage_sla_reference` (same quantization emulated in PyTorch).
 
 ``python -m turbocompile.kernels.sage_sla --bench`` runs the GPU benchmark of all three attention ops.
