@@ -174,3 +174,58 @@ def test_dense_steps_run_the_dense_attention_program(tmp_path):
     assert calls == ["dense", "dense"]
     with pytest.raises(InputError, match="between 0 and the 3 steps, got 4"):
         sample_rcm(engine, ctx, steps=3, dense_steps=4)
+
+
+def _program_with_weights(weights):
+    """An ExpertProgram without an artifact: only its weights and residency (what the swap logic touches)."""
+    from turbocompile.runtime import ExpertProgram
+
+    prog = object.__new__(ExpertProgram)
+    prog.weights, prog.on_device, prog._compiled, prog.compile_mode = list(weights), False, None, None
+    prog._swapping, prog._host, prog._dense, prog._parent = False, None, None, None
+    return prog
+
+
+def test_swapped_program_drops_its_device_copy_instead_of_copying_back():
+    """An engine that swaps (experts + activations over the budget) asks each program to keep its host weights:
+    moving out is then dropping the device copy, and the same host tensors serve the next move in."""
+    w = [torch.randn(4, 4), torch.randn(8)]
+    prog = _program_with_weights(w)
+    spec = get_model("wan-tiny-i2v")
+    ResidentEngine(spec, 160, 96, 17, torch.device("meta"), torch.float32, {"main": prog}, gpu_memory_budget=1)
+    assert prog._swapping and not prog.on_device
+    prog.to(torch.device("meta"))
+    assert prog.on_device and all(t.device.type == "meta" for t in prog.weights)
+    assert prog._host is not None and all(a is b for a, b in zip(prog._host, w))
+    prog.to(torch.device("cpu"))
+    assert not prog.on_device and all(a is b for a, b in zip(prog.weights, w))  # the host tensors, not copies
+    assert prog._host is None
+    prog.to(torch.device("meta"))  # and in again from the same host tensors
+    assert prog.on_device and all(a is b for a, b in zip(prog._host, w))
+
+
+def test_resident_program_keeps_no_host_copy():
+    """All experts fit: nothing is swapped, so no host copy is held beside the device one."""
+    prog = _program_with_weights([torch.randn(4, 4)])
+    ResidentEngine(get_model("wan-tiny-i2v"), 160, 96, 17, torch.device("meta"), torch.float32, {"main": prog}, None)
+    assert prog.on_device and not prog._swapping and prog._host is None
+    assert prog.weights[0].device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_swapped_program_moves_in_from_pinned_memory():
+    w = [torch.randn(64, 64), torch.randn(3)]
+    prog = _program_with_weights(w)
+    prog.keep_host_copy()
+    prog.to(torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert all(t.is_pinned() for t in prog._host)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(prog.weights, w))
+    pinned = prog._host
+    prog.to(torch.device("cpu"))
+    assert all(a is b for a, b in zip(prog.weights, pinned)) and not prog.on_device  # no copy back
+    prog.to(torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert all(a is b for a, b in zip(prog._host, pinned))  # pinned once
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(prog.weights, w))

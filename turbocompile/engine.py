@@ -47,7 +47,8 @@ class Engine(Protocol):
 
 
 class ExpertSlot(Protocol):
-    """One expert as the residency logic sees it: a denoiser that knows its size and can move."""
+    """One expert as the residency logic sees it: a denoiser that knows its size and can move. A slot may also
+    have ``keep_host_copy()``, which the engine calls when it will swap the slot in and out (not all resident)."""
 
     on_device: bool
 
@@ -94,6 +95,10 @@ class ResidentEngine:
             log.info("experts (%.1f GiB) + one forward's activations (%.1f GiB) do not fit the %.1f GiB budget: "
                      "keeping them on the host and swapping", total / 2**30, self.activation_bytes / 2**30,
                      gpu_memory_budget / 2**30)
+            for e in experts.values():
+                keep = getattr(e, "keep_host_copy", None)  # optional (ExpertSlot): swap without copying back
+                if keep is not None:
+                    keep()
 
     @property
     def expert_names(self) -> tuple[str, ...]:
