@@ -204,6 +204,21 @@ def test_swapped_program_drops_its_device_copy_instead_of_copying_back():
     assert prog.on_device and all(a is b for a, b in zip(prog._host, w))
 
 
+def test_moving_a_program_moves_its_dense_view_too():
+    """The ``--dense-steps`` view reads its parent's weights; after a move it must not hold the old device copy
+    (under a memory budget that copy would stay allocated beside the next expert)."""
+    import copy
+
+    prog = _program_with_weights([torch.randn(4, 4)])
+    view = copy.copy(prog)
+    view._parent, prog._dense = prog, view
+    prog.keep_host_copy()
+    view.to(torch.device("meta"))  # a view moves its parent
+    assert prog.on_device and view.weights is prog.weights and view.weights[0].device.type == "meta"
+    prog.to(torch.device("cpu"))
+    assert view.weights is prog.weights and view.weights[0].device.type == "cpu"
+
+
 def test_resident_program_keeps_no_host_copy():
     """All experts fit: nothing is swapped, so no host copy is held beside the device one."""
     prog = _program_with_weights([torch.randn(4, 4)])

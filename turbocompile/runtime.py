@@ -78,6 +78,8 @@ class ExpertProgram:
             if host is not None and self._swapping and device.type != "cpu":
                 self._host = host
         self.on_device = device.type != "cpu"
+        if self._dense is not None:  # the dense view must not keep the weights it last ran with alive
+            self._dense.weights = self.weights
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self._parent is not None:
