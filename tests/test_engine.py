@@ -227,6 +227,23 @@ def test_resident_program_keeps_no_host_copy():
     assert prog.weights[0].device.type == "meta"
 
 
+def test_weights_copied_into_one_buffer_keep_their_values_dtypes_and_shapes():
+    """The pinned host copy is one buffer (PyTorch's pinned allocator rounds each allocation up to a power of two):
+    every weight must come back as a view with its own dtype, shape and bytes, at an aligned offset."""
+    from turbocompile.runtime import _views_of_one_buffer
+
+    w = [torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(7).to(torch.float8_e4m3fn), torch.randn(()),
+         torch.randint(-5, 5, (4, 4), dtype=torch.int8), torch.randn(2, 3, dtype=torch.float32)]
+    buffers = []
+    out = _views_of_one_buffer(w, lambda n: buffers.append(torch.full((n,), 0xAB, dtype=torch.uint8)) or buffers[-1])
+    assert len(buffers) == 1
+    base = buffers[0].data_ptr()
+    for a, b in zip(out, w):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # the same bytes
+        assert (a.data_ptr() - base) % 64 == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_swapped_program_moves_in_from_pinned_memory():

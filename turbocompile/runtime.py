@@ -102,14 +102,36 @@ class ExpertProgram:
 
 
 def _pinned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` in page-locked host memory (each pinned once: a pinned tensor is returned as is), or as they are
-    where pinning fails (a host without the room or the permission: the copies are then synchronous and slower)."""
+    """``tensors`` in page-locked host memory (pinned once: already pinned tensors are returned as they are), or as
+    they are where pinning fails (a host without the room or the permission: the copies are then synchronous and
+    slower). One buffer for all of them: PyTorch's pinned allocator rounds every allocation up to a power of two,
+    which per tensor would cost a 14B expert ~1.4x its 14.6 GB (a 70.8 MB FFN weight takes 128 MB)."""
+    if all(t.is_pinned() for t in tensors):
+        return tensors
     try:
-        return [t if t.is_pinned() else t.pin_memory() for t in tensors]
+        return _views_of_one_buffer(tensors, lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
     except RuntimeError as exc:
         log.warning("cannot pin %.1f GiB of expert weights (%s); copying from pageable memory",
                     sum(t.numel() * t.element_size() for t in tensors) / 2**30, str(exc).splitlines()[0])
         return tensors
+
+
+def _views_of_one_buffer(tensors: list[torch.Tensor], alloc) -> list[torch.Tensor]:
+    """Copies of ``tensors`` laid out in one byte buffer from ``alloc(nbytes)`` (each at a 64-byte aligned offset),
+    as views of their own dtype and shape."""
+    align = 64
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // align) * align
+    flat = alloc(max(total, 1))
+    out = []
+    for t, off, n in zip(tensors, offsets, sizes):
+        view = flat[off:off + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out.append(view)
+    return out
 
 
 def mark_weights_static(weights: list[torch.Tensor]) -> None:
