@@ -1,0 +1,260 @@
+"""Dense Sage attention in FA3's layout for Hopper (work in progress on branch ``wip/fa3-ws-attention``).
+
+Today's Gluon kernel (:mod:`.sage_attention_gluon`) runs one 64-row warpgroup per program, two programs per SM, and
+each warpgroup issues its own K/V copies (TMA, barriers, address arithmetic on the compute stream). Nsight Compute
+and every reordering tried say its loop is latency-bound with two warps per scheduler (docs/kernels-attention.md).
+Here one program holds 128 query rows: two consumer partitions of 64 rows each (the same loop: int8 scores, online
+softmax, FP8 P·V into a fresh accumulator, fold) share one K/V ring that a one-warp producer partition fills
+(``gl.warp_specialize``; the consumers get 240 registers, the producer 24, via ``setmaxnreg``). Each consumer
+releases a stage on an "empty" barrier of count 2 once its P·V is done.
+
+Per consumer the arithmetic is today's dense kernel's, in the same order, so the output should be bit-identical to
+``sage_attention_gluon`` on dense calls (the GPU test says whether it is). Not yet: an order between the two
+consumers (ping-pong on named barriers), block-sparse LUTs (the two consumers' rows lie in different LUT rows),
+the SLA linear epilogue.
+
+Status (2026-11-27): compiles for sm_90a with Triton 3.6 with no spills (tests/test_sage_attention_ws.py); never
+run on a GPU. ``python -m turbocompile.kernels.sage_attention_ws`` times it against the Gluon kernel and cuDNN.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from turbocompile.errors import UnsupportedShapeError
+
+from .gluon_hopper import (
+    TensorDescriptor,
+    compile_for_sm90a,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
+BLOCK_N = 128
+NUM_STAGES = 4  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM)
+CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
+PRODUCER_REGS = 24
+
+if gluon is not None:
+    from .sage_attention_gluon import _as_pv_operand, _softmax_tile
+
+    @gluon.jit
+    def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
+        """Fill the ring: tile j's K and Vᵀ into stage j % NUM_STAGES once both consumers released it."""
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        for j in range(n_tiles):
+            s = j % NUM_STAGES
+            if j >= NUM_STAGES:
+                mbarrier.wait(empty.index(s), ((j // NUM_STAGES) - 1) & 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma_load(k_desc, [k_row0 + j * BN, 0], bar, k_s.index(s))
+            tma_load(v_desc, [v_row0, j * BN], bar, v_s.index(s))
+
+    @gluon.jit
+    def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, QS, KS, VS, O, bh, H, q_row, row0, n_tiles, Lq, Lk,
+                     NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr,
+                     TREE_MAX: gl.constexpr):
+        """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
+
+        PIPELINE: the next tile's scores wgmma is issued before this tile's softmax (FA3's intra-warpgroup
+        overlap), and one full wait then covers it and this tile's P·V; the arithmetic and its order are
+        unchanged, so the output is the same bits."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_s.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, BN, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma_load(q_desc, [q_row, 0], q_bar, q_s)
+        qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))  # rows past Lq: any scale, masked out
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        mbarrier.wait(q_bar, 0)
+        if PIPELINE:
+            mbarrier.wait(ready.index(0), 0)
+            tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+            for j in range(n_tiles):
+                s = j % NUM_STAGES
+                c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
+                jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip recomputes its own scores (stage still held)
+                sn = jn % NUM_STAGES
+                mbarrier.wait(ready.index(sn), (jn // NUM_STAGES) & 1)
+                tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, TREE_MAX)
+                tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
+                                       use_acc=False, max_num_imprecise_acc=BN, is_async=True)
+                s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
+                mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
+                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        else:
+            for j in range(n_tiles):
+                s = j % NUM_STAGES
+                mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+                tok = warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
+                c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
+                s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, TREE_MAX)
+                pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
+                                   use_acc=False, max_num_imprecise_acc=BN)
+                mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
+                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
+        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
+        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[
+            32 // (HEAD_DIM // 8), HEAD_DIM // 8], warps_per_cta=[NW, 1], order=[1, 0])
+        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+        ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
+                + gl.expand_dims(cols, 0))
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+
+    @gluon.jit(do_not_specialize=["Lq", "Lk"])
+    def _sage_attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, stride_ob, stride_oh, stride_ol,
+                             H, Lq, Lk, LQP, LKP, NQS, NKS,
+                             BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
+                             TREE_MAX: gl.constexpr, num_warps: gl.constexpr):
+        """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(BM == 64 and num_warps == 4, "a consumer is one warpgroup of 64 query rows")
+        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+        mbarrier.init(q_bar.index(0), count=1)
+        mbarrier.init(q_bar.index(1), count=1)
+        fence_async_shared()
+        n_tiles = gl.cdiv(Lk, BN)
+        row0 = pid_m * 2 * BM
+        q_row = bh * LQP + row0
+        gl.warp_specialize([
+            (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
+                            q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ, BLKK,
+                            NUM_STAGES, num_warps, PIPELINE, TREE_MAX)),
+            (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
+                            q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
+                            BLKK, NUM_STAGES, 4, PIPELINE, TREE_MAX)),
+            (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
+                      num_stages: int = NUM_STAGES, pipeline: bool = False, tree_max: bool = False) -> torch.Tensor:
+    """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
+    ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
+    if not quant.get("v_wgmma_order"):
+        raise UnsupportedShapeError("needs V quantized in wgmma key order (sage_quantize_triton(..., v_order='wgmma'))")
+    qa, ka, va = quant["q"], quant["k"], quant["v"]
+    b, h, lqp, d = qa.shape
+    lkp = ka.shape[2]
+    if blk_k % BLOCK_N:
+        raise UnsupportedShapeError(f"K block {blk_k} must be a multiple of {BLOCK_N} keys")
+    if lqp % (2 * BLOCK_M):
+        raise UnsupportedShapeError(f"quantized Q must be padded to a multiple of {2 * BLOCK_M} rows, not {lqp}")
+    lay = gl.NVMMASharedLayout.get_default_for
+    q_desc = TensorDescriptor.from_tensor(qa.view(b * h * lqp, d), [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
+    k_desc = TensorDescriptor.from_tensor(ka.view(b * h * lkp, d), [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
+    v_desc = TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    grid = (-(-lq // (2 * BLOCK_M)), b * h)
+    _sage_attn_ws_kernel[grid](
+        q_desc, k_desc, v_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
+        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
+        quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, TREE_MAX=tree_max, num_warps=4)
+    return out
+
+
+def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
+                     producer_regs: int = PRODUCER_REGS, pipeline: bool = False,
+                     tree_max: bool = False):
+    """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
+    lay = gl.NVMMASharedLayout.get_default_for
+    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
+    sig = {"q_desc": f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>",
+           "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
+           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
+    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
+              "PRODUCER_REGS": producer_regs, "PIPELINE": pipeline, "TREE_MAX": tree_max, "num_warps": 4}
+    return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
+                             ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
+
+
+def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
+    """Kernel alone, dense, at the Wan shapes: this kernel (2-4 stages, with and without the intra-warpgroup
+    pipeline) against today's Gluon kernel and cuDNN,
+    CUDA-graph replays, with the bit-equality of the outputs."""
+    import json
+
+    from .sage_attention import ATTENTION_BENCH_SHAPES, bench_meta, bench_ms_graph, sage_quantize_triton, structured_qkv
+    from .sage_attention_gluon import sage_attention_gluon
+
+    dev = torch.device("cuda")
+    print(bench_meta(), flush=True)
+    variants = [(False, 4, False), (False, 4, True), (True, 4, False), (True, 4, True), (False, 2, True)]
+    rows = []
+    for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items():
+        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
+        qg = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+        ref = torch.empty_like(q)
+        t_ref = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, None, 64, 128))  # noqa: B023
+        o_tree = torch.full_like(q, float("nan"))
+        t_tree = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o_tree, None, 64, 128, tree_max=True))  # noqa: B023
+        rows.append({"shape": shape, "kernel": "gluon tree_max", "ms": t_tree, "bit_equal": bool(torch.equal(o_tree, ref))})
+        print(f"{shape} gluon tree_max {t_tree:.3f} ms  bit-equal {torch.equal(o_tree, ref)}", flush=True)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            t_sdpa = bench_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))  # noqa: B023
+        rows.append({"shape": shape, "kernel": "gluon", "ms": t_ref, "cudnn_ms": t_sdpa})
+        print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
+        for pipeline, stages, tree in variants:
+            o = torch.full_like(q, float("nan"))
+            name = f"ws stages={stages} pipeline={int(pipeline)} tree_max={int(tree)}"
+            try:
+                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline, tree))  # noqa: B023
+            except Exception as exc:  # noqa: BLE001 - a failing variant is reported
+                print(f"{shape} {name}: failed {exc}", flush=True)
+                continue
+            same = bool(torch.equal(o, ref))
+            rel = float((o.float() - ref.float()).norm() / ref.float().norm())
+            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "tree_max": tree, "ms": ms,
+                         "bit_equal": same, "rel": rel})
+            print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
+                  f"bit-equal {same} rel {rel:.1e}", flush=True)
+        del q, k, v, qg, ref
+        torch.cuda.empty_cache()
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "sage_attention_ws_bench.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    bench_main()

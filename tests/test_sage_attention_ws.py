@@ -1,0 +1,59 @@
+"""The FA3-layout dense attention kernel (kernels/sage_attention_ws.py, branch wip/fa3-ws-attention): compiled for
+sm_90a on the CPU (registers, spills, the partitions), and on a Hopper GPU against today's Gluon kernel."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from turbocompile.kernels import sage_attention_gluon as G
+from turbocompile.kernels import sage_attention_ws as WS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cubin_tools import cuobjdump  # noqa: E402
+
+
+@pytest.mark.parametrize("head_dim,stages,pipeline", [(128, 4, False), (128, 5, False), (64, 3, False), (128, 2, True),
+                                                      (128, 4, True)])
+def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if WS.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = WS.compile_for_sm90(head_dim=head_dim, num_stages=stages, pipeline=pipeline)
+    ptx = kernel.asm["ptx"]
+    assert ".reqntid 384" in ptx  # two consumer warpgroups and the producer warp padded to a warpgroup
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)  # the producer gives its registers back
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_dim}k32\.f32\.e4m3\.e4m3 \{{[^}}]*\}}, \{{", ptx)
+    import triton
+
+    if not triton.__version__.startswith("3.6"):
+        pytest.skip(f"spills are checked with the GPU image's Triton 3.6 (3.9 spills 200 bytes here); this is "
+                    f"{triton.__version__}")
+    dumps = cuobjdump(kernel, "--dump-resource-usage")
+    if dumps is None:
+        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
+    assert int(re.search(r"STACK:(\d+)", dumps[0]).group(1)) == 0, dumps[0]  # no spills
+
+
+needs_hopper = pytest.mark.skipif(not G.available(), reason="needs an sm_90 GPU (Hopper) and Triton's Gluon")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lq,lk,d", [(1, 1, 128), (64, 129, 128), (200, 333, 64), (1000, 70, 128),
+                                     (4097, 4097, 128), (32760, 32760, 128)])
+def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
+    from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
+
+    dev = torch.device("cuda")
+    q, _, _ = structured_qkv(1, 2, lq, d, torch.bfloat16, dev, seed=lq)
+    _, k, v = structured_qkv(1, 2, lk, d, torch.bfloat16, dev, seed=lk + 1)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    ref = G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), None, 64, 128)
+    for stages, pipeline in ((2, False), (4, False), (2, True), (3, True)):
+        out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline)
+        assert not out.isnan().any(), (stages, pipeline)
+        assert torch.equal(out, ref), (stages, pipeline, float((out.float() - ref.float()).norm() / ref.float().norm()))
