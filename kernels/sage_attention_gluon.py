@@ -55,7 +55,6 @@ NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at he
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
-TREE_MAX = False  # the softmax's row maxima as a pairwise tree (_row_max) instead of one dependent chain
 
 
 def wgmma_key_order(n: int, device=None) -> torch.Tensor:
@@ -122,31 +121,8 @@ if gluon is not None:
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _row_max(x, BLOCK_N: gl.constexpr, s_layout: gl.constexpr, TREE: gl.constexpr):
-        """Row maxima of a wgmma accumulator tile [BM, BLOCK_N], in ``SliceLayout(1, s_layout)``.
-
-        A thread holds column ``8i + 2q + j`` of its rows in register (i, j), lane q of its quad. ``gl.max`` reduces
-        a thread's 32 values of a row as one chain of dependent ``FMNMX`` (on the softmax's critical path: every
-        exp waits for it); TREE reduces them pairwise instead, a tree of depth log2(BLOCK_N / 4), then the quad by
-        shuffles. The maximum is exact in any order, so the result is the same bits."""
-        if TREE:
-            BM: gl.constexpr = x.shape[0]
-            NI: gl.constexpr = BLOCK_N // 8
-            gl.static_assert(NI == 8 or NI == 16, "64- or 128-key tiles")
-            t = gl.max(x.reshape([BM, NI, 4, 2]), axis=3)  # [BM, i, q]
-            if NI == 16:
-                t = gl.max(t.reshape([BM, 2, 8, 4]), axis=1)
-            t = gl.max(t.reshape([BM, 2, 4, 4]), axis=1)
-            t = gl.max(t.reshape([BM, 2, 2, 4]), axis=1)
-            t = gl.max(t, axis=1)  # [BM, q]
-            return gl.convert_layout(gl.max(t, axis=1), gl.SliceLayout(1, s_layout),
-                                     assert_trivial=True)
-        else:
-            return gl.max(x, axis=1)
-
-    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SCALES: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+                      ROW_SCALES: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
@@ -157,7 +133,7 @@ if gluon is not None:
         if start + BLOCK_N > Lk:
             cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
-        m_new = gl.maximum(m_i, (_row_max(x, BLOCK_N, s_layout, TREE_MAX) - MAGIC) * c)
+        m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
             p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
@@ -190,7 +166,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        TREE_MAX: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -312,8 +288,7 @@ if gluon is not None:
                     mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES,
-                                               TREE_MAX)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -423,7 +398,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
                          blk_q: int, blk_k: int, q_raw: torch.Tensor | None = None, linear: tuple | None = None,
                          num_stages: int = NUM_STAGES, block_n: int | None = None, block_m: int = BLOCK_M,
                          m_in_stages: bool = M_IN_STAGES, lin_phi: torch.Tensor | None = None,
-                         preload: bool | None = None, tree_max: bool | None = None) -> torch.Tensor:
+                         preload: bool | None = None) -> torch.Tensor:
     """Launch the kernel on a :func:`~.sage_attention.sage_quantize_triton` result whose Vᵀ is in wgmma key order.
 
     ``out`` (B, H, Lq, D) is written in place; ``lut`` [B, H, Mq, T] int32 selects key blocks (None = dense);
@@ -478,15 +453,13 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, TREE_MAX=TREE_MAX if tree_max is None else tree_max,
-        num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32,
-                     tree_max: bool = TREE_MAX):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
@@ -500,16 +473,15 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "TREE_MAX": tree_max, "num_warps": block_m // 16}
+              "num_warps": block_m // 16}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 
 
 #: Variants the benchmark sweeps (keyword arguments of :func:`sage_attention_gluon`); the first is the default. The
 #: measured table is in docs/kernels-attention.md (with the variants measured slower and removed).
-BENCH_VARIANTS = [{}, {"tree_max": not TREE_MAX}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
-                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "tree_max": not TREE_MAX},
-                  {"phi_pre": True, "preload": False}]
+BENCH_VARIANTS = [{}, {"preload": True}, {"preload": False}, {"block_m": 128}, {"num_stages": 2},
+                  {"linear_off": True}, {"phi_pre": True}, {"phi_pre": True, "preload": False}]
 
 
 def bench_main(argv: list[str] | None = None) -> None:  # pragma: no cover - needs a Hopper GPU

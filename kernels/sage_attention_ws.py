@@ -1,4 +1,4 @@
-"""Dense Sage attention in FA3's layout for Hopper (work in progress on branch ``wip/fa3-ws-attention``).
+"""Dense Sage attention in FA3's layout for Hopper: measured bit-equal to, and no faster than, the Gluon kernel.
 
 Today's Gluon kernel (:mod:`.sage_attention_gluon`) runs one 64-row warpgroup per program, two programs per SM, and
 each warpgroup issues its own K/V copies (TMA, barriers, address arithmetic on the compute stream). Nsight Compute
@@ -6,15 +6,15 @@ and every reordering tried say its loop is latency-bound with two warps per sche
 Here one program holds 128 query rows: two consumer partitions of 64 rows each (the same loop: int8 scores, online
 softmax, FP8 P·V into a fresh accumulator, fold) share one K/V ring that a one-warp producer partition fills
 (``gl.warp_specialize``; the consumers get 240 registers, the producer 24, via ``setmaxnreg``). Each consumer
-releases a stage on an "empty" barrier of count 2 once its P·V is done.
+releases a stage on an "empty" barrier of count 2 once its P·V is done. ``pipeline=True`` adds FA3's
+intra-warpgroup overlap: the next tile's scores wgmma runs during this tile's softmax.
 
-Per consumer the arithmetic is today's dense kernel's, in the same order, so the output should be bit-identical to
-``sage_attention_gluon`` on dense calls (the GPU test says whether it is). Not yet: an order between the two
-consumers (ping-pong on named barriers), block-sparse LUTs (the two consumers' rows lie in different LUT rows),
-the SLA linear epilogue.
-
-Status (2026-11-27): compiles for sm_90a with Triton 3.6 with no spills (tests/test_sage_attention_ws.py); never
-run on a GPU. ``python -m turbocompile.kernels.sage_attention_ws`` times it against the Gluon kernel and cuDNN.
+Per consumer the arithmetic is today's dense kernel's, in the same order, so the output is bit-identical to
+``sage_attention_gluon`` on dense calls. Measured on an H200 (2026-11-27, docs/kernels-attention.md, section
+"The FA3 layout on the GPU"): 0.97-1.01x the Gluon kernel's time, with or without the pipeline, so the ops do not
+use it. It stays as the tested base for what this layout still lacks: an order between the two consumers
+(ping-pong on named barriers), block-sparse LUTs (the consumers' rows lie in different LUT rows) and the SLA
+linear epilogue. ``python -m turbocompile.kernels.sage_attention_ws`` times it against the Gluon kernel and cuDNN.
 """
 from __future__ import annotations
 
@@ -61,8 +61,7 @@ if gluon is not None:
     @gluon.jit
     def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, QS, KS, VS, O, bh, H, q_row, row0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr,
-                     TREE_MAX: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
 
         PIPELINE: the next tile's scores wgmma is issued before this tile's softmax (FA3's intra-warpgroup
@@ -97,7 +96,7 @@ if gluon is not None:
                 sn = jn % NUM_STAGES
                 mbarrier.wait(ready.index(sn), (jn // NUM_STAGES) & 1)
                 tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, TREE_MAX)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
                 tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
                                        use_acc=False, max_num_imprecise_acc=BN, is_async=True)
                 s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
@@ -110,7 +109,7 @@ if gluon is not None:
                 tok = warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
                 c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, TREE_MAX)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
                 pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
                                    use_acc=False, max_num_imprecise_acc=BN)
                 mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
@@ -132,7 +131,7 @@ if gluon is not None:
                              H, Lq, Lk, LQP, LKP, NQS, NKS,
                              BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
-                             TREE_MAX: gl.constexpr, num_warps: gl.constexpr):
+                             num_warps: gl.constexpr):
         """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -159,16 +158,16 @@ if gluon is not None:
         gl.warp_specialize([
             (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
                             q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ, BLKK,
-                            NUM_STAGES, num_warps, PIPELINE, TREE_MAX)),
+                            NUM_STAGES, num_warps, PIPELINE)),
             (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
                             q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
-                            BLKK, NUM_STAGES, 4, PIPELINE, TREE_MAX)),
+                            BLKK, NUM_STAGES, 4, PIPELINE)),
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int = NUM_STAGES, pipeline: bool = False, tree_max: bool = False) -> torch.Tensor:
+                      num_stages: int = NUM_STAGES, pipeline: bool = False) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     if not quant.get("v_wgmma_order"):
@@ -189,13 +188,12 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
         q_desc, k_desc, v_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, TREE_MAX=tree_max, num_warps=4)
+        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
     return out
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: bool = False,
-                     tree_max: bool = False):
+                     producer_regs: int = PRODUCER_REGS, pipeline: bool = False):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
@@ -204,7 +202,7 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": pipeline, "TREE_MAX": tree_max, "num_warps": 4}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": pipeline, "num_warps": 4}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -220,32 +218,28 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
 
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
-    variants = [(False, 4, False), (False, 4, True), (True, 4, False), (True, 4, True), (False, 2, True)]
+    variants = [(False, 2), (False, 4), (True, 3), (True, 4)]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items():
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
         qg = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
         ref = torch.empty_like(q)
         t_ref = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, None, 64, 128))  # noqa: B023
-        o_tree = torch.full_like(q, float("nan"))
-        t_tree = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, o_tree, None, 64, 128, tree_max=True))  # noqa: B023
-        rows.append({"shape": shape, "kernel": "gluon tree_max", "ms": t_tree, "bit_equal": bool(torch.equal(o_tree, ref))})
-        print(f"{shape} gluon tree_max {t_tree:.3f} ms  bit-equal {torch.equal(o_tree, ref)}", flush=True)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
             t_sdpa = bench_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))  # noqa: B023
         rows.append({"shape": shape, "kernel": "gluon", "ms": t_ref, "cudnn_ms": t_sdpa})
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
-        for pipeline, stages, tree in variants:
+        for pipeline, stages in variants:
             o = torch.full_like(q, float("nan"))
-            name = f"ws stages={stages} pipeline={int(pipeline)} tree_max={int(tree)}"
+            name = f"ws stages={stages} pipeline={int(pipeline)}"
             try:
-                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline, tree))  # noqa: B023
+                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue
             same = bool(torch.equal(o, ref))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "tree_max": tree, "ms": ms,
+            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "ms": ms,
                          "bit_equal": same, "rel": rel})
             print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
                   f"bit-equal {same} rel {rel:.1e}", flush=True)

@@ -388,32 +388,6 @@ def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("n,sparse,blk_k,block_m", [(4096, True, 128, 64), (3000, True, 128, 64), (700, True, 64, 64),
-                                                    (1000, False, 128, 64), (63, False, 128, 64),
-                                                    (1000, False, 128, 128)])
-@pytest.mark.gpu
-@needs_hopper
-def test_row_max_as_a_tree_gives_the_same_bits_as_the_chain(n, sparse, blk_k, block_m):
-    """The softmax's row maximum reduced pairwise (``tree_max``) or as one chain: the same value in any order, so
-    bit-equal outputs, with masked last tiles (n off a multiple of the tile), 64-key tiles, 128-row programs."""
-    from turbocompile.kernels.block_map import lut_from_pooled
-    from turbocompile.kernels.sage_attention import sage_quantize_triton
-    from turbocompile.kernels.sla import linear_branch_stats
-
-    dev = torch.device("cuda")
-    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + blk_k + 7)
-    g = torch.Generator().manual_seed(n)
-    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
-    lin, moments = linear_branch_stats(k, v, w, b)
-    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
-    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
-    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
-    outs = [G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, blk_k, block_m=block_m,
-                                   tree_max=t, **kw) for t in (True, False)]
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
-
-
 @pytest.mark.parametrize("lq,block_m", [(300, 64), (129, 64), (300, 128), (1, 128)])
 @pytest.mark.gpu
 @needs_hopper

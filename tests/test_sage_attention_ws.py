@@ -1,4 +1,4 @@
-"""The FA3-layout dense attention kernel (kernels/sage_attention_ws.py, branch wip/fa3-ws-attention): compiled for
+"""The FA3-layout dense attention kernel (kernels/sage_attention_ws.py): compiled for
 sm_90a on the CPU (registers, spills, the partitions), and on a Hopper GPU against today's Gluon kernel."""
 from __future__ import annotations
 
