@@ -6,8 +6,9 @@ and every reordering tried say its loop is latency-bound with two warps per sche
 Here one program holds 128 query rows: two consumer partitions of 64 rows each (the same loop: int8 scores, online
 softmax, FP8 P·V into a fresh accumulator, fold) share one K/V ring that a one-warp producer partition fills
 (``gl.warp_specialize``; the consumers get 240 registers, the producer 24, via ``setmaxnreg``). Each consumer
-releases a stage on an "empty" barrier of count 2 once its P·V is done. ``pipeline=True`` adds FA3's
-intra-warpgroup overlap: the next tile's scores wgmma runs during this tile's softmax.
+releases a stage on an "empty" barrier of count 2 once its P·V is done. ``pipeline=1`` adds FA3's
+intra-warpgroup overlap (the next tile's scores wgmma runs during this tile's softmax); ``pipeline=2`` FA3's
+ping-pong (the consumers take turns on the tensor cores, each issuing its next scores and its P·V together).
 
 Per consumer the arithmetic is today's dense kernel's, in the same order, so the output is bit-identical to
 ``sage_attention_gluon`` on dense calls. Measured on an H200 (2026-11-27, docs/kernels-attention.md, section
@@ -59,14 +60,18 @@ if gluon is not None:
             tma_load(v_desc, [v_row0, j * BN], bar, v_s.index(s))
 
     @gluon.jit
-    def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, QS, KS, VS, O, bh, H, q_row, row0, n_tiles, Lq, Lk,
+    def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
+                     row0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
                      NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
 
-        PIPELINE: the next tile's scores wgmma is issued before this tile's softmax (FA3's intra-warpgroup
-        overlap), and one full wait then covers it and this tile's P·V; the arithmetic and its order are
-        unchanged, so the output is the same bits."""
+        PIPELINE 1: the next tile's scores wgmma is issued before this tile's softmax (FA3's intra-warpgroup
+        overlap), and one full wait then covers it and this tile's P·V. PIPELINE 2 (FA3's ping-pong): a trip
+        issues the next scores and this tile's P·V together, on this consumer's turn (``turn_me``, then it hands
+        the turn over on ``turn_other``), waits, folds, and does the next tile's softmax while the other consumer
+        has the tensor cores. The arithmetic and its order are unchanged either way, so the output is the same
+        bits."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_s.shape[1]
@@ -85,7 +90,26 @@ if gluon is not None:
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
         mbarrier.wait(q_bar, 0)
-        if PIPELINE:
+        if PIPELINE == 2:
+            mbarrier.wait(ready.index(0), 0)
+            tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+            for j in range(n_tiles):
+                s = j % NUM_STAGES
+                c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
+                jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip's scores are recomputed and dropped
+                sn = jn % NUM_STAGES
+                mbarrier.wait(ready.index(sn), (jn // NUM_STAGES) & 1)
+                mbarrier.wait(turn_me, j & 1)
+                tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
+                tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
+                                       use_acc=False, max_num_imprecise_acc=BN, is_async=True)
+                mbarrier.arrive(turn_other)
+                s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
+                mbarrier.arrive(empty.index(s))
+                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        elif PIPELINE == 1:
             mbarrier.wait(ready.index(0), 0)
             tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
@@ -145,21 +169,27 @@ if gluon is not None:
         v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong (PIPELINE 2)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
         mbarrier.init(q_bar.index(0), count=1)
         mbarrier.init(q_bar.index(1), count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
+        mbarrier.arrive(turn.index(0))  # the first consumer has the first turn
         n_tiles = gl.cdiv(Lk, BN)
         row0 = pid_m * 2 * BM
         q_row = bh * LQP + row0
         gl.warp_specialize([
-            (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
+            (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, turn.index(0),
+                            turn.index(1), QS, KS, VS, O, bh, H,
                             q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ, BLKK,
                             NUM_STAGES, num_warps, PIPELINE)),
-            (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, QS, KS, VS, O, bh, H,
+            (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, turn.index(1),
+                            turn.index(0), QS, KS, VS, O, bh, H,
                             q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
                             BLKK, NUM_STAGES, 4, PIPELINE)),
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
@@ -167,7 +197,7 @@ if gluon is not None:
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int = NUM_STAGES, pipeline: bool = False) -> torch.Tensor:
+                      num_stages: int = NUM_STAGES, pipeline: int = 0) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     if not quant.get("v_wgmma_order"):
@@ -188,12 +218,12 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
         q_desc, k_desc, v_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
+        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=int(pipeline), num_warps=4)
     return out
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: bool = False):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = 0):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
@@ -202,7 +232,7 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": pipeline, "num_warps": 4}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -218,7 +248,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
 
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
-    variants = [(False, 2), (False, 4), (True, 3), (True, 4)]
+    variants = [(0, 4), (1, 4), (2, 2), (2, 3), (2, 4)]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items():
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
