@@ -5,9 +5,11 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "one stream" = ``sage_sla``'s prologue launched in order on one CUDA stream (as before 2026-11-27 14:56
-UTC); "now" = today's defaults (the top-k LUT on a second stream beside V's quantizer, ``sage_sla.LUT_BESIDE_V``).
-The dense ``sage_attention`` is the same in both, so it is timed once per round. (The 15:03 UTC run,
+States: "gluon dense" = dense ``sage_attention`` through the Gluon kernel (as before 2026-11-27 17:30 UTC); "now" =
+today's defaults (dense calls through the FA3-layout ping-pong kernel, ``sage_attention_ws.DENSE_OPS``). ``sage_sla``
+is the same in both, so it is timed once per round. (The 14:56 and 15:03 UTC runs compared "one stream",
+``sage_sla``'s prologue launched in order on one CUDA stream, against the top-k LUT on a second stream beside V's
+quantizer, ``sage_sla.LUT_BESIDE_V``, now the default. The 15:03 UTC run,
 docs/measurements/ab_m_side_h200_1503.json, also had the statistics' M on the side stream: no gain, removed. The
 07:45 UTC run compared "06:53", the top-k LUT by the 32-round radix select, against the interpolation search of
 ``block_map._topk_search_kernel``. The 05:58-06:26 UTC runs in docs/measurements compared against "04:55": sparse
@@ -42,6 +44,7 @@ def main() -> None:
     from turbocompile.kernels import load_ops
     from turbocompile.kernels import sage_attention as sa
     from turbocompile.kernels import sage_attention_gluon as G
+    from turbocompile.kernels import sage_attention_ws as WS
     from turbocompile.kernels.sage_attention import ATTENTION_BENCH_SHAPES, bench_meta, bench_ms_graph, structured_qkv
     from turbocompile.kernels.sage_attention import sage_attention
     from turbocompile.kernels.sage_sla import sage_sla
@@ -58,11 +61,11 @@ def main() -> None:
     load_ops()
     from turbocompile.kernels import sage_sla as sla_mod
 
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V)
-    states = {"one stream": now[:3] + (False,), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS)
+    states = {"gluon dense": now[:4] + (False,), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -90,7 +93,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
-                    for tag, state in states.items() if name == "sage_sla" else [("now", now)]:
+                    for tag, state in states.items() if name == "sage_attention" else [("now", now)]:
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

@@ -25,6 +25,8 @@ import torch
 
 from turbocompile.errors import UnsupportedShapeError
 
+from .gluon_guard import GluonGuard
+
 from .gluon_hopper import (
     TensorDescriptor,
     compile_for_sm90a,
@@ -39,7 +41,9 @@ from .gluon_hopper import (
 
 BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
 BLOCK_N = 128
-NUM_STAGES = 4  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM)
+NUM_STAGES = 3  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM): 3 measured best
+PIPELINE = 2  # 0: each consumer alone; 1: intra-warpgroup overlap; 2: ping-pong (measured fastest, the default)
+DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
 PRODUCER_REGS = 24
 
@@ -197,7 +201,7 @@ if gluon is not None:
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int = NUM_STAGES, pipeline: int = 0) -> torch.Tensor:
+                      num_stages: int = NUM_STAGES, pipeline: int = PIPELINE) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     if not quant.get("v_wgmma_order"):
@@ -222,8 +226,32 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     return out
 
 
+#: Off for the rest of the process once a first launch fails (the dense calls then take the Gluon kernel).
+GUARD = GluonGuard("FA3-layout attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the Gluon kernels")
+
+
+def dense_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int) -> torch.Tensor | None:
+    """Dense attention by this kernel when it takes the call (``out`` written and returned), else None: the
+    caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes dense calls on Hopper with 128-key K
+    blocks (its tiles), Vᵀ in wgmma key order, unless switched off (:data:`DENSE_OPS`, or a failed first launch)."""
+    from .sage_attention_gluon import available
+
+    if not DENSE_OPS or GUARD.disabled is not None or gluon is None or not available():
+        return None
+    if blk_k % BLOCK_N or blk_q % BLOCK_M or not quant.get("v_wgmma_order") or quant["q"].shape[2] % (2 * BLOCK_M):
+        return None
+    try:
+        sage_attention_ws(quant, lq, lk, out, blk_q, blk_k)
+    except Exception as exc:
+        if not GUARD.launch_failed(exc):
+            raise
+        return None
+    GUARD.succeeded()
+    return out
+
+
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: int = 0):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M

@@ -57,3 +57,29 @@ def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
         out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline)
         assert not out.isnan().any(), (stages, pipeline)
         assert torch.equal(out, ref), (stages, pipeline, float((out.float() - ref.float()).norm() / ref.float().norm()))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lq,lk", [(300, 700), (4097, 1000)])
+def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, monkeypatch):
+    """The dense op path (``block_attention_triton``, what ``sage_attention`` runs) takes this kernel where it can
+    and gives the Gluon kernel's bits; 64-key K blocks (not its tiles) stay on the Gluon kernel."""
+    from turbocompile.kernels.sage_attention import block_attention_triton, sage_quantize_triton, structured_qkv
+
+    dev = torch.device("cuda")
+    q, _, _ = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq)
+    _, k, v = structured_qkv(1, 3, lk, 128, torch.bfloat16, dev, seed=lk + 1)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    calls = []
+    real = WS.sage_attention_ws
+    monkeypatch.setattr(WS, "sage_attention_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant, kernel="gluon",
+                                 out=torch.full_like(q, float("nan")))
+    assert calls, "the dense call did not take the FA3-layout kernel"
+    ref = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), None, 64, 128)
+    assert torch.equal(out, ref)
+    quant64 = sage_quantize_triton(q, k, v, 64, 64, v_order="wgmma")
+    calls.clear()
+    block_attention_triton(q, k, v, None, 64, 64, sage=True, quant=quant64, kernel="gluon")
+    assert not calls
