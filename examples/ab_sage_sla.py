@@ -5,9 +5,12 @@ judge, so the states are timed here, alternating, as CUDA-graph replays, next to
 
     python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
 
-States: "gluon dense" = dense ``sage_attention`` through the Gluon kernel (as before 2026-11-27 17:30 UTC); "now" =
-today's defaults (dense calls through the FA3-layout ping-pong kernel, ``sage_attention_ws.DENSE_OPS``). ``sage_sla``
-is the same in both, so it is timed once per round. (The 14:56 and 15:03 UTC runs compared "one stream",
+States: "gluon" = the attention kernels of before 2026-11-27 17:00 UTC (``sage_attention_gluon`` for dense and
+block-sparse calls); "now" = today's defaults (dense calls through the FA3-layout ping-pong kernel,
+``sage_attention_ws.DENSE_OPS``; block-sparse calls stay on the Gluon kernel, ``SPARSE_OPS`` is off). (The 17:05 and
+17:10 UTC runs, docs/measurements/ab_sparse_ws_h200_17*.json, had ``SPARSE_OPS`` on in "now": the FA3-layout sparse
+kernel, 4-5% slower. The 17:00 UTC run compared the dense kernels only. The 14:56 and 15:03 UTC runs compared
+"one stream",
 ``sage_sla``'s prologue launched in order on one CUDA stream, against the top-k LUT on a second stream beside V's
 quantizer, ``sage_sla.LUT_BESIDE_V``, now the default. The 15:03 UTC run,
 docs/measurements/ab_m_side_h200_1503.json, also had the statistics' M on the side stream: no gain, removed. The
@@ -61,11 +64,11 @@ def main() -> None:
     load_ops()
     from turbocompile.kernels import sage_sla as sla_mod
 
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS)
-    states = {"gluon dense": now[:4] + (False,), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS)
+    states = {"gluon": now[:4] + (False, False), "now": now}
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -93,7 +96,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
-                    for tag, state in states.items() if name == "sage_attention" else [("now", now)]:
+                    for tag, state in states.items():
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

@@ -725,11 +725,15 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
                                         f"{'wgmma' if quant['v_wgmma_order'] else 'natural'} key order")
         if kernel == "gluon":
             from . import sage_attention_gluon as gluon_attn
-            from .sage_attention_ws import dense_ws
+            from .sage_attention_ws import dense_ws, sparse_ws
 
             o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
+            # the FA3-layout ping-pong kernels where they take the call (bit-equal to the Gluon kernel, faster)
             if lut is None and linear is None and dense_ws(quant, lq, lk, o, blk_q, blk_k) is not None:
-                return o  # dense: the FA3-layout ping-pong kernel (bit-equal to the Gluon kernel, ~6% faster)
+                return o
+            if lut is not None and sparse_ws(quant, lq, lk, o, lut, blk_q, blk_k, linear,
+                                             quant.get("lin_phi")) is not None:
+                return o
             try:
                 return gluon_attn.sage_attention_gluon(quant, lq, lk, o, lut, blk_q, blk_k, q_raw=q, linear=linear,
                                                        lin_phi=quant.get("lin_phi"))

@@ -20,6 +20,7 @@ linear epilogue. ``python -m turbocompile.kernels.sage_attention_ws`` times it a
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -44,11 +45,13 @@ BLOCK_N = 128
 NUM_STAGES = 3  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM): 3 measured best
 PIPELINE = 2  # 0: each consumer alone; 1: intra-warpgroup overlap; 2: ping-pong (measured fastest, the default)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
+SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
 PRODUCER_REGS = 24
 
 if gluon is not None:
-    from .sage_attention_gluon import _as_pv_operand, _softmax_tile
+    from .gluon_hopper import reinterpret
+    from .sage_attention_gluon import _as_pv_operand, _softmax_tile, _tile_start
 
     @gluon.jit
     def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
@@ -200,6 +203,162 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+    @gluon.jit
+    def _ws_sparse_producer(k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0, lut1,
+                            n_tiles, k_row0, v_row0, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Fill both consumers' rings in turn: tile j of each consumer's LUT row into its stage j % NUM_STAGES."""
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        for j in range(n_tiles):
+            s = j % NUM_STAGES
+            start0 = _tile_start(lut0, j, n_tiles, True, BLKK, BN)
+            start1 = _tile_start(lut1, j, n_tiles, True, BLKK, BN)
+            if j >= NUM_STAGES:
+                mbarrier.wait(empty0.index(s), ((j // NUM_STAGES) - 1) & 1)
+            mbarrier.expect(ready0.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma_load(k_desc, [k_row0 + start0, 0], ready0.index(s), k_s0.index(s))
+            tma_load(v_desc, [v_row0, start0], ready0.index(s), v_s0.index(s))
+            if j >= NUM_STAGES:
+                mbarrier.wait(empty1.index(s), ((j // NUM_STAGES) - 1) & 1)
+            mbarrier.expect(ready1.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma_load(k_desc, [k_row0 + start1, 0], ready1.index(s), k_s1.index(s))
+            tma_load(v_desc, [v_row0, start1], ready1.index(s), v_s1.index(s))
+
+    @gluon.jit
+    def _ws_sparse_consumer(q_desc, m_desc, p_desc, q_s, q_bar, aux, k_s, v_s, ready, empty, turn_me, turn_other,
+                            QS, KS, VS, LIN_B, O, lut_base, bh, H, q_row, row0, n_tiles, Lq, Lk, NQS, NKS,
+                            stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
+                            NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr):
+        """64 query rows (one LUT row) against their LUT's key tiles, ping-pong with the other consumer; with
+        LINEAR, SLA's linear branch from the quantizer's φ(q)/den and M, both loaded into K's stages after the
+        loop. Per row the arithmetic is the Gluon kernel's (same order), so the output is the same bits."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_s.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, BN, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])  # φ·M, bf16
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma_load(q_desc, [q_row, 0], q_bar, q_s)
+        qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))  # rows past Lq: any scale, masked out
+        ks_row = KS + bh * NKS
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
+        c = qs * gl.load(ks_row + start // BLKK)
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(ready.index(0), 0)
+        tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+        for j in range(n_tiles - 1):
+            s = j % NUM_STAGES
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+            sn = (j + 1) % NUM_STAGES
+            start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)  # the next trip's, read under the wgmmas
+            c = qs * gl.load(ks_row + start // BLKK)
+            mbarrier.wait(ready.index(sn), ((j + 1) // NUM_STAGES) & 1)
+            mbarrier.wait(turn_me, j & 1)
+            tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
+                                   use_acc=False, max_num_imprecise_acc=BN, is_async=True)
+            mbarrier.arrive(turn_other)
+            s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
+            mbarrier.arrive(empty.index(s))
+            acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        # the last trip: its scores are in, so K's stages are free for the linear branch's operands, which load
+        # under this trip's softmax and P·V
+        j = n_tiles - 1
+        s = j % NUM_STAGES
+        if LINEAR:
+            m_s = reinterpret(k_s, m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
+            phi_s = reinterpret(k_s.index(NUM_STAGES - 1), p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
+            fence_async_shared()
+            mbarrier.expect(aux, m_desc.block_type.nbytes + p_desc.block_type.nbytes)
+            tma_load(p_desc, [q_row, 0], aux, phi_s)
+            tma_load(m_desc, [bh * HEAD_DIM, 0], aux, m_s)
+        p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+        mbarrier.wait(turn_me, j & 1)
+        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
+                               use_acc=False, max_num_imprecise_acc=BN, is_async=True)
+        mbarrier.arrive(turn_other)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
+        acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
+        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
+        if LINEAR:  # o += (φ(q)/den)·M + bias
+            mbarrier.wait(aux, 0)
+            lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
+            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[
+            32 // (HEAD_DIM // 8), HEAD_DIM // 8], warps_per_cta=[NW, 1], order=[1, 0])
+        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+        ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
+                + gl.expand_dims(cols, 0))
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+
+    @gluon.jit(do_not_specialize=["Lq", "Lk", "T"])
+    def _sage_sla_ws_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
+                            stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+                            BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Block-sparse: one program, two LUT rows of one (batch, head); a consumer and a K/V ring per row, one
+        producer warp filling both rings, the consumers ping-ponging on the tensor cores."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(BM == 64 and num_warps == 4 and BLKQ == BM, "a consumer is one warpgroup and one LUT row")
+        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
+        gl.static_assert(not LINEAR or ((NUM_STAGES - 1) * BN >= 2 * HEAD_DIM and BN >= 2 * BM),
+                         "M goes to K's first stages, φ(q)/den to its last")
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+        k_s0 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s0 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        k_s1 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s1 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        ready1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())  # turns, Q, linear
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready0.index(i), count=1)
+            mbarrier.init(empty0.index(i), count=1)
+            mbarrier.init(ready1.index(i), count=1)
+            mbarrier.init(empty1.index(i), count=1)
+        for i in gl.static_range(6):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
+        n_tiles = T * (BLKK // BN)
+        row0 = pid_m * 2 * BM
+        q_row = bh * LQP + row0
+        lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
+        lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T  # past Lq: masked out
+        gl.warp_specialize([
+            (_ws_sparse_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), bars.index(4), k_s0, v_s0,
+                                   ready0, empty0, bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, lut0, bh, H,
+                                   q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
+                                   BLKK, NUM_STAGES, LINEAR, num_warps)),
+            (_ws_sparse_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), bars.index(5), k_s1, v_s1,
+                                   ready1, empty1, bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, lut1, bh, H,
+                                   q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh,
+                                   stride_ol, BLKQ, BLKK, NUM_STAGES, LINEAR, 4)),
+            (_ws_sparse_producer, (k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0,
+                                   lut1, n_tiles, bh * LKP, bh * HEAD_DIM, BLKK, NUM_STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
                       num_stages: int = NUM_STAGES, pipeline: int = PIPELINE) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
@@ -226,6 +385,45 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     return out
 
 
+
+def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
+                linear: tuple | None = None, lin_phi: torch.Tensor | None = None,
+                num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
+    and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
+    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``."""
+    if not quant.get("v_wgmma_order"):
+        raise UnsupportedShapeError("needs V quantized in wgmma key order (sage_quantize_triton(..., v_order='wgmma'))")
+    if blk_q != BLOCK_M or blk_k % BLOCK_N:
+        raise UnsupportedShapeError(f"blocks {blk_q}x{blk_k}: this kernel takes {BLOCK_M}-row LUT rows and K blocks "
+                                    f"of a multiple of {BLOCK_N} keys")
+    if linear is not None and lin_phi is None:
+        raise UnsupportedShapeError("the linear branch needs φ(q)/den from the quantizer (lin_phi)")
+    qa, ka, va = quant["q"], quant["k"], quant["v"]
+    b, h, lqp, d = qa.shape
+    lkp = ka.shape[2]
+    if lqp % (2 * BLOCK_M):
+        raise UnsupportedShapeError(f"quantized Q must be padded to a multiple of {2 * BLOCK_M} rows, not {lqp}")
+    lay = gl.NVMMASharedLayout.get_default_for
+    q_desc = TensorDescriptor.from_tensor(qa.view(b * h * lqp, d), [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
+    k_desc = TensorDescriptor.from_tensor(ka.view(b * h * lkp, d), [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
+    v_desc = TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    if linear is not None:
+        m_desc = TensorDescriptor.from_tensor(linear[0].reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
+        p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [BLOCK_M, d],
+                                              lay([BLOCK_M, d], gl.bfloat16))
+        lin_b = linear[2]
+    else:
+        m_desc = p_desc = q_desc
+        lin_b = quant["v_scale"]  # unused
+    grid = (-(-lq // (2 * BLOCK_M)), b * h)
+    _sage_sla_ws_kernel[grid](
+        q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
+        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
+        quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages,
+        LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
+    return out
+
 #: Off for the rest of the process once a first launch fails (the dense calls then take the Gluon kernel).
 GUARD = GluonGuard("FA3-layout attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the Gluon kernels")
 
@@ -250,6 +448,29 @@ def dense_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k
     return out
 
 
+
+def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
+              linear: tuple | None, lin_phi: torch.Tensor | None) -> torch.Tensor | None:
+    """Block-sparse attention by this kernel when it takes the call (``out`` written and returned), else None: the
+    caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes 64-row LUT rows over K blocks of a
+    multiple of 128 keys, with the linear branch only when φ(q)/den came from the quantizer, unless switched off
+    (:data:`SPARSE_OPS`, or a failed first launch)."""
+    from .sage_attention_gluon import available
+
+    if not SPARSE_OPS or GUARD.disabled is not None or gluon is None or not available():
+        return None
+    if (blk_q != BLOCK_M or blk_k % BLOCK_N or not quant.get("v_wgmma_order") or (linear is not None and lin_phi is None)
+            or quant["q"].shape[2] % (2 * BLOCK_M) or not lut.is_contiguous()):
+        return None
+    try:
+        sage_sla_ws(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi)
+    except Exception as exc:
+        if not GUARD.launch_failed(exc):
+            raise
+        return None
+    GUARD.succeeded()
+    return out
+
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
                      producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
@@ -265,6 +486,22 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 
+
+def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, linear: bool = True):
+    """The block-sparse kernel compiled for sm_90a without a GPU."""
+    lay = gl.NVMMASharedLayout.get_default_for
+    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
+    q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
+    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
+           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
+           "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc,
+           "p_desc": f"tensordesc<bf16[{bm}, {d}],{lay([bm, d], gl.bfloat16)!r}>" if linear else q_desc,
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
+    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
+              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
+    return compile_for_sm90a(_sage_sla_ws_kernel, sig, consts,
+                             ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
+
 def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     """Kernel alone, dense, at the Wan shapes: this kernel (2-4 stages, with and without the intra-warpgroup
     pipeline) against today's Gluon kernel and cuDNN,
@@ -276,9 +513,9 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
 
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
-    variants = [(0, 4), (1, 4), (2, 2), (2, 3), (2, 4)]
+    variants = [(0, 4), (2, 3)]
     rows = []
-    for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items():
+    for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
         qg = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
         ref = torch.empty_like(q)
@@ -303,9 +540,42 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
                   f"bit-equal {same} rel {rel:.1e}", flush=True)
         del q, k, v, qg, ref
         torch.cuda.empty_cache()
+    rows += _bench_sparse(dev)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "sage_attention_ws_bench.json"), "w") as f:
         json.dump(rows, f, indent=1)
+
+
+
+def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
+    """Block-sparse (top-k 0.1) with SLA's linear branch, as ``sage_sla`` runs it: this kernel against the Gluon
+    kernel on the same quantized inputs, CUDA-graph replays, with the bit-equality of the outputs."""
+    from .block_map import lut_from_pooled
+    from .sage_attention import ATTENTION_BENCH_SHAPES, bench_ms_graph, sage_quantize_triton, structured_qkv
+    from .sage_attention_gluon import sage_attention_gluon
+    from .sla import linear_branch_stats
+
+    rows = []
+    for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items():
+        q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
+        w, bias = torch.randn(d, d, device=dev) * 0.05, torch.randn(d, device=dev) * 0.05
+        lin, moments = linear_branch_stats(k, v, w, bias)
+        qg = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
+        lut = lut_from_pooled(qg["q_pool"], qg["k_pool"], 0.1)
+        ref = torch.full_like(q, float("nan"))
+        t_ref = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, lut, 64, 128, q_raw=q, linear=lin,  # noqa: B023
+                                                            lin_phi=qg["lin_phi"]))
+        o = torch.full_like(q, float("nan"))
+        ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, lut, 64, 128, lin, qg["lin_phi"]))  # noqa: B023
+        same = bool(torch.equal(o, ref))
+        rel = float((o.float() - ref.float()).norm() / ref.float().norm())
+        rows.append({"shape": shape, "mode": "sparse0.1+linear", "gluon_ms": t_ref, "ws_ms": ms, "bit_equal": same,
+                     "rel": rel})
+        print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms  ws {ms:.3f} ms  x{t_ref / ms:.3f}  bit-equal {same}"
+              f" rel {rel:.1e}", flush=True)
+        del q, k, v, qg, ref, o
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

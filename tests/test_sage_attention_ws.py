@@ -16,6 +16,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cubin_tools import cuobjdump  # noqa: E402
 
 
+@pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
+def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_dim, linear):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if WS.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = WS.compile_sparse_for_sm90(head_dim=head_dim, linear=linear)
+    assert ".reqntid 384" in kernel.asm["ptx"]
+    assert kernel.metadata.shared <= 232448  # an H100/H200's 227 KiB per block
+    import triton
+
+    if not triton.__version__.startswith("3.6"):
+        pytest.skip(f"spills are checked with the GPU image's Triton 3.6; this is {triton.__version__}")
+    dumps = cuobjdump(kernel, "--dump-resource-usage")
+    if dumps is None:
+        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
+    assert int(re.search(r"STACK:(\d+)", dumps[0]).group(1)) == 0, dumps[0]
+
+
 @pytest.mark.parametrize("head_dim,stages,pipeline", [(128, 4, 0), (128, 5, 0), (64, 3, 0), (128, 2, 1),
                                                       (128, 4, 1), (128, 4, 2), (64, 3, 2)])
 def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline):
@@ -83,3 +101,50 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
     calls.clear()
     block_attention_triton(q, k, v, None, 64, 64, sage=True, quant=quant64, kernel="gluon")
     assert not calls
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("n,topk,linear", [(4096, 0.25, True), (3000, 0.1, True), (1000, 0.5, False), (70, 1.0, True),
+                                           (32760, 0.1, True)])
+def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear):
+    """Block-sparse with and without SLA's linear branch: the Gluon kernel's bits, an odd number of LUT rows (the
+    second consumer of the last program past Lq), a partial last key block, one key block."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+    lin, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if linear else {}
+    ref = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, **kw)
+    out = WS.sage_sla_ws(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128,
+                         lin if linear else None, quant["lin_phi"] if linear else None)
+    assert not out.isnan().any()
+    assert torch.equal(out, ref), float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_sage_sla_takes_the_sparse_kernel_when_switched_on(monkeypatch):
+    """With ``SPARSE_OPS`` on (off by default: measured slower), the op ``sage_sla`` runs its block-sparse attention
+    through this kernel and gets the same output as with it off, i.e. through the Gluon kernel."""
+    from turbocompile.kernels.sage_attention import structured_qkv
+    from turbocompile.kernels.sage_sla import sage_sla
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 4, 5000, 128, torch.bfloat16, dev, seed=3)
+    w, b = torch.randn(128, 128, device=dev) * 0.05, torch.randn(128, device=dev) * 0.05
+    monkeypatch.setattr(WS, "SPARSE_OPS", True)
+    calls = []
+    real = WS.sage_sla_ws
+    monkeypatch.setattr(WS, "sage_sla_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
+    assert calls, "sage_sla did not take the FA3-layout sparse kernel"
+    monkeypatch.setattr(WS, "SPARSE_OPS", False)
+    assert torch.equal(out, sage_sla(q, k, v, w, b, 0.1, 64, 128))
