@@ -120,6 +120,25 @@ if gluon is not None:
         mbarrier.wait(ready.index(s), (t // NUM_STAGES) & 1)
         return warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
 
+    @gluon.constexpr_function
+    def wgmma_acc_layout(num_warps, n, k):
+        """Registers of an m64·nN·kK wgmma accumulator over ``num_warps`` warps (16 rows each)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, k])
+
+    @gluon.jit
+    def _store_rows(o, O, b, h, row0, Lq, stride_ob, stride_oh, stride_ol, NW: gl.constexpr):
+        """Rows ``row0`` .. +BM of ``o`` [BM, D] (fp32) into O[b, h] as O's dtype, rows past ``Lq`` left out; through
+        a row-major layout so that each thread stores 16 contiguous bytes."""
+        BM: gl.constexpr = o.shape[0]
+        HEAD_DIM: gl.constexpr = o.shape[1]
+        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (HEAD_DIM // 8),
+                                                    HEAD_DIM // 8], warps_per_cta=[NW, 1], order=[1, 0])
+        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+        ptrs = O + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ol + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+
     @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ROW_SCALES: gl.constexpr = False):
@@ -188,13 +207,10 @@ if gluon is not None:
         b = bh // H
         h = bh % H
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BN, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
+        s_layout: gl.constexpr = wgmma_acc_layout(num_warps, BN, 32)
+        o_layout: gl.constexpr = wgmma_acc_layout(num_warps, HEAD_DIM, 32)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])  # φ·M, bf16
+        lin_layout: gl.constexpr = wgmma_acc_layout(num_warps, HEAD_DIM, 16)  # φ·M, bf16
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
@@ -335,13 +351,7 @@ if gluon is not None:
         mbarrier.invalidate(aux.index(0))
         mbarrier.invalidate(aux.index(1))
 
-        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (HEAD_DIM // 8),
-                                                    HEAD_DIM // 8], warps_per_cta=[num_warps, 1], order=[1, 0])
-        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
-        rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-        ptrs = O + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ol + gl.expand_dims(cols, 0)
-        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+        _store_rows(o, O, b, h, pid_m * BM, Lq, stride_ob, stride_oh, stride_ol, num_warps)
 
 
 #: Off for the rest of the process once a first launch fails (an incompatible Triton); see :mod:`.gluon_guard`.

@@ -1,21 +1,22 @@
-"""Dense Sage attention in FA3's layout for Hopper: measured bit-equal to, and no faster than, the Gluon kernel.
+"""Sage attention in FA3's layout for Hopper: a producer warp and two ping-ponging consumer warpgroups per program.
 
-Today's Gluon kernel (:mod:`.sage_attention_gluon`) runs one 64-row warpgroup per program, two programs per SM, and
-each warpgroup issues its own K/V copies (TMA, barriers, address arithmetic on the compute stream). Nsight Compute
-and every reordering tried say its loop is latency-bound with two warps per scheduler (docs/kernels-attention.md).
-Here one program holds 128 query rows: two consumer partitions of 64 rows each (the same loop: int8 scores, online
-softmax, FP8 P·V into a fresh accumulator, fold) share one K/V ring that a one-warp producer partition fills
-(``gl.warp_specialize``; the consumers get 240 registers, the producer 24, via ``setmaxnreg``). Each consumer
-releases a stage on an "empty" barrier of count 2 once its P·V is done. ``pipeline=1`` adds FA3's
-intra-warpgroup overlap (the next tile's scores wgmma runs during this tile's softmax); ``pipeline=2`` FA3's
-ping-pong (the consumers take turns on the tensor cores, each issuing its next scores and its P·V together).
+The Gluon kernel (:mod:`.sage_attention_gluon`) runs one 64-row warpgroup per program, two programs per SM, each
+issuing its own K/V copies; its loop is latency-bound with two warps per scheduler (docs/kernels-attention.md). Here
+one program holds 128 query rows: two consumer partitions of 64 rows (the same arithmetic: int8 scores, online
+softmax, FP8 P·V into a fresh accumulator, fold) and a one-warp producer partition that issues every TMA copy
+(``gl.warp_specialize``; ``setmaxnreg`` gives the consumers 240 registers, the producer 24). With ``pipeline=2``
+(FA3's ping-pong, the default) the consumers take turns on the tensor cores through a pair of mbarriers: a turn
+issues the next tile's scores and this tile's P·V together, so one consumer's softmax runs under the other's
+wgmmas. Per row the arithmetic and its order are the Gluon kernel's, so the outputs are the same bits (GPU tests).
 
-Per consumer the arithmetic is today's dense kernel's, in the same order, so the output is bit-identical to
-``sage_attention_gluon`` on dense calls. Measured on an H200 (2026-11-27, docs/kernels-attention.md, section
-"The FA3 layout on the GPU"): 0.97-1.01x the Gluon kernel's time, with or without the pipeline, so the ops do not
-use it. It stays as the tested base for what this layout still lacks: an order between the two consumers
-(ping-pong on named barriers), block-sparse LUTs (the consumers' rows lie in different LUT rows) and the SLA
-linear epilogue. ``python -m turbocompile.kernels.sage_attention_ws`` times it against the Gluon kernel and cuDNN.
+* **Dense** (``sage_attention_ws``, one K/V ring both consumers read): measured 5-7% faster than the Gluon kernel
+  on an H200 (2026-11-27), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`).
+* **Block-sparse** (``sage_sla_ws``, a ring per consumer since their LUT rows differ, SLA's linear branch from the
+  quantizer's φ(q)/den): bit-equal but 4-5% slower (one program per SM leaves each program's start and end
+  exposed, where two Gluon programs per SM overlap them), so it is off (:data:`SPARSE_OPS`); a persistent version
+  is the next step.
+
+``python -m turbocompile.kernels.sage_attention_ws [--sparse-only]`` times both against the Gluon kernel and cuDNN.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from .gluon_hopper import (
 BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
 BLOCK_N = 128
 NUM_STAGES = 3  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM): 3 measured best
-PIPELINE = 2  # 0: each consumer alone; 1: intra-warpgroup overlap; 2: ping-pong (measured fastest, the default)
+PIPELINE = 2  # 0: each consumer alone; 2: ping-pong (measured fastest, the default; 1, an intra-warpgroup overlap
+#: of the next scores with this softmax, measured no gain and was removed: commit cf40779 has it)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
@@ -51,7 +53,8 @@ PRODUCER_REGS = 24
 
 if gluon is not None:
     from .gluon_hopper import reinterpret
-    from .sage_attention_gluon import _as_pv_operand, _softmax_tile, _tile_start
+    from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows, _tile_start,
+                                           wgmma_acc_layout)
 
     @gluon.jit
     def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
@@ -67,14 +70,31 @@ if gluon is not None:
             tma_load(v_desc, [v_row0, j * BN], bar, v_s.index(s))
 
     @gluon.jit
+    def _pingpong_turn(q_s, k_next, v_cur, p, s_init, o_init, ready_bar, ready_phase, turn_me, turn_phase, turn_other,
+                       empty_bar, acc, alpha, p_layout: gl.constexpr, row_o: gl.constexpr):
+        """One turn on the tensor cores: wait for the next K tile and for this consumer's turn, issue the next
+        scores and this tile's P·V together, hand the turn over, wait for both, release this tile's stage and fold
+        its P·V into ``acc``. Returns the next scores and ``acc``."""
+        BM: gl.constexpr = s_init.shape[0]
+        BN: gl.constexpr = s_init.shape[1]
+        mbarrier.wait(ready_bar, ready_phase)
+        mbarrier.wait(turn_me, turn_phase)
+        tok = warpgroup_mma(q_s, k_next.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_cur.permute((1, 0)), o_init, use_acc=False,
+                               max_num_imprecise_acc=BN, is_async=True)
+        mbarrier.arrive(turn_other)
+        s_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
+        mbarrier.arrive(empty_bar)
+        return s_next, gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+
+    @gluon.jit
     def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
                      row0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
                      NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
 
-        PIPELINE 1: the next tile's scores wgmma is issued before this tile's softmax (FA3's intra-warpgroup
-        overlap), and one full wait then covers it and this tile's P·V. PIPELINE 2 (FA3's ping-pong): a trip
+        PIPELINE 2 (FA3's ping-pong; 0 is the plain loop, each consumer on its own): a trip
         issues the next scores and this tile's P·V together, on this consumer's turn (``turn_me``, then it hands
         the turn over on ``turn_other``), waits, folds, and does the next tile's softmax while the other consumer
         has the tensor cores. The arithmetic and its order are unchanged either way, so the output is the same
@@ -82,10 +102,8 @@ if gluon is not None:
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_s.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                           instr_shape=[16, BN, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
+        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
+        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -98,41 +116,16 @@ if gluon is not None:
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
         mbarrier.wait(q_bar, 0)
         if PIPELINE == 2:
-            mbarrier.wait(ready.index(0), 0)
-            tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             for j in range(n_tiles):
                 s = j % NUM_STAGES
                 c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
                 jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip's scores are recomputed and dropped
                 sn = jn % NUM_STAGES
-                mbarrier.wait(ready.index(sn), (jn // NUM_STAGES) & 1)
-                mbarrier.wait(turn_me, j & 1)
-                tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
-                tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
-                                       use_acc=False, max_num_imprecise_acc=BN, is_async=True)
-                mbarrier.arrive(turn_other)
-                s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
-                mbarrier.arrive(empty.index(s))
-                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-        elif PIPELINE == 1:
-            mbarrier.wait(ready.index(0), 0)
-            tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
-            for j in range(n_tiles):
-                s = j % NUM_STAGES
-                c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
-                jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip recomputes its own scores (stage still held)
-                sn = jn % NUM_STAGES
-                mbarrier.wait(ready.index(sn), (jn // NUM_STAGES) & 1)
-                tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
-                tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
-                                       use_acc=False, max_num_imprecise_acc=BN, is_async=True)
-                s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
-                mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
-                acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+                s_cur, acc = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                            (jn // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s), acc,
+                                            alpha, p_layout, row_o)
         else:
             for j in range(n_tiles):
                 s = j % NUM_STAGES
@@ -148,14 +141,7 @@ if gluon is not None:
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         inv_l = 1.0 / gl.convert_layout(l_i, row_o)
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
-        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[
-            32 // (HEAD_DIM // 8), HEAD_DIM // 8], warps_per_cta=[NW, 1], order=[1, 0])
-        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-        ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
-                + gl.expand_dims(cols, 0))
-        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+        _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
 
     @gluon.jit(do_not_specialize=["Lq", "Lk"])
     def _sage_attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, stride_ob, stride_oh, stride_ol,
@@ -234,13 +220,10 @@ if gluon is not None:
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_s.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                           instr_shape=[16, BN, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                           instr_shape=[16, HEAD_DIM, 32])
+        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
+        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])  # φ·M, bf16
+        lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma_load(q_desc, [q_row, 0], q_bar, q_s)
@@ -254,24 +237,16 @@ if gluon is not None:
         start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
         c = qs * gl.load(ks_row + start // BLKK)
         mbarrier.wait(q_bar, 0)
-        mbarrier.wait(ready.index(0), 0)
-        tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
         for j in range(n_tiles - 1):
             s = j % NUM_STAGES
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
             sn = (j + 1) % NUM_STAGES
             start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)  # the next trip's, read under the wgmmas
             c = qs * gl.load(ks_row + start // BLKK)
-            mbarrier.wait(ready.index(sn), ((j + 1) // NUM_STAGES) & 1)
-            mbarrier.wait(turn_me, j & 1)
-            tok = warpgroup_mma(q_s, k_s.index(sn).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
-                                   use_acc=False, max_num_imprecise_acc=BN, is_async=True)
-            mbarrier.arrive(turn_other)
-            s_cur, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
-            mbarrier.arrive(empty.index(s))
-            acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+            s_cur, acc = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                        ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s), acc,
+                                        alpha, p_layout, row_o)
         # the last trip: its scores are in, so K's stages are free for the linear branch's operands, which load
         # under this trip's softmax and P·V
         j = n_tiles - 1
@@ -297,14 +272,7 @@ if gluon is not None:
             mbarrier.wait(aux, 0)
             lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
             o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
-        out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[
-            32 // (HEAD_DIM // 8), HEAD_DIM // 8], warps_per_cta=[NW, 1], order=[1, 0])
-        out = gl.convert_layout(o.to(O.dtype.element_ty), out_layout)
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-        ptrs = (O + (bh // H) * stride_ob + (bh % H) * stride_oh + gl.expand_dims(rows, 1) * stride_ol
-                + gl.expand_dims(cols, 0))
-        gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
+        _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
 
     @gluon.jit(do_not_specialize=["Lq", "Lk", "T"])
     def _sage_sla_ws_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
@@ -503,8 +471,8 @@ def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, l
                              ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
-    """Kernel alone, dense, at the Wan shapes: this kernel (2-4 stages, with and without the intra-warpgroup
-    pipeline) against today's Gluon kernel and cuDNN,
+    """Kernel alone, dense, at the Wan shapes: this kernel (without and with the ping-pong) against the Gluon
+    kernel and cuDNN,
     CUDA-graph replays, with the bit-equality of the outputs."""
     import json
 
