@@ -148,3 +148,55 @@ def test_sage_sla_takes_the_sparse_kernel_when_switched_on(monkeypatch):
     assert calls, "sage_sla did not take the FA3-layout sparse kernel"
     monkeypatch.setattr(WS, "SPARSE_OPS", False)
     assert torch.equal(out, sage_sla(q, k, v, w, b, 0.1, 64, 128))
+
+
+def test_a_failed_first_launch_switches_the_kernel_off_and_the_caller_falls_back(monkeypatch):
+    """``dense_ws``/``sparse_ws`` answer None (the caller then runs the Gluon kernel) when the first launch fails,
+    and stop trying for the rest of the process; calls they do not take never launch."""
+    import turbocompile.kernels.sage_attention_gluon as gluon_mod
+    from turbocompile.kernels.gluon_guard import GluonGuard
+
+    if WS.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    monkeypatch.setattr(gluon_mod, "available", lambda: True)
+    monkeypatch.setattr(WS, "GUARD", GluonGuard("FA3-layout attention"))
+    monkeypatch.setattr(WS, "SPARSE_OPS", True)
+    launches = []
+
+    def failing(*args, **kwargs):
+        launches.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(WS, "sage_attention_ws", failing)
+    monkeypatch.setattr(WS, "sage_sla_ws", failing)
+    quant = {"v_wgmma_order": True, "q": torch.empty(1, 1, 256, 128, dtype=torch.int8)}
+    out = torch.empty(1, 1, 200, 128)
+    assert WS.dense_ws(quant, 200, 200, out, 64, 64) is None and not launches  # 64-key K blocks: not its tiles
+    assert WS.dense_ws(quant, 200, 200, out, 64, 128) is None and launches == [1]
+    assert WS.GUARD.disabled is not None and "PassManager" in WS.GUARD.disabled
+    lut = torch.zeros(1, 1, 4, 2, dtype=torch.int32)
+    assert WS.sparse_ws(quant, 200, 200, out, lut, 64, 128, None, None) is None and launches == [1]
+    assert WS.dense_ws(quant, 200, 200, out, 64, 128) is None and launches == [1]
+
+
+def test_a_failure_after_a_successful_launch_propagates(monkeypatch):
+    """Once the kernel has run in this process a failure is a real error, not a reason to fall back."""
+    import turbocompile.kernels.sage_attention_gluon as gluon_mod
+    from turbocompile.kernels.gluon_guard import GluonGuard
+
+    if WS.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    monkeypatch.setattr(gluon_mod, "available", lambda: True)
+    monkeypatch.setattr(WS, "GUARD", GluonGuard("FA3-layout attention"))
+    calls = []
+    monkeypatch.setattr(WS, "sage_attention_ws", lambda *a, **kw: calls.append(1))
+    quant = {"v_wgmma_order": True, "q": torch.empty(1, 1, 256, 128, dtype=torch.int8)}
+    out = torch.empty(1, 1, 200, 128)
+    assert WS.dense_ws(quant, 200, 200, out, 64, 128) is out and WS.GUARD.launched
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("an illegal memory access was encountered")
+
+    monkeypatch.setattr(WS, "sage_attention_ws", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        WS.dense_ws(quant, 200, 200, out, 64, 128)
