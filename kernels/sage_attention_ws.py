@@ -28,7 +28,6 @@ import torch
 from turbocompile.errors import UnsupportedShapeError
 
 from .gluon_guard import GluonGuard
-
 from .gluon_hopper import (
     TensorDescriptor,
     compile_for_sm90a,
@@ -57,17 +56,49 @@ if gluon is not None:
                                            wgmma_acc_layout)
 
     @gluon.jit
+    def _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, start, k_row0, v_row0, NUM_STAGES: gl.constexpr):
+        """Tile j (keys from ``start``) of K and Vᵀ into stage j % NUM_STAGES of a ring, once its consumers have
+        released the tile that stage held before."""
+        s = j % NUM_STAGES
+        if j >= NUM_STAGES:
+            mbarrier.wait(empty.index(s), ((j // NUM_STAGES) - 1) & 1)
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma_load(k_desc, [k_row0 + start, 0], ready.index(s), k_s.index(s))
+        tma_load(v_desc, [v_row0, start], ready.index(s), v_s.index(s))
+
+    @gluon.jit
     def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
         """Fill the ring: tile j's K and Vᵀ into stage j % NUM_STAGES once both consumers released it."""
         BN: gl.constexpr = k_desc.block_type.shape[0]
         for j in range(n_tiles):
-            s = j % NUM_STAGES
-            if j >= NUM_STAGES:
-                mbarrier.wait(empty.index(s), ((j // NUM_STAGES) - 1) & 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row0 + j * BN, 0], bar, k_s.index(s))
-            tma_load(v_desc, [v_row0, j * BN], bar, v_s.index(s))
+            _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, j * BN, k_row0, v_row0, NUM_STAGES)
+
+    @gluon.jit
+    def _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ: gl.constexpr, s_layout: gl.constexpr,
+                        o_layout: gl.constexpr):
+        """A consumer's start: the TMA copy of its 64 query rows from ``row0`` issued (``q_bar``), their Q block
+        scale (rows past Lq take the last block's: their output is masked out), the zero wgmma accumulators and
+        the online-softmax state."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = s_layout.instr_shape[1]
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma_load(q_desc, [q_row, 0], q_bar, q_s)
+        qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        return qs, s_init, o_init, acc, m_i, l_i
+
+    @gluon.jit
+    def _normalized(acc, l_i, VS, bh, o_layout: gl.constexpr):
+        """The consumer's output before any epilogue term: ``acc / l`` times V's per-channel scale."""
+        HEAD_DIM: gl.constexpr = acc.shape[1]
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        return acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
 
     @gluon.jit
     def _pingpong_turn(q_s, k_next, v_cur, p, s_init, o_init, ready_bar, ready_phase, turn_me, turn_phase, turn_other,
@@ -106,14 +137,8 @@ if gluon is not None:
         o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [q_row, 0], q_bar, q_s)
-        qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))  # rows past Lq: any scale, masked out
-        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
-        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        qs, s_init, o_init, acc, m_i, l_i = _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ,
+                                                            s_layout, o_layout)
         mbarrier.wait(q_bar, 0)
         if PIPELINE == 2:
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
@@ -138,10 +163,8 @@ if gluon is not None:
                                    use_acc=False, max_num_imprecise_acc=BN)
                 mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
-        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
-        _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
+        _store_rows(_normalized(acc, l_i, VS, bh, o_layout), O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh,
+                    stride_ol, NW)
 
     @gluon.jit(do_not_specialize=["Lq", "Lk"])
     def _sage_attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, stride_ob, stride_oh, stride_ol,
@@ -188,26 +211,16 @@ if gluon is not None:
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-
     @gluon.jit
     def _ws_sparse_producer(k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0, lut1,
                             n_tiles, k_row0, v_row0, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Fill both consumers' rings in turn: tile j of each consumer's LUT row into its stage j % NUM_STAGES."""
         BN: gl.constexpr = k_desc.block_type.shape[0]
         for j in range(n_tiles):
-            s = j % NUM_STAGES
             start0 = _tile_start(lut0, j, n_tiles, True, BLKK, BN)
             start1 = _tile_start(lut1, j, n_tiles, True, BLKK, BN)
-            if j >= NUM_STAGES:
-                mbarrier.wait(empty0.index(s), ((j // NUM_STAGES) - 1) & 1)
-            mbarrier.expect(ready0.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row0 + start0, 0], ready0.index(s), k_s0.index(s))
-            tma_load(v_desc, [v_row0, start0], ready0.index(s), v_s0.index(s))
-            if j >= NUM_STAGES:
-                mbarrier.wait(empty1.index(s), ((j // NUM_STAGES) - 1) & 1)
-            mbarrier.expect(ready1.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row0 + start1, 0], ready1.index(s), k_s1.index(s))
-            tma_load(v_desc, [v_row0, start1], ready1.index(s), v_s1.index(s))
+            _fill_stage(k_desc, v_desc, k_s0, v_s0, ready0, empty0, j, start0, k_row0, v_row0, NUM_STAGES)
+            _fill_stage(k_desc, v_desc, k_s1, v_s1, ready1, empty1, j, start1, k_row0, v_row0, NUM_STAGES)
 
     @gluon.jit
     def _ws_sparse_consumer(q_desc, m_desc, p_desc, q_s, q_bar, aux, k_s, v_s, ready, empty, turn_me, turn_other,
@@ -225,15 +238,9 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [q_row, 0], q_bar, q_s)
-        qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))  # rows past Lq: any scale, masked out
+        qs, s_init, o_init, acc, m_i, l_i = _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ,
+                                                            s_layout, o_layout)
         ks_row = KS + bh * NKS
-        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
-        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
         start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
         c = qs * gl.load(ks_row + start // BLKK)
         mbarrier.wait(q_bar, 0)
@@ -265,10 +272,9 @@ if gluon is not None:
         mbarrier.arrive(turn_other)
         pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
         acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        inv_l = 1.0 / gl.convert_layout(l_i, row_o)
-        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(gl.load(VS + bh * HEAD_DIM + offs_d), 0)
+        o = _normalized(acc, l_i, VS, bh, o_layout)
         if LINEAR:  # o += (φ(q)/den)·M + bias
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
             mbarrier.wait(aux, 0)
             lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
             o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
@@ -327,31 +333,54 @@ if gluon is not None:
                                    lut1, n_tiles, bh * LKP, bh * HEAD_DIM, BLKK, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
+
+def _unsupported(quant: dict, blk_q: int, blk_k: int, lut: torch.Tensor | None = None,
+                 linear: tuple | None = None, lin_phi: torch.Tensor | None = None) -> str | None:
+    """Why these kernels cannot take a call (dense when ``lut`` is None), or None: the launchers raise it, the
+    op-path gates (:func:`dense_ws`, :func:`sparse_ws`) leave the call to the Gluon kernel."""
+    if not quant.get("v_wgmma_order"):
+        return "needs V quantized in wgmma key order (sage_quantize_triton(..., v_order='wgmma'))"
+    if blk_k % BLOCK_N:
+        return f"K block {blk_k} must be a multiple of {BLOCK_N} keys"
+    if lut is not None and blk_q != BLOCK_M:
+        return f"Q block {blk_q}: a sparse consumer's {BLOCK_M} rows must be one LUT row"
+    if blk_q % BLOCK_M:
+        return f"Q block {blk_q}: a consumer's {BLOCK_M} rows must lie in one Q block"
+    if quant["q"].shape[2] % (2 * BLOCK_M):
+        return f"quantized Q must be padded to a multiple of {2 * BLOCK_M} rows, not {quant['q'].shape[2]}"
+    if lut is not None and not lut.is_contiguous():
+        return "the LUT must be contiguous"
+    if linear is not None and lin_phi is None:
+        return "the linear branch needs φ(q)/den from the quantizer (lin_phi)"
+    return None
+
+
+def _qkv_descs(quant: dict) -> tuple:
+    """TMA descriptors of the quantized Q, K (int8) and Vᵀ (FP8) tiles these kernels read."""
+    qa, ka, va = quant["q"], quant["k"], quant["v"]
+    b, h, lqp, d = qa.shape
+    lkp = ka.shape[2]
+    lay = gl.NVMMASharedLayout.get_default_for
+    return (TensorDescriptor.from_tensor(qa.view(b * h * lqp, d), [BLOCK_M, d], lay([BLOCK_M, d], gl.int8)),
+            TensorDescriptor.from_tensor(ka.view(b * h * lkp, d), [BLOCK_N, d], lay([BLOCK_N, d], gl.int8)),
+            TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv)))
+
+
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
                       num_stages: int = NUM_STAGES, pipeline: int = PIPELINE) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
-    if not quant.get("v_wgmma_order"):
-        raise UnsupportedShapeError("needs V quantized in wgmma key order (sage_quantize_triton(..., v_order='wgmma'))")
-    qa, ka, va = quant["q"], quant["k"], quant["v"]
-    b, h, lqp, d = qa.shape
-    lkp = ka.shape[2]
-    if blk_k % BLOCK_N:
-        raise UnsupportedShapeError(f"K block {blk_k} must be a multiple of {BLOCK_N} keys")
-    if lqp % (2 * BLOCK_M):
-        raise UnsupportedShapeError(f"quantized Q must be padded to a multiple of {2 * BLOCK_M} rows, not {lqp}")
-    lay = gl.NVMMASharedLayout.get_default_for
-    q_desc = TensorDescriptor.from_tensor(qa.view(b * h * lqp, d), [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
-    k_desc = TensorDescriptor.from_tensor(ka.view(b * h * lkp, d), [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
-    v_desc = TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    why = _unsupported(quant, blk_q, blk_k)
+    if why is not None:
+        raise UnsupportedShapeError(why)
+    b, h, lqp, _ = quant["q"].shape
     grid = (-(-lq // (2 * BLOCK_M)), b * h)
     _sage_attn_ws_kernel[grid](
-        q_desc, k_desc, v_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
-        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
+        *_qkv_descs(quant), quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
+        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, PIPELINE=int(pipeline), num_warps=4)
     return out
-
 
 
 def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
@@ -360,23 +389,13 @@ def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Ten
     """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
     and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
     :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``."""
-    if not quant.get("v_wgmma_order"):
-        raise UnsupportedShapeError("needs V quantized in wgmma key order (sage_quantize_triton(..., v_order='wgmma'))")
-    if blk_q != BLOCK_M or blk_k % BLOCK_N:
-        raise UnsupportedShapeError(f"blocks {blk_q}x{blk_k}: this kernel takes {BLOCK_M}-row LUT rows and K blocks "
-                                    f"of a multiple of {BLOCK_N} keys")
-    if linear is not None and lin_phi is None:
-        raise UnsupportedShapeError("the linear branch needs φ(q)/den from the quantizer (lin_phi)")
-    qa, ka, va = quant["q"], quant["k"], quant["v"]
-    b, h, lqp, d = qa.shape
-    lkp = ka.shape[2]
-    if lqp % (2 * BLOCK_M):
-        raise UnsupportedShapeError(f"quantized Q must be padded to a multiple of {2 * BLOCK_M} rows, not {lqp}")
-    lay = gl.NVMMASharedLayout.get_default_for
-    q_desc = TensorDescriptor.from_tensor(qa.view(b * h * lqp, d), [BLOCK_M, d], lay([BLOCK_M, d], gl.int8))
-    k_desc = TensorDescriptor.from_tensor(ka.view(b * h * lkp, d), [BLOCK_N, d], lay([BLOCK_N, d], gl.int8))
-    v_desc = TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv))
+    why = _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi)
+    if why is not None:
+        raise UnsupportedShapeError(why)
+    q_desc, k_desc, v_desc = _qkv_descs(quant)
+    b, h, lqp, d = quant["q"].shape
     if linear is not None:
+        lay = gl.NVMMASharedLayout.get_default_for
         m_desc = TensorDescriptor.from_tensor(linear[0].reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
         p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [BLOCK_M, d],
                                               lay([BLOCK_M, d], gl.bfloat16))
@@ -387,34 +406,40 @@ def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Ten
     grid = (-(-lq // (2 * BLOCK_M)), b * h)
     _sage_sla_ws_kernel[grid](
         q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
-        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1],
+        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages,
         LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out
 
-#: Off for the rest of the process once a first launch fails (the dense calls then take the Gluon kernel).
+
+#: Off for the rest of the process once a first launch fails (the calls then take the Gluon kernel).
 GUARD = GluonGuard("FA3-layout attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the Gluon kernels")
+
+
+def _guarded(enabled: bool, why_not: str | None, launch, *args) -> bool:
+    """Run ``launch(*args)`` if these kernels are on and take the call; False (the caller falls back) if not, or if
+    it is the first launch in this process and it failed (:data:`GUARD` then switches them off)."""
+    from .sage_attention_gluon import available
+
+    if not enabled or GUARD.disabled is not None or gluon is None or not available() or why_not is not None:
+        return False
+    try:
+        launch(*args)
+    except Exception as exc:
+        if not GUARD.launch_failed(exc):
+            raise
+        return False
+    GUARD.succeeded()
+    return True
 
 
 def dense_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int) -> torch.Tensor | None:
     """Dense attention by this kernel when it takes the call (``out`` written and returned), else None: the
     caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes dense calls on Hopper with 128-key K
     blocks (its tiles), Vᵀ in wgmma key order, unless switched off (:data:`DENSE_OPS`, or a failed first launch)."""
-    from .sage_attention_gluon import available
-
-    if not DENSE_OPS or GUARD.disabled is not None or gluon is None or not available():
-        return None
-    if blk_k % BLOCK_N or blk_q % BLOCK_M or not quant.get("v_wgmma_order") or quant["q"].shape[2] % (2 * BLOCK_M):
-        return None
-    try:
-        sage_attention_ws(quant, lq, lk, out, blk_q, blk_k)
-    except Exception as exc:
-        if not GUARD.launch_failed(exc):
-            raise
-        return None
-    GUARD.succeeded()
-    return out
-
+    taken = _guarded(DENSE_OPS, _unsupported(quant, blk_q, blk_k), sage_attention_ws, quant, lq, lk, out, blk_q,
+                     blk_k)
+    return out if taken else None
 
 
 def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
@@ -423,21 +448,10 @@ def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tenso
     caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes 64-row LUT rows over K blocks of a
     multiple of 128 keys, with the linear branch only when φ(q)/den came from the quantizer, unless switched off
     (:data:`SPARSE_OPS`, or a failed first launch)."""
-    from .sage_attention_gluon import available
+    taken = _guarded(SPARSE_OPS, _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi), sage_sla_ws, quant, lq,
+                     lk, out, lut, blk_q, blk_k, linear, lin_phi)
+    return out if taken else None
 
-    if not SPARSE_OPS or GUARD.disabled is not None or gluon is None or not available():
-        return None
-    if (blk_q != BLOCK_M or blk_k % BLOCK_N or not quant.get("v_wgmma_order") or (linear is not None and lin_phi is None)
-            or quant["q"].shape[2] % (2 * BLOCK_M) or not lut.is_contiguous()):
-        return None
-    try:
-        sage_sla_ws(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi)
-    except Exception as exc:
-        if not GUARD.launch_failed(exc):
-            raise
-        return None
-    GUARD.succeeded()
-    return out
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
                      producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE):
@@ -454,7 +468,6 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 
-
 def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, linear: bool = True):
     """The block-sparse kernel compiled for sm_90a without a GPU."""
     lay = gl.NVMMASharedLayout.get_default_for
@@ -469,6 +482,7 @@ def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, l
               "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
     return compile_for_sm90a(_sage_sla_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
+
 
 def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     """Kernel alone, dense, at the Wan shapes: this kernel (without and with the ping-pong) against the Gluon
@@ -514,7 +528,6 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
         json.dump(rows, f, indent=1)
 
 
-
 def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
     """Block-sparse (top-k 0.1) with SLA's linear branch, as ``sage_sla`` runs it: this kernel against the Gluon
     kernel on the same quantized inputs, CUDA-graph replays, with the bit-equality of the outputs."""
@@ -531,8 +544,8 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
         qg = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
         lut = lut_from_pooled(qg["q_pool"], qg["k_pool"], 0.1)
         ref = torch.full_like(q, float("nan"))
-        t_ref = bench_ms_graph(lambda: sage_attention_gluon(qg, n, n, ref, lut, 64, 128, q_raw=q, linear=lin,  # noqa: B023
-                                                            lin_phi=qg["lin_phi"]))
+        t_ref = bench_ms_graph(lambda: sage_attention_gluon(  # noqa: B023
+            qg, n, n, ref, lut, 64, 128, q_raw=q, linear=lin, lin_phi=qg["lin_phi"]))
         o = torch.full_like(q, float("nan"))
         ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, lut, 64, 128, lin, qg["lin_phi"]))  # noqa: B023
         same = bool(torch.equal(o, ref))

@@ -16,6 +16,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cubin_tools import cuobjdump  # noqa: E402
 
 
+def _assert_no_spills_with_triton_36(kernel, why_36: str = "") -> None:
+    """No stack frame in ``kernel``'s cubin; checked with the GPU image's Triton 3.6 only (skips elsewhere)."""
+    import triton
+
+    if not triton.__version__.startswith("3.6"):
+        pytest.skip(f"spills are checked with the GPU image's Triton 3.6{why_36}; this is {triton.__version__}")
+    dumps = cuobjdump(kernel, "--dump-resource-usage")
+    if dumps is None:
+        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
+    assert int(re.search(r"STACK:(\d+)", dumps[0]).group(1)) == 0, dumps[0]
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    """Wrap ``sage_attention_ws.<name>`` so that each call appends to the returned list (and still runs)."""
+    calls: list = []
+    real = getattr(WS, name)
+    monkeypatch.setattr(WS, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
 def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_dim, linear):
     pytest.importorskip("triton", reason="Triton is not installed")
@@ -24,14 +44,7 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
     kernel = WS.compile_sparse_for_sm90(head_dim=head_dim, linear=linear)
     assert ".reqntid 384" in kernel.asm["ptx"]
     assert kernel.metadata.shared <= 232448  # an H100/H200's 227 KiB per block
-    import triton
-
-    if not triton.__version__.startswith("3.6"):
-        pytest.skip(f"spills are checked with the GPU image's Triton 3.6; this is {triton.__version__}")
-    dumps = cuobjdump(kernel, "--dump-resource-usage")
-    if dumps is None:
-        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
-    assert int(re.search(r"STACK:(\d+)", dumps[0]).group(1)) == 0, dumps[0]
+    _assert_no_spills_with_triton_36(kernel)
 
 
 @pytest.mark.parametrize("head_dim,stages,pipeline", [(128, 4, 0), (128, 5, 0), (64, 3, 0), (128, 3, 2),
@@ -45,15 +58,7 @@ def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages
     assert ".reqntid 384" in ptx  # two consumer warpgroups and the producer warp padded to a warpgroup
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)  # the producer gives its registers back
     assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_dim}k32\.f32\.e4m3\.e4m3 \{{[^}}]*\}}, \{{", ptx)
-    import triton
-
-    if not triton.__version__.startswith("3.6"):
-        pytest.skip(f"spills are checked with the GPU image's Triton 3.6 (3.9 spills 200 bytes here); this is "
-                    f"{triton.__version__}")
-    dumps = cuobjdump(kernel, "--dump-resource-usage")
-    if dumps is None:
-        pytest.skip("Triton ships no cuobjdump here to read registers and spills with")
-    assert int(re.search(r"STACK:(\d+)", dumps[0]).group(1)) == 0, dumps[0]  # no spills
+    _assert_no_spills_with_triton_36(kernel, " (3.9 spills 200 bytes here)")
 
 
 needs_hopper = pytest.mark.skipif(not G.available(), reason="needs an sm_90 GPU (Hopper) and Triton's Gluon")
@@ -89,9 +94,7 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
     q, _, _ = structured_qkv(1, 3, lq, 128, torch.bfloat16, dev, seed=lq)
     _, k, v = structured_qkv(1, 3, lk, 128, torch.bfloat16, dev, seed=lk + 1)
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
-    calls = []
-    real = WS.sage_attention_ws
-    monkeypatch.setattr(WS, "sage_attention_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_calls(monkeypatch, "sage_attention_ws")
     out = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant, kernel="gluon",
                                  out=torch.full_like(q, float("nan")))
     assert calls, "the dense call did not take the FA3-layout kernel"
@@ -141,9 +144,7 @@ def test_sage_sla_takes_the_sparse_kernel_when_switched_on(monkeypatch):
     q, k, v = structured_qkv(1, 4, 5000, 128, torch.bfloat16, dev, seed=3)
     w, b = torch.randn(128, 128, device=dev) * 0.05, torch.randn(128, device=dev) * 0.05
     monkeypatch.setattr(WS, "SPARSE_OPS", True)
-    calls = []
-    real = WS.sage_sla_ws
-    monkeypatch.setattr(WS, "sage_sla_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_calls(monkeypatch, "sage_sla_ws")
     out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
     assert calls, "sage_sla did not take the FA3-layout sparse kernel"
     monkeypatch.setattr(WS, "SPARSE_OPS", False)
@@ -213,9 +214,7 @@ def test_dense_op_through_it_meets_the_accuracy_bar_with_batches(b, h, n, d, mon
 
     dev = torch.device("cuda")
     q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=n + d)
-    calls = []
-    real = WS.sage_attention_ws
-    monkeypatch.setattr(WS, "sage_attention_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_calls(monkeypatch, "sage_attention_ws")
     out = sage_attention(q, k, v, 64, 128).float()
     assert calls, "the op did not run the FA3-layout kernel"
     ref = attention_fp32_reference(q, k, v)
