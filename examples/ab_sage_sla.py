@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--linear", action="store_true", help="also the fp8-row linear against cuBLAS bf16")
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
+    ap.add_argument("--ws-pipelines", default="",
+                    help="also time these sage_attention_ws.PIPELINE values as states (e.g. 2,4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from turbocompile.kernels import block_map as bm
@@ -64,11 +66,14 @@ def main() -> None:
     load_ops()
     from turbocompile.kernels import sage_sla as sla_mod
 
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS)
-    states = {"gluon": now[:4] + (False, False), "now": now}
+    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS,
+           WS.PIPELINE)
+    states = {"gluon": now[:4] + (False, False, WS.PIPELINE), "now": now}
+    for p in filter(None, args.ws_pipelines.split(",")):
+        states[f"ws p{p}"] = now[:6] + (int(p),)
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS = state
+        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS, WS.PIPELINE = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -97,6 +102,8 @@ def main() -> None:
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
                     for tag, state in states.items():
+                        if name == "sage_sla" and tag.startswith("ws p"):
+                            continue  # block-sparse calls do not read PIPELINE
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

@@ -141,18 +141,27 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                      ROW_SCALES: gl.constexpr = False):
+                      ROW_SCALES: gl.constexpr = False, MAY_MASK: gl.constexpr = True, INT_MAX: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
         ROW_SCALES (the tile spans several Q blocks). The int32 -> fp32
         conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
-        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument."""
+        floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument.
+
+        MAY_MASK False: the caller knows every key of the tile is below Lk (no check, no branch). INT_MAX (only
+        then): the row maximum is taken on the int32 scores themselves, so that its chain need not wait for the
+        conversion; the same value, as the conversion is exact and monotonic."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
-        if start + BLOCK_N > Lk:
-            cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
-        m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)
+        if MAY_MASK:
+            if start + BLOCK_N > Lk:
+                cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+        if INT_MAX and not MAY_MASK:
+            x_max = (gl.max(s_int, axis=1) + 0x4B400000).to(gl.float32, bitcast=True)
+        else:
+            x_max = gl.max(x, axis=1)
+        m_new = gl.maximum(m_i, (x_max - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
             p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))

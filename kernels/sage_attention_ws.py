@@ -102,10 +102,10 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_turn(q_s, k_next, v_cur, p, s_init, o_init, ready_bar, ready_phase, turn_me, turn_phase, turn_other,
-                       empty_bar, acc, alpha, p_layout: gl.constexpr, row_o: gl.constexpr):
+                       empty_bar, p_layout: gl.constexpr):
         """One turn on the tensor cores: wait for the next K tile and for this consumer's turn, issue the next
-        scores and this tile's P·V together, hand the turn over, wait for both, release this tile's stage and fold
-        its P·V into ``acc``. Returns the next scores and ``acc``."""
+        scores and this tile's P·V together, hand the turn over, wait for both and release this tile's stage.
+        Returns the next scores and this tile's P·V (to fold into the output with :func:`_fold`)."""
         BM: gl.constexpr = s_init.shape[0]
         BN: gl.constexpr = s_init.shape[1]
         mbarrier.wait(ready_bar, ready_phase)
@@ -116,7 +116,23 @@ if gluon is not None:
         mbarrier.arrive(turn_other)
         s_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
         mbarrier.arrive(empty_bar)
-        return s_next, gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        return s_next, pv
+
+    @gluon.jit
+    def _pingpong_last_turn(v_cur, p, o_init, turn_me, turn_phase, turn_other, p_layout: gl.constexpr):
+        """The last tile's turn: its P·V alone (there are no next scores to issue). Returns the P·V."""
+        BM: gl.constexpr = p.shape[0]
+        BN: gl.constexpr = p.shape[1]
+        mbarrier.wait(turn_me, turn_phase)
+        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_cur.permute((1, 0)), o_init, use_acc=False,
+                               max_num_imprecise_acc=BN, is_async=True)
+        mbarrier.arrive(turn_other)
+        return warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
+
+    @gluon.jit
+    def _fold(acc, alpha, pv, row_o: gl.constexpr):
+        """The two-level FP8 accumulation's outer step: ``acc·alpha + pv`` in fp32."""
+        return gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
 
     @gluon.jit
     def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
@@ -148,9 +164,41 @@ if gluon is not None:
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
                 jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip's scores are recomputed and dropped
                 sn = jn % NUM_STAGES
-                s_cur, acc = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                            (jn // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s), acc,
-                                            alpha, p_layout, row_o)
+                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                           (jn // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
+                                           p_layout)
+                acc = _fold(acc, alpha, pv, row_o)
+        elif PIPELINE >= 3:
+            # 3: the last trip peeled (no recomputed scores), so the loop's tiles are all below Lk (no mask check)
+            # and the next K scale is read under the wgmmas; 4: also the row maximum on the int32 scores; 5, 6: 3
+            # and 4 with P·V folded one trip late, inside the next softmax (its FMAs then fill the exponentials'
+            # issue gaps)
+            LATE_FOLD: gl.constexpr = PIPELINE >= 5
+            c = qs * gl.load(KS + bh * NKS)
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
+            pv = o_init
+            alpha_prev = gl.full([BM], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
+            for j in range(n_tiles - 1):
+                s = j % NUM_STAGES
+                if LATE_FOLD:
+                    acc = _fold(acc, alpha_prev, pv, row_o)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, False,
+                                                   PIPELINE % 2 == 0)
+                c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
+                sn = (j + 1) % NUM_STAGES
+                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                           ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
+                                           p_layout)
+                if LATE_FOLD:
+                    alpha_prev = alpha
+                else:
+                    acc = _fold(acc, alpha, pv, row_o)
+            j = n_tiles - 1
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
+            if LATE_FOLD:
+                acc = _fold(acc, alpha_prev, pv, row_o)
+            pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
+            acc = _fold(acc, alpha, pv, row_o)
         else:
             for j in range(n_tiles):
                 s = j % NUM_STAGES
@@ -251,9 +299,10 @@ if gluon is not None:
             sn = (j + 1) % NUM_STAGES
             start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)  # the next trip's, read under the wgmmas
             c = qs * gl.load(ks_row + start // BLKK)
-            s_cur, acc = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                        ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s), acc,
-                                        alpha, p_layout, row_o)
+            s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                       ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
+                                       p_layout)
+            acc = _fold(acc, alpha, pv, row_o)
         # the last trip: its scores are in, so K's stages are free for the linear branch's operands, which load
         # under this trip's softmax and P·V
         j = n_tiles - 1
@@ -266,12 +315,8 @@ if gluon is not None:
             tma_load(p_desc, [q_row, 0], aux, phi_s)
             tma_load(m_desc, [bh * HEAD_DIM, 0], aux, m_s)
         p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
-        mbarrier.wait(turn_me, j & 1)
-        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
-                               use_acc=False, max_num_imprecise_acc=BN, is_async=True)
-        mbarrier.arrive(turn_other)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
-        acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, j & 1, turn_other, p_layout),
+                    row_o)
         o = _normalized(acc, l_i, VS, bh, o_layout)
         if LINEAR:  # o += (φ(q)/den)·M + bias
             offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -367,7 +412,7 @@ def _qkv_descs(quant: dict) -> tuple:
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int = NUM_STAGES, pipeline: int = PIPELINE) -> torch.Tensor:
+                      num_stages: int = NUM_STAGES, pipeline: int | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     why = _unsupported(quant, blk_q, blk_k)
@@ -379,7 +424,7 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
         *_qkv_descs(quant), quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=int(pipeline), num_warps=4)
+        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4)
     return out
 
 
@@ -496,6 +541,8 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(0, 4), (2, 3)]
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,4:3 (pipeline:stages)
+        variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
         q, k, v = structured_qkv(b, h, n, d, torch.bfloat16, dev, seed=1)
@@ -522,7 +569,8 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
                   f"bit-equal {same} rel {rel:.1e}", flush=True)
         del q, k, v, qg, ref
         torch.cuda.empty_cache()
-    rows += _bench_sparse(dev)
+    if "--dense-only" not in sys.argv:
+        rows += _bench_sparse(dev)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "sage_attention_ws_bench.json"), "w") as f:
         json.dump(rows, f, indent=1)
