@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--ws-pipelines", default="",
                     help="also time these sage_attention_ws.PIPELINE values as states (e.g. 2,4)")
+    ap.add_argument("--gluon-int-max", type=int, default=None,
+                    help="also time a state with sage_attention_gluon.INT_MAX set to this (0/1; sparse calls)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from turbocompile.kernels import block_map as bm
@@ -67,13 +69,16 @@ def main() -> None:
     from turbocompile.kernels import sage_sla as sla_mod
 
     now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS,
-           WS.PIPELINE)
-    states = {"gluon": now[:4] + (False, False, WS.PIPELINE), "now": now}
+           WS.PIPELINE, G.INT_MAX)
+    states = {"gluon": now[:4] + (False, False) + now[6:], "now": now}
     for p in filter(None, args.ws_pipelines.split(",")):
-        states[f"ws p{p}"] = now[:6] + (int(p),)
+        states[f"ws p{p}"] = now[:6] + (int(p),) + now[7:]
+    if args.gluon_int_max is not None:
+        states[f"gluon int_max={args.gluon_int_max}"] = now[:7] + (bool(args.gluon_int_max),)
 
     def use(state):
-        G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS, WS.PIPELINE = state
+        (G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS, WS.PIPELINE,
+         G.INT_MAX) = state
         sa.QUANT_CONFIGS.clear()
         sa.QUANT_CONFIGS.update(configs)
 
@@ -104,6 +109,8 @@ def main() -> None:
                     for tag, state in states.items():
                         if name == "sage_sla" and tag.startswith("ws p"):
                             continue  # block-sparse calls do not read PIPELINE
+                        if name == "sage_attention" and tag.startswith("gluon int_max"):
+                            continue  # dense calls take the FA3-layout kernel, which does not read G.INT_MAX
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
         use(now)

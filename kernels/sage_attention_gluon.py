@@ -54,6 +54,7 @@ BLOCK_N = 128  # keys per tile where the K block allows (else 64)
 NUM_STAGES = 3  # K/V shared-memory stages (32 KiB each with 128-key tiles at head_dim 128)
 NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
+INT_MAX = False  # the softmax row maximum on the int32 scores (_softmax_tile); an A/B switch while measured
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
 
 
@@ -149,17 +150,23 @@ if gluon is not None:
         conversion is the exact magic-number add (no quarter-rate I2F); the row maximum is taken on those biased
         floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument.
 
-        MAY_MASK False: the caller knows every key of the tile is below Lk (no check, no branch). INT_MAX (only
-        then): the row maximum is taken on the int32 scores themselves, so that its chain need not wait for the
-        conversion; the same value, as the conversion is exact and monotonic."""
+        MAY_MASK False: the caller knows every key of the tile is below Lk (no check, no branch). INT_MAX: the
+        row maximum of a tile without masked keys is taken on the int32 scores themselves (ptxas makes it a chain
+        of 3-input VIMNMX3, half as deep, and it need not wait for the conversion); the same value, as the
+        conversion is exact and monotonic."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
-        if MAY_MASK:
-            if start + BLOCK_N > Lk:
-                cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
-        if INT_MAX and not MAY_MASK:
+        if INT_MAX:
             x_max = (gl.max(s_int, axis=1) + 0x4B400000).to(gl.float32, bitcast=True)
+            if MAY_MASK:
+                if start + BLOCK_N > Lk:
+                    cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                    x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+                    x_max = gl.max(x, axis=1)
         else:
+            if MAY_MASK:
+                if start + BLOCK_N > Lk:
+                    cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                    x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
             x_max = gl.max(x, axis=1)
         m_new = gl.maximum(m_i, (x_max - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
@@ -194,7 +201,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        num_warps: gl.constexpr,
+        num_warps: gl.constexpr, INT_MAX: gl.constexpr = False,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -313,7 +320,8 @@ if gluon is not None:
                     mbarrier.expect(aux.index(1), m_desc.block_type.nbytes + p_desc.block_type.nbytes)
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES, True,
+                                               INT_MAX)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -472,13 +480,14 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16, INT_MAX=INT_MAX)
     GUARD.succeeded()
     return out
 
 
 def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 128, num_stages: int = NUM_STAGES,
-                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32):
+                     block_n: int = BLOCK_N, block_m: int = BLOCK_M, phi_pre: bool = False, tiles: int = 32,
+                     int_max: bool | None = None):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn = head_dim, block_n
@@ -492,7 +501,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "num_warps": block_m // 16}
+              "num_warps": block_m // 16, "INT_MAX": INT_MAX if int_max is None else int_max}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 

@@ -388,6 +388,35 @@ def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("n,sparse,blk_k,block_m", [(4096, True, 128, 64), (3000, True, 128, 64),
+                                                    (700, True, 64, 64), (1000, False, 128, 64),
+                                                    (1000, False, 128, 128), (63, False, 128, 64), (1, False, 128, 64)])
+@pytest.mark.gpu
+@needs_hopper
+def test_row_maximum_on_int32_scores_gives_the_same_bits(n, sparse, blk_k, block_m, monkeypatch):
+    """INT_MAX takes the softmax row maximum on the int32 scores (masked tiles keep the float path): the same
+    value, so bit-equal outputs, with partial last tiles (L not a multiple of 128), L = 1, sparse + linear."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + 7)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+    lin, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
+    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
+    outs = []
+    for flag in (True, False):
+        monkeypatch.setattr(G, "INT_MAX", flag)
+        outs.append(G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, blk_k,
+                                           block_m=block_m, **kw))
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("lq,block_m", [(300, 64), (129, 64), (300, 128), (1, 128)])
 @pytest.mark.gpu
 @needs_hopper
