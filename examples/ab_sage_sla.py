@@ -33,6 +33,7 @@ dependent launch between the kernels, since removed: it was slower. Its "no-pdl"
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import statistics
@@ -57,10 +58,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--linear", action="store_true", help="also the fp8-row linear against cuBLAS bf16")
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
-    ap.add_argument("--ws-pipelines", default="",
-                    help="also time these sage_attention_ws.PIPELINE values as states (e.g. 2,4)")
-    ap.add_argument("--gluon-int-max", type=int, default=None,
-                    help="also time a state with sage_attention_gluon.INT_MAX set to this (0/1; sparse calls)")
+    ap.add_argument("--state", action="append", default=[],
+                    help="an extra state NAME:knob=value,... over today's defaults (knobs: preload, topk, "
+                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, int_max, fused_moments)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from turbocompile.kernels import block_map as bm
@@ -68,19 +68,22 @@ def main() -> None:
     load_ops()
     from turbocompile.kernels import sage_sla as sla_mod
 
-    now = (G.PRELOAD_SPARSE, dict(sa.QUANT_CONFIGS), bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS,
-           WS.PIPELINE, G.INT_MAX)
-    states = {"gluon": now[:4] + (False, False) + now[6:], "now": now}
-    for p in filter(None, args.ws_pipelines.split(",")):
-        states[f"ws p{p}"] = now[:6] + (int(p),) + now[7:]
-    if args.gluon_int_max is not None:
-        states[f"gluon int_max={args.gluon_int_max}"] = now[:7] + (bool(args.gluon_int_max),)
+    knobs = {"preload": (G, "PRELOAD_SPARSE"), "topk": (bm, "TOPK_CONFIG"), "lut_beside_v": (sla_mod, "LUT_BESIDE_V"),
+             "dense_ws": (WS, "DENSE_OPS"), "sparse_ws": (WS, "SPARSE_OPS"), "pipeline": (WS, "PIPELINE"),
+             "stages": (WS, "NUM_STAGES"), "int_max": (G, "INT_MAX"), "fused_moments": (sa, "FUSED_MOMENTS")}
+    now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
+    now_configs = dict(sa.QUANT_CONFIGS)
+    states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False},
+              "17:25": {**now, "pipeline": 2, "stages": 3, "int_max": False, "fused_moments": False}, "now": now}
+    for spec in args.state:  # NAME:knob=value,knob=value (values are Python literals)
+        name, _, assigns = spec.partition(":")
+        states[name] = {**now, **{k: ast.literal_eval(v) for k, v in (a.split("=") for a in assigns.split(","))}}
 
     def use(state):
-        (G.PRELOAD_SPARSE, configs, bm.TOPK_CONFIG, sla_mod.LUT_BESIDE_V, WS.DENSE_OPS, WS.SPARSE_OPS, WS.PIPELINE,
-         G.INT_MAX) = state
+        for name, (mod, attr) in knobs.items():
+            setattr(mod, attr, state[name])
         sa.QUANT_CONFIGS.clear()
-        sa.QUANT_CONFIGS.update(configs)
+        sa.QUANT_CONFIGS.update(now_configs)
 
     def report(shape, times, base, rows):
         med = {key: statistics.median(v) for key, v in times.items()}
@@ -107,13 +110,9 @@ def main() -> None:
                 times.setdefault("cudnn", []).append(bench_ms_graph(ops["cudnn"]))
                 for name in ("sage_sla", "sage_attention"):
                     for tag, state in states.items():
-                        if name == "sage_sla" and tag.startswith("ws p"):
-                            continue  # block-sparse calls do not read PIPELINE
-                        if name == "sage_attention" and tag.startswith("gluon int_max"):
-                            continue  # dense calls take the FA3-layout kernel, which does not read G.INT_MAX
                         use(state)
                         times.setdefault(f"{name} {tag}", []).append(bench_ms_graph(ops[name]))
-        use(now)
+        use(states["now"])
         report(shape, times, "cudnn", rows)
         del q, k, v
         torch.cuda.empty_cache()

@@ -551,8 +551,9 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
                          v_scale: torch.Tensor | None = None, v_later: bool = False) -> dict:
     """Sage prologue on the GPU: int8 Q/K with block scales and pooled means (the SLA block map reuses them), FP8 Vᵀ.
 
-    One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (two reductions
-    in PyTorch, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics pass). Q/K/Vᵀ come out
+    One pass over Q, one over K and one over V after the token mean of K and the channel amax of V (one pass over K
+    and V, :mod:`.kv_moments`, or given: ``k_mean``/``v_amax`` [B, H, D] fp32 from the SLA linear-statistics
+    pass). Q/K/Vᵀ come out
     padded to a multiple of 128 tokens with zeros, so the attention loop needs no masks. ``v_order="wgmma"`` stores
     Vᵀ's keys permuted within each 32-key group for the Gluon kernel (``out["v_wgmma_order"]`` says which).
     ``linear_z`` (z = Σφ(K) [B·H, D] fp32 of :func:`~.sla.linear_branch_stats`): the pass over Q also writes
@@ -567,6 +568,11 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
     dev = q.device
     lq_pad, lk_pad = -(-lq // _PAD) * _PAD, -(-lk // _PAD) * _PAD
     nq, nk = -(-lq // blk_q), -(-lk // blk_k)
+    if k_mean is None and v_amax is None and v_scale is None and FUSED_MOMENTS:
+        from .kv_moments import kv_moments, supported
+
+        if supported(k, v) is None:
+            k_mean, v_scale = kv_moments(k, v)  # one pass over K and V for both
     if k_mean is None:
         k_mean = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
     k_mean = k_mean.contiguous()
@@ -606,6 +612,9 @@ def sage_quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_
 #: 0.380). Q alone measured 0.061 / 0.363 against 0.066 / 0.402, but the dense op it serves did not get faster
 #: (8.640 against 8.565 ms, A/B in one process), so it stays one-pass.
 TWO_PASS = 2
+#: K's token mean and V's scale by :func:`.kv_moments.kv_moments` (one pass over K and V) where the caller gives
+#: neither; False: two PyTorch reductions.
+FUSED_MOMENTS = True
 QUANT_CONFIGS: dict[tuple[int, bool], tuple[int, int, int, bool | int]] = {
     (64, False): (4, 1, 8, True), (128, False): (4, 1, 8, True),
     (64, True): (4, 2, 8, TWO_PASS), (128, True): (4, 1, 8, True),

@@ -42,9 +42,12 @@ from .gluon_hopper import (
 
 BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
 BLOCK_N = 128
-NUM_STAGES = 3  # K/V stages of the shared ring (32 KiB each at head_dim 128; one program per SM): 3 measured best
-PIPELINE = 2  # 0: each consumer alone; 2: ping-pong (measured fastest, the default; 1, an intra-warpgroup overlap
-#: of the next scores with this softmax, measured no gain and was removed: commit cf40779 has it)
+NUM_STAGES = 4  # K/V stages of the dense ring (32 KiB each at head_dim 128; one program per SM): 4 measured best
+#: with PIPELINE 4 (3 with 2)
+SPARSE_STAGES = 3  # stages of each of the sparse kernel's two rings (224 KiB of shared memory in all)
+PIPELINE = 4  # 0: each consumer alone; 2: ping-pong; 3: and the last trip peeled; 4: and the row maximum on the
+#: int32 scores (measured fastest, the default; 5-7: variants under measurement. 1, an intra-warpgroup overlap of
+#: the next scores with this softmax, measured no gain and was removed: commit cf40779 has it)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
@@ -173,7 +176,7 @@ if gluon is not None:
             # and the next K scale is read under the wgmmas; 4: also the row maximum on the int32 scores; 5, 6: 3
             # and 4 with P·V folded one trip late, inside the next softmax (its FMAs then fill the exponentials'
             # issue gaps)
-            LATE_FOLD: gl.constexpr = PIPELINE >= 5
+            LATE_FOLD: gl.constexpr = PIPELINE == 5 or PIPELINE == 6
             c = qs * gl.load(KS + bh * NKS)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             pv = o_init
@@ -183,7 +186,7 @@ if gluon is not None:
                 if LATE_FOLD:
                     acc = _fold(acc, alpha_prev, pv, row_o)
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, False,
-                                                   PIPELINE % 2 == 0)
+                                                   PIPELINE % 2 == 0 or PIPELINE == 7, PIPELINE == 7)
                 c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
@@ -412,7 +415,7 @@ def _qkv_descs(quant: dict) -> tuple:
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int = NUM_STAGES, pipeline: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, pipeline: int | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     why = _unsupported(quant, blk_q, blk_k)
@@ -423,14 +426,15 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     _sage_attn_ws_kernel[grid](
         *_qkv_descs(quant), quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
-        quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4)
+        quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4)
     return out
 
 
 def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
                 linear: tuple | None = None, lin_phi: torch.Tensor | None = None,
-                num_stages: int = NUM_STAGES) -> torch.Tensor:
+                num_stages: int = SPARSE_STAGES) -> torch.Tensor:
     """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
     and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
     :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``."""
@@ -513,7 +517,7 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 
-def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, linear: bool = True):
+def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True):
     """The block-sparse kernel compiled for sm_90a without a GPU."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
