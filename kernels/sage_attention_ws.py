@@ -5,12 +5,15 @@ issuing its own K/V copies; its loop is latency-bound with two warps per schedul
 one program holds 128 query rows: two consumer partitions of 64 rows (the same arithmetic: int8 scores, online
 softmax, FP8 P·V into a fresh accumulator, fold) and a one-warp producer partition that issues every TMA copy
 (``gl.warp_specialize``; ``setmaxnreg`` gives the consumers 240 registers, the producer 24). With ``pipeline=2``
-(FA3's ping-pong, the default) the consumers take turns on the tensor cores through a pair of mbarriers: a turn
-issues the next tile's scores and this tile's P·V together, so one consumer's softmax runs under the other's
-wgmmas. Per row the arithmetic and its order are the Gluon kernel's, so the outputs are the same bits (GPU tests).
+(FA3's ping-pong) the consumers take turns on the tensor cores through a pair of mbarriers: a turn issues the next
+tile's scores and this tile's P·V together, so one consumer's softmax runs under the other's wgmmas;
+``pipeline=3`` (the default) also peels the last trip, so the loop's softmax skips the mask check and takes the
+row maximum on the int32 scores (3-input ``VIMNMX3``, two chains per row: a shorter critical path). Per row the
+arithmetic and its order are the Gluon kernel's, so the outputs are the same bits (GPU tests).
 
-* **Dense** (``sage_attention_ws``, one K/V ring both consumers read): measured 5-7% faster than the Gluon kernel
-  on an H200 (2026-11-27), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`).
+* **Dense** (``sage_attention_ws``, one K/V ring both consumers read): measured 9-12% faster than the Gluon kernel
+  on an H200 (2026-11-27, 18:24 UTC; 1.50-1.55x cuDNN through the op), so dense Sage attention calls take it
+  (:func:`dense_ws`, :data:`DENSE_OPS`).
 * **Block-sparse** (``sage_sla_ws``, a ring per consumer since their LUT rows differ, SLA's linear branch from the
   quantizer's φ(q)/den): bit-equal but 4-5% slower (one program per SM leaves each program's start and end
   exposed, where two Gluon programs per SM overlap them), so it is off (:data:`SPARSE_OPS`); a persistent version
@@ -43,11 +46,11 @@ from .gluon_hopper import (
 BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
 BLOCK_N = 128
 NUM_STAGES = 4  # K/V stages of the dense ring (32 KiB each at head_dim 128; one program per SM): 4 measured best
-#: with PIPELINE 4 (3 with 2)
+#: with PIPELINE 3 (3 with PIPELINE 2)
 SPARSE_STAGES = 3  # stages of each of the sparse kernel's two rings (224 KiB of shared memory in all)
-PIPELINE = 4  # 0: each consumer alone; 2: ping-pong; 3: and the last trip peeled; 4: and the row maximum on the
-#: int32 scores (measured fastest, the default; 5-7: variants under measurement. 1, an intra-warpgroup overlap of
-#: the next scores with this softmax, measured no gain and was removed: commit cf40779 has it)
+PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last trip peeled and the row maximum on
+#: the int32 scores (measured fastest, the default: docs/kernels-attention.md, "The softmax's critical path"). 1, an
+#: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
@@ -144,7 +147,8 @@ if gluon is not None:
                      NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
 
-        PIPELINE 2 (FA3's ping-pong; 0 is the plain loop, each consumer on its own): a trip
+        PIPELINE 2 (FA3's ping-pong; 3 the same with the last trip peeled; 0 is the plain loop, each consumer on
+        its own): a trip
         issues the next scores and this tile's P·V together, on this consumer's turn (``turn_me``, then it hands
         the turn over on ``turn_other``), waits, folds, and does the next tile's softmax while the other consumer
         has the tensor cores. The arithmetic and its order are unchanged either way, so the output is the same
@@ -171,35 +175,24 @@ if gluon is not None:
                                            (jn // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
                                            p_layout)
                 acc = _fold(acc, alpha, pv, row_o)
-        elif PIPELINE >= 3:
-            # 3: the last trip peeled (no recomputed scores), so the loop's tiles are all below Lk (no mask check)
-            # and the next K scale is read under the wgmmas; 4: also the row maximum on the int32 scores; 5, 6: 3
-            # and 4 with P·V folded one trip late, inside the next softmax (its FMAs then fill the exponentials'
-            # issue gaps)
-            LATE_FOLD: gl.constexpr = PIPELINE == 5 or PIPELINE == 6
+        elif PIPELINE == 3:
+            # the ping-pong with the last trip peeled: the loop's tiles are all below Lk, so their softmax needs no
+            # mask check and takes the row maximum on the int32 scores in two chains (INT_MAX, SPLIT_MAX); the
+            # next K scale is read under the wgmmas, and the last trip issues no scores to drop
             c = qs * gl.load(KS + bh * NKS)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
-            pv = o_init
-            alpha_prev = gl.full([BM], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
             for j in range(n_tiles - 1):
                 s = j % NUM_STAGES
-                if LATE_FOLD:
-                    acc = _fold(acc, alpha_prev, pv, row_o)
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, False, False,
-                                                   PIPELINE % 2 == 0 or PIPELINE == 7, PIPELINE == 7)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, MAY_MASK=False,
+                                                   INT_MAX=True, SPLIT_MAX=True)
                 c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
                                            ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
                                            p_layout)
-                if LATE_FOLD:
-                    alpha_prev = alpha
-                else:
-                    acc = _fold(acc, alpha, pv, row_o)
+                acc = _fold(acc, alpha, pv, row_o)
             j = n_tiles - 1
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
-            if LATE_FOLD:
-                acc = _fold(acc, alpha_prev, pv, row_o)
             pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
             acc = _fold(acc, alpha, pv, row_o)
         else:
@@ -236,7 +229,7 @@ if gluon is not None:
         v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong (PIPELINE 2)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong (PIPELINE 2, 3)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
@@ -544,7 +537,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
 
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
-    variants = [(0, 4), (2, 3)]
+    variants = [(2, 3), (3, 4)]
     if "--variants" in sys.argv:  # e.g. --variants 2:3,4:3 (pipeline:stages)
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []

@@ -93,7 +93,8 @@ def test_compiled_moments_match_pytorch_on_the_gpu():
         k, v = k.cuda(), v.cuda()
         km, vs = kv_moments(k, v)
         rk, rv = kv_moments_reference(k, v)
-        assert torch.equal(vs, rv)
+        # PyTorch's CUDA division by a scalar multiplies by its reciprocal: within one ulp of the IEEE quotient
+        assert float(((vs - rv).abs() / rv).max()) <= 2.4e-7
         assert float((km - rk).abs().max()) <= 1e-5 * max(1.0, float(rk.abs().max()))
 
 

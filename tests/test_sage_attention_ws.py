@@ -48,9 +48,8 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
 
 
 @pytest.mark.parametrize("head_dim,stages,pipeline", [(128, 4, 0), (128, 5, 0), (64, 3, 0), (128, 3, 2),
-                                                      (128, 4, 2), (64, 3, 2), (128, 3, 3), (128, 3, 4),
-                                                      (64, 3, 4), (128, 2, 4), (128, 4, 4), (128, 4, 7),
-                                                      (64, 4, 7)])
+                                                      (128, 4, 2), (64, 3, 2), (128, 2, 3), (128, 3, 3),
+                                                      (128, 4, 3), (64, 4, 3)])
 def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline):
     pytest.importorskip("triton", reason="Triton is not installed")
     if WS.gluon is None:
@@ -78,7 +77,7 @@ def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
     _, k, v = structured_qkv(1, 2, lk, d, torch.bfloat16, dev, seed=lk + 1)
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
     ref = G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), None, 64, 128)
-    for stages, pipeline in ((2, 0), (4, 0), (2, 2), (3, 2), (4, 2), (3, 3), (2, 4), (3, 4), (4, 4), (4, 7)):
+    for stages, pipeline in ((2, 0), (4, 0), (2, 2), (3, 2), (4, 2), (2, 3), (3, 3), (4, 3)):
         out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline)
         assert not out.isnan().any(), (stages, pipeline)
         assert torch.equal(out, ref), (stages, pipeline, float((out.float() - ref.float()).norm() / ref.float().norm()))
