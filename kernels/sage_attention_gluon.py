@@ -56,6 +56,7 @@ NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 INT_MAX = True  # the softmax row maximum on the int32 scores for unmasked tiles (_softmax_tile): sage_sla 0.9%
 #: faster at 1.3B@480p (H200, 2026-11-27 18:14 UTC); False: on the converted floats, as before
+SPLIT_MAX = False  # with INT_MAX, that maximum in two chains per row (as the FA3-layout kernel's loop does)
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
 
 
@@ -211,7 +212,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        num_warps: gl.constexpr, INT_MAX: gl.constexpr = False,
+        num_warps: gl.constexpr, INT_MAX: gl.constexpr = False, SPLIT_MAX: gl.constexpr = False,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -331,7 +332,7 @@ if gluon is not None:
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES, True,
-                                               INT_MAX)
+                                               INT_MAX, SPLIT_MAX)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -490,7 +491,8 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16, INT_MAX=INT_MAX)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16, INT_MAX=INT_MAX,
+        SPLIT_MAX=SPLIT_MAX)
     GUARD.succeeded()
     return out
 
@@ -511,7 +513,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "num_warps": block_m // 16, "INT_MAX": INT_MAX if int_max is None else int_max}
+              "num_warps": block_m // 16, "INT_MAX": INT_MAX if int_max is None else int_max, "SPLIT_MAX": SPLIT_MAX}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 

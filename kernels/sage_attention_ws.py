@@ -291,7 +291,8 @@ if gluon is not None:
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
         for j in range(n_tiles - 1):
             s = j % NUM_STAGES
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
+                                               SPLIT_MAX=True)
             sn = (j + 1) % NUM_STAGES
             start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)  # the next trip's, read under the wgmmas
             c = qs * gl.load(ks_row + start // BLKK)
