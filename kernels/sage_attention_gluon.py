@@ -143,9 +143,42 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
     @gluon.jit
+    def _exp2_on_fma(a):
+        """2^a on the FMA/ALU pipes (FA4's trick, beside MUFU.EX2): a = j + f by the magic-number round, 2^f by a
+        degree-3 polynomial on [-0.5, 0.5] (relative error 7.5e-5, far below P's FP8 step), j added to the
+        exponent field. Arguments below -126 give 2^-126 instead of 0 (the callers' arguments are finite)."""
+        ac = gl.maximum(a, -126.0)
+        t = ac + 12582912.0
+        f = ac - (t - 12582912.0)
+        p = gl.fma(gl.fma(gl.fma(0.055170901119709015, f, 0.24260951578617096), f, 0.6932609677314758), f,
+                   0.9999281764030457)
+        bits = (t.to(gl.int32, bitcast=True) << 23) + p.to(gl.int32, bitcast=True)
+        return bits.to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _exp2_mixed(a, EXP_FMA: gl.constexpr, s_layout: gl.constexpr):
+        """2^a of a score tile [BM, BN] with 1/EXP_FMA of it (EXP_FMA 2 or 4; 0: none) on the FMA pipe
+        (:func:`_exp2_on_fma`), the rest on MUFU. The split is over register dimensions (column 64h + 8i + 2q
+        + j: h, then j), so each thread does the same share and nothing moves between threads."""
+        if EXP_FMA == 0:
+            return gl.exp2(a)
+        else:
+            BM: gl.constexpr = a.shape[0]
+            BN: gl.constexpr = a.shape[1]
+            lo, hi = gl.split(a.reshape([BM, 2, BN // 2]).permute((0, 2, 1)))
+            if EXP_FMA == 2:
+                hi = _exp2_on_fma(hi)
+            else:
+                h0, h1 = gl.split(hi.reshape([BM, BN // 4, 2]))
+                hi = gl.join(gl.exp2(h0), _exp2_on_fma(h1)).reshape([BM, BN // 2])
+                hi = gl.convert_layout(hi, lo.type.layout, assert_trivial=True)
+            p = gl.join(gl.exp2(lo), hi).permute((0, 2, 1)).reshape([BM, BN])
+            return gl.convert_layout(p, s_layout, assert_trivial=True)
+
+    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ROW_SCALES: gl.constexpr = False, MAY_MASK: gl.constexpr = True, INT_MAX: gl.constexpr = False,
-                      SPLIT_MAX: gl.constexpr = False):
+                      SPLIT_MAX: gl.constexpr = False, EXP_FMA: gl.constexpr = 0):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
@@ -182,9 +215,9 @@ if gluon is not None:
         m_new = gl.maximum(m_i, (x_max - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
-            p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
+            p = _exp2_mixed(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)), EXP_FMA, s_layout)
         else:
-            p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
+            p = _exp2_mixed(gl.fma(x, c, -gl.expand_dims(bias, 1)), EXP_FMA, s_layout)
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
