@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--state", action="append", default=[],
                     help="an extra state NAME:knob=value,... over today's defaults (knobs: preload, topk, "
-                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, int_max, split_max, exp_fma, fused_moments)")
+                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, int_max, fused_moments)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from turbocompile.kernels import block_map as bm
@@ -70,8 +70,7 @@ def main() -> None:
 
     knobs = {"preload": (G, "PRELOAD_SPARSE"), "topk": (bm, "TOPK_CONFIG"), "lut_beside_v": (sla_mod, "LUT_BESIDE_V"),
              "dense_ws": (WS, "DENSE_OPS"), "sparse_ws": (WS, "SPARSE_OPS"), "pipeline": (WS, "PIPELINE"),
-             "stages": (WS, "NUM_STAGES"), "int_max": (G, "INT_MAX"), "split_max": (G, "SPLIT_MAX"),
-             "exp_fma": (WS, "EXP_FMA"),
+             "stages": (WS, "NUM_STAGES"), "int_max": (G, "INT_MAX"),
              "fused_moments": (sa, "FUSED_MOMENTS")}
     now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
     now_configs = dict(sa.QUANT_CONFIGS)

@@ -56,7 +56,6 @@ NUM_WARPS = 4
 M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages after the loop
 INT_MAX = True  # the softmax row maximum on the int32 scores for unmasked tiles (_softmax_tile): sage_sla 0.9%
 #: faster at 1.3B@480p (H200, 2026-11-27 18:14 UTC); False: on the converted floats, as before
-SPLIT_MAX = False  # with INT_MAX, that maximum in two chains per row (as the FA3-layout kernel's loop does)
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't
 
 
@@ -143,42 +142,9 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
     @gluon.jit
-    def _exp2_on_fma(a):
-        """2^a on the FMA/ALU pipes (FA4's trick, beside MUFU.EX2): a = j + f by the magic-number round, 2^f by a
-        degree-3 polynomial on [-0.5, 0.5] (relative error 7.5e-5, far below P's FP8 step), j added to the
-        exponent field. Arguments below -126 give 2^-126 instead of 0 (the callers' arguments are finite)."""
-        ac = gl.maximum(a, -126.0)
-        t = ac + 12582912.0
-        f = ac - (t - 12582912.0)
-        p = gl.fma(gl.fma(gl.fma(0.055170901119709015, f, 0.24260951578617096), f, 0.6932609677314758), f,
-                   0.9999281764030457)
-        bits = (t.to(gl.int32, bitcast=True) << 23) + p.to(gl.int32, bitcast=True)
-        return bits.to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def _exp2_mixed(a, EXP_FMA: gl.constexpr, s_layout: gl.constexpr):
-        """2^a of a score tile [BM, BN] with 1/EXP_FMA of it (EXP_FMA 2 or 4; 0: none) on the FMA pipe
-        (:func:`_exp2_on_fma`), the rest on MUFU. The split is over register dimensions (column 64h + 8i + 2q
-        + j: h, then j), so each thread does the same share and nothing moves between threads."""
-        if EXP_FMA == 0:
-            return gl.exp2(a)
-        else:
-            BM: gl.constexpr = a.shape[0]
-            BN: gl.constexpr = a.shape[1]
-            lo, hi = gl.split(a.reshape([BM, 2, BN // 2]).permute((0, 2, 1)))
-            if EXP_FMA == 2:
-                hi = _exp2_on_fma(hi)
-            else:
-                h0, h1 = gl.split(hi.reshape([BM, BN // 4, 2]))
-                hi = gl.join(gl.exp2(h0), _exp2_on_fma(h1)).reshape([BM, BN // 2])
-                hi = gl.convert_layout(hi, lo.type.layout, assert_trivial=True)
-            p = gl.join(gl.exp2(lo), hi).permute((0, 2, 1)).reshape([BM, BN])
-            return gl.convert_layout(p, s_layout, assert_trivial=True)
-
-    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ROW_SCALES: gl.constexpr = False, MAY_MASK: gl.constexpr = True, INT_MAX: gl.constexpr = False,
-                      SPLIT_MAX: gl.constexpr = False, EXP_FMA: gl.constexpr = 0):
+                      SPLIT_MAX: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
@@ -215,9 +181,9 @@ if gluon is not None:
         m_new = gl.maximum(m_i, (x_max - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
         if ROW_SCALES:
-            p = _exp2_mixed(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)), EXP_FMA, s_layout)
+            p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
         else:
-            p = _exp2_mixed(gl.fma(x, c, -gl.expand_dims(bias, 1)), EXP_FMA, s_layout)
+            p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
@@ -245,7 +211,7 @@ if gluon is not None:
         H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
         BLKQ: gl.constexpr, BLKK: gl.constexpr, SPARSE: gl.constexpr, LINEAR: gl.constexpr,
         NUM_STAGES: gl.constexpr, M_IN_STAGES: gl.constexpr, PHI_PRE: gl.constexpr, TILES: gl.constexpr,
-        num_warps: gl.constexpr, INT_MAX: gl.constexpr = False, SPLIT_MAX: gl.constexpr = False,
+        num_warps: gl.constexpr, INT_MAX: gl.constexpr = False,
     ):
         """One program: 64 query rows of one (batch, head) against all key tiles (dense) or the LUT's (sparse)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -365,7 +331,7 @@ if gluon is not None:
                     tma_load(p_desc, [bh * LQP + pid_m * BM, 0], aux.index(1), phi_s)
                     tma_load(m_desc, [bh * HEAD_DIM, 0], aux.index(1), m_s)
             p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, cur_c, cur_start, Lk, BN, s_layout, ROW_SCALES, True,
-                                               INT_MAX, SPLIT_MAX)
+                                               INT_MAX)
             pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(j % NUM_STAGES).permute((1, 0)),
                                o_init, use_acc=False, max_num_imprecise_acc=BN)
             acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
@@ -524,8 +490,7 @@ def sage_attention_gluon(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: 
         out.stride(0), out.stride(1), out.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         h, lq, lk, lqp, lkp, quant["q_scale"].shape[-1], quant["k_scale"].shape[-1], t, mq_lut,
         BLKQ=blk_q, BLKK=blk_k, SPARSE=lut is not None, LINEAR=linear is not None, NUM_STAGES=num_stages,
-        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16, INT_MAX=INT_MAX,
-        SPLIT_MAX=SPLIT_MAX)
+        M_IN_STAGES=m_in_stages, PHI_PRE=phi_pre, TILES=tiles, num_warps=block_m // 16, INT_MAX=INT_MAX)
     GUARD.succeeded()
     return out
 
@@ -546,7 +511,7 @@ def compile_for_sm90(sparse: bool = True, linear: bool = True, head_dim: int = 1
            **ptrs}
     consts = {"BLKQ": 64, "BLKK": 128, "SPARSE": sparse, "LINEAR": linear, "NUM_STAGES": num_stages,
               "M_IN_STAGES": M_IN_STAGES and num_stages * bn >= 2 * d, "PHI_PRE": phi_pre, "TILES": tiles,
-              "num_warps": block_m // 16, "INT_MAX": INT_MAX if int_max is None else int_max, "SPLIT_MAX": SPLIT_MAX}
+              "num_warps": block_m // 16, "INT_MAX": INT_MAX if int_max is None else int_max}
     return compile_for_sm90a(_sage_attn_fwd_gluon, sig, consts,
                              [*ptrs, "stride_ob", "stride_oh", "stride_ol", "stride_rb", "stride_rh", "stride_rl"])
 

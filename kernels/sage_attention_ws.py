@@ -51,7 +51,6 @@ SPARSE_STAGES = 3  # stages of each of the sparse kernel's two rings (224 KiB of
 PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last trip peeled and the row maximum on
 #: the int32 scores (measured fastest, the default: docs/kernels-attention.md, "The softmax's critical path"). 1, an
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
-EXP_FMA = 0  # PIPELINE 3's loop: 1/EXP_FMA of the exponentials on the FMA pipe (2 or 4; 0: all on MUFU); measuring
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
@@ -145,7 +144,7 @@ if gluon is not None:
     def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
                      row0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, EXP_FMA: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
 
         PIPELINE 2 (FA3's ping-pong; 3 the same with the last trip peeled; 0 is the plain loop, each consumer on
@@ -185,7 +184,7 @@ if gluon is not None:
             for j in range(n_tiles - 1):
                 s = j % NUM_STAGES
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, MAY_MASK=False,
-                                                   INT_MAX=True, SPLIT_MAX=True, EXP_FMA=EXP_FMA)
+                                                   INT_MAX=True, SPLIT_MAX=True)
                 c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
@@ -216,7 +215,7 @@ if gluon is not None:
                              H, Lq, Lk, LQP, LKP, NQS, NKS,
                              BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
-                             num_warps: gl.constexpr, EXP_FMA: gl.constexpr = 0):
+                             num_warps: gl.constexpr):
         """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -248,11 +247,11 @@ if gluon is not None:
             (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, turn.index(0),
                             turn.index(1), QS, KS, VS, O, bh, H,
                             q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ, BLKK,
-                            NUM_STAGES, num_warps, PIPELINE, EXP_FMA)),
+                            NUM_STAGES, num_warps, PIPELINE)),
             (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, turn.index(1),
                             turn.index(0), QS, KS, VS, O, bh, H,
                             q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
-                            BLKK, NUM_STAGES, 4, PIPELINE, EXP_FMA)),
+                            BLKK, NUM_STAGES, 4, PIPELINE)),
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -410,8 +409,7 @@ def _qkv_descs(quant: dict) -> tuple:
 
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int | None = None, pipeline: int | None = None,
-                      exp_fma: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, pipeline: int | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
     why = _unsupported(quant, blk_q, blk_k)
@@ -424,8 +422,7 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4,
-        EXP_FMA=int(EXP_FMA if exp_fma is None else exp_fma))
+        PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4)
     return out
 
 
@@ -500,7 +497,7 @@ def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tenso
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, exp_fma: int = 0):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
@@ -509,7 +506,7 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "EXP_FMA": exp_fma}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -542,7 +539,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(2, 3), (3, 4)]
-    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4:4 (pipeline:stages[:exp_fma])
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4 (pipeline:stages)
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
@@ -554,20 +551,17 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
             t_sdpa = bench_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))  # noqa: B023
         rows.append({"shape": shape, "kernel": "gluon", "ms": t_ref, "cudnn_ms": t_sdpa})
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
-        for pipeline, stages, *exp_fma in variants:
+        for pipeline, stages in variants:
             o = torch.full_like(q, float("nan"))
-            exp_fma = exp_fma[0] if exp_fma else 0
-            name = f"ws stages={stages} pipeline={int(pipeline)} exp_fma={exp_fma}"
+            name = f"ws stages={stages} pipeline={int(pipeline)}"
             try:
-                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline,  # noqa: B023
-                                                              exp_fma))  # noqa: B023
+                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue
             same = bool(torch.equal(o, ref))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "exp_fma": exp_fma,
-                         "ms": ms,
+            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "ms": ms,
                          "bit_equal": same, "rel": rel})
             print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
                   f"bit-equal {same} rel {rel:.1e}", flush=True)
