@@ -53,10 +53,16 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
+SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
+MAX_SPLITS = 4
+SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker (the default partition gets the rest: 240 too)
 PRODUCER_REGS = 24
 
 if gluon is not None:
+    import triton
+    import triton.language as tl
+
     from .gluon_hopper import reinterpret
     from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows, _tile_start,
                                            wgmma_acc_layout)
@@ -73,11 +79,11 @@ if gluon is not None:
         tma_load(v_desc, [v_row0, start], ready.index(s), v_s.index(s))
 
     @gluon.jit
-    def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
-        """Fill the ring: tile j's K and Vᵀ into stage j % NUM_STAGES once both consumers released it."""
+    def _ws_producer(k_desc, v_desc, k_s, v_s, ready, empty, t0, n_tiles, k_row0, v_row0, NUM_STAGES: gl.constexpr):
+        """Fill the ring: key tile t0 + j's K and Vᵀ into stage j % NUM_STAGES once both consumers released it."""
         BN: gl.constexpr = k_desc.block_type.shape[0]
         for j in range(n_tiles):
-            _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, j * BN, k_row0, v_row0, NUM_STAGES)
+            _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, (t0 + j) * BN, k_row0, v_row0, NUM_STAGES)
 
     @gluon.jit
     def _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ: gl.constexpr, s_layout: gl.constexpr,
@@ -142,10 +148,14 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
-                     row0, n_tiles, Lq, Lk,
-                     NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr):
-        """64 query rows from ``row0`` of head ``bh`` against every key tile of the ring.
+                     row0, t0, n_tiles, Lq, Lk,
+                     NQS, NKS, stride_ob, stride_oh, stride_ol, PART, PART_ML, part_row0, n_part_rows,
+                     BLKQ: gl.constexpr, BLKK: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, SPLITS: gl.constexpr):
+        """64 query rows from ``row0`` of head ``bh`` against the ring's key tiles t0 .. t0 + n_tiles - 1 (all of
+        them unless the program is one of SPLITS parts of a row block, PIPELINE 3 only: it then writes its
+        unnormalised output, running maximum and row sum to PART / PART_ML rows ``part_row0`` .. +64 for
+        :func:`_merge_splits_kernel`).
 
         PIPELINE 2 (FA3's ping-pong; 3 the same with the last trip peeled; 0 is the plain loop, each consumer on
         its own): a trip
@@ -179,20 +189,20 @@ if gluon is not None:
             # the ping-pong with the last trip peeled: the loop's tiles are all below Lk, so their softmax needs no
             # mask check and takes the row maximum on the int32 scores in two chains (INT_MAX, SPLIT_MAX); the
             # next K scale is read under the wgmmas, and the last trip issues no scores to drop
-            c = qs * gl.load(KS + bh * NKS)
+            c = qs * gl.load(KS + bh * NKS + (t0 * BN) // BLKK)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             for j in range(n_tiles - 1):
                 s = j % NUM_STAGES
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, MAY_MASK=False,
-                                                   INT_MAX=True, SPLIT_MAX=True)
-                c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout,
+                                                   MAY_MASK=False, INT_MAX=True, SPLIT_MAX=True)
+                c = qs * gl.load(KS + bh * NKS + ((t0 + j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
                                            ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
                                            p_layout)
                 acc = _fold(acc, alpha, pv, row_o)
             j = n_tiles - 1
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout)
             pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
             acc = _fold(acc, alpha, pv, row_o)
         else:
@@ -207,23 +217,38 @@ if gluon is not None:
                                    use_acc=False, max_num_imprecise_acc=BN)
                 mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-        _store_rows(_normalized(acc, l_i, VS, bh, o_layout), O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh,
-                    stride_ol, NW)
+        if SPLITS > 1:
+            gl.static_assert(PIPELINE == 3, "split row blocks are PIPELINE 3's")
+            rows = part_row0 + gl.arange(0, BM, layout=row_o)
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            gl.store(PART + gl.expand_dims(rows, 1) * HEAD_DIM + gl.expand_dims(cols, 0), acc)
+            rows_s = part_row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+            gl.store(PART_ML + rows_s, m_i)
+            gl.store(PART_ML + n_part_rows + rows_s, l_i)
+        else:
+            _store_rows(_normalized(acc, l_i, VS, bh, o_layout), O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh,
+                        stride_ol, NW)
 
-    @gluon.jit(do_not_specialize=["Lq", "Lk"])
-    def _sage_attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, stride_ob, stride_oh, stride_ol,
-                             H, Lq, Lk, LQP, LKP, NQS, NKS,
+    @gluon.jit(do_not_specialize=["Lq", "Lk", "ITEM0", "N_M"])
+    def _sage_attn_ws_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, PART, PART_ML, stride_ob, stride_oh, stride_ol,
+                             H, Lq, Lk, LQP, LKP, NQS, NKS, ITEM0, N_M,
                              BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
-                             num_warps: gl.constexpr):
-        """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp."""
+                             num_warps: gl.constexpr, SPLITS: gl.constexpr = 1):
+        """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp.
+
+        Row block ``ITEM0 + program`` (``N_M`` per head, heads in order) against all key tiles; with SPLITS > 1,
+        row block ``ITEM0 + program // SPLITS`` against the ``program % SPLITS``-th of SPLITS near-equal key
+        ranges, its partial results to PART / PART_ML (program ``p``'s rows at 128·p)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         gl.static_assert(BM == 64 and num_warps == 4, "a consumer is one warpgroup of 64 query rows")
         gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
+        pid = gl.program_id(0)
+        item = ITEM0 + pid // SPLITS
+        pid_m = item % N_M
+        bh = item // N_M
         q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
         k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
         v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
@@ -240,20 +265,59 @@ if gluon is not None:
         mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
         mbarrier.arrive(turn.index(0))  # the first consumer has the first turn
-        n_tiles = gl.cdiv(Lk, BN)
+        n_all = gl.cdiv(Lk, BN)
+        if SPLITS > 1:
+            split = pid % SPLITS
+            t0 = split * n_all // SPLITS
+            n_tiles = (split + 1) * n_all // SPLITS - t0
+        else:
+            t0 = 0
+            n_tiles = n_all
         row0 = pid_m * 2 * BM
         q_row = bh * LQP + row0
+        n_part_rows = gl.num_programs(0) * 2 * BM
         gl.warp_specialize([
             (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, turn.index(0),
                             turn.index(1), QS, KS, VS, O, bh, H,
-                            q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ, BLKK,
-                            NUM_STAGES, num_warps, PIPELINE)),
+                            q_row, row0, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, PART,
+                            PART_ML, pid * 2 * BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, num_warps, PIPELINE,
+                            SPLITS)),
             (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, turn.index(1),
                             turn.index(0), QS, KS, VS, O, bh, H,
-                            q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
-                            BLKK, NUM_STAGES, 4, PIPELINE)),
-            (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, bh * LKP, bh * HEAD_DIM, NUM_STAGES)),
+                            q_row + BM, row0 + BM, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol,
+                            PART, PART_ML, pid * 2 * BM + BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, 4, PIPELINE,
+                            SPLITS)),
+            (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, t0, n_tiles, bh * LKP, bh * HEAD_DIM,
+                            NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    @triton.jit
+    def _merge_splits_kernel(PART, PART_ML, VS, O, stride_ob, stride_oh, stride_ol, H, Lq, ITEM0, N_M, n_part_rows,
+                             SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        """``ROWS`` rows of split row block ``ITEM0 + program``: its SPLITS partial results rescaled to their common
+        running maximum and summed, ``Σ 2^(m_s - m) acc_s / Σ 2^(m_s - m) l_s`` times V's per-channel scale, into O
+        (rows past Lq left out)."""
+        pid = tl.program_id(0)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # 0 .. 127 within the row block
+        cols = tl.arange(0, HEAD_DIM)
+        item = ITEM0 + pid
+        pid_m = item % N_M
+        bh = item // N_M
+        first = pid * SPLITS * 128
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            m = tl.maximum(m, tl.load(PART_ML + first + s * 128 + rows))
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        l_sum = tl.zeros([ROWS], tl.float32)
+        for s in tl.static_range(SPLITS):
+            prow = first + s * 128 + rows
+            w = tl.math.exp2(tl.load(PART_ML + prow) - m)
+            l_sum += w * tl.load(PART_ML + n_part_rows + prow)
+            acc += w[:, None] * tl.load(PART + prow[:, None] * HEAD_DIM + cols[None, :])
+        o = acc / l_sum[:, None] * tl.load(VS + bh * HEAD_DIM + cols)[None, :]
+        qrow = pid_m * 128 + rows
+        ptrs = O + (bh // H) * stride_ob + (bh % H) * stride_oh + qrow[:, None] * stride_ol + cols[None, :]
+        tl.store(ptrs, o.to(O.dtype.element_ty), mask=(qrow < Lq)[:, None])
 
     @gluon.jit
     def _ws_sparse_producer(k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0, lut1,
@@ -408,21 +472,61 @@ def _qkv_descs(quant: dict) -> tuple:
             TensorDescriptor.from_tensor(va.view(b * h * d, lkp), [d, BLOCK_N], lay([d, BLOCK_N], gl.float8e4nv)))
 
 
+def tail_splits(items: int, n_tiles: int, sms: int) -> tuple[int, int]:
+    """(splits, full) for ``items`` row blocks of ``n_tiles`` key tiles on ``sms`` SMs (one program each): the
+    first ``full`` (whole waves) run as usual; the last, partial wave's row blocks are cut into ``splits`` key
+    ranges so that it fills the SMs (1.3B@480p: 3072 row blocks = 23 waves of 132 + 36, which left 96 SMs idle
+    for a whole program: ~3% of the kernel). (1, items) when there is no partial wave, the grid is under one
+    wave, :data:`SPLIT_TAIL` is off, or a part would have under 8 key tiles."""
+    tail = items % sms
+    if not SPLIT_TAIL or items < sms or tail == 0:
+        return 1, items
+    splits = min(MAX_SPLITS, sms // tail, n_tiles // 8)
+    return (splits, items - tail) if splits >= 2 else (1, items)
+
+
+def _sm_count(device: torch.device) -> int:
+    from .sage_attention import _sm_count as count
+
+    return SMS or count(device)
+
+
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
-                      num_stages: int | None = None, pipeline: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, pipeline: int | None = None,
+                      split_tail: bool | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
-    ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``."""
+    ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``.
+
+    With PIPELINE 3 the last partial wave of row blocks runs as key-range parts merged by a second small kernel
+    (:func:`tail_splits`; ``split_tail`` False or :data:`SPLIT_TAIL` off: never); those rows are then not the
+    Gluon kernel's bits (each part's FP8 P is scaled to its own running maximum), the others are."""
     why = _unsupported(quant, blk_q, blk_k)
     if why is not None:
         raise UnsupportedShapeError(why)
-    b, h, lqp, _ = quant["q"].shape
-    grid = (-(-lq // (2 * BLOCK_M)), b * h)
-    _sage_attn_ws_kernel[grid](
-        *_qkv_descs(quant), quant["q_scale"], quant["k_scale"], quant["v_scale"], out,
-        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
-        quant["k_scale"].shape[-1], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        PIPELINE=int(PIPELINE if pipeline is None else pipeline), num_warps=4)
+    b, h, lqp, d = quant["q"].shape
+    pipeline = int(PIPELINE if pipeline is None else pipeline)
+    n_m = -(-lq // (2 * BLOCK_M))
+    items = n_m * b * h
+    splits, full = 1, items
+    if pipeline == 3 and (SPLIT_TAIL if split_tail is None else split_tail):
+        splits, full = tail_splits(items, -(-lk // BLOCK_N), _sm_count(out.device))
+    descs = _qkv_descs(quant)
+    args = (quant["q_scale"], quant["k_scale"], quant["v_scale"], out)
+    strides = (out.stride(0), out.stride(1), out.stride(2))
+    sizes = (h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1], quant["k_scale"].shape[-1])
+    consts = dict(BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                  PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
+    if full:
+        _sage_attn_ws_kernel[(full,)](*descs, *args, out, out, *strides, *sizes, 0, n_m, **consts)
+    if splits > 1:
+        n_split = (items - full) * splits
+        part = torch.empty((n_split * 2 * BLOCK_M, d), dtype=torch.float32, device=out.device)
+        part_ml = torch.empty((2, n_split * 2 * BLOCK_M), dtype=torch.float32, device=out.device)
+        _sage_attn_ws_kernel[(n_split,)](*descs, *args, part, part_ml, *strides, *sizes, full, n_m, SPLITS=splits,
+                                         **consts)
+        _merge_splits_kernel[(items - full, 4)](part, part_ml, quant["v_scale"], out, *strides, h, lq, full, n_m,
+                                               n_split * 2 * BLOCK_M, SPLITS=splits, HEAD_DIM=d, ROWS=32,
+                                               num_warps=4)
     return out
 
 
@@ -497,18 +601,18 @@ def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tenso
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, splits: int = 1):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
     sig = {"q_desc": f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>",
            "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "PART": "*fp32", "PART_ML": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "SPLITS": splits}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
-                             ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
+                             ["QS", "KS", "VS", "O", "PART", "PART_ML", "stride_ob", "stride_oh", "stride_ol"])
 
 
 def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True):
@@ -539,7 +643,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(2, 3), (3, 4)]
-    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4 (pipeline:stages)
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0 (pipeline:stages[:split_tail])
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
@@ -551,17 +655,20 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
             t_sdpa = bench_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))  # noqa: B023
         rows.append({"shape": shape, "kernel": "gluon", "ms": t_ref, "cudnn_ms": t_sdpa})
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
-        for pipeline, stages in variants:
+        for pipeline, stages, *split in variants:
             o = torch.full_like(q, float("nan"))
-            name = f"ws stages={stages} pipeline={int(pipeline)}"
+            split = bool(split[0]) if split else None
+            name = f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
             try:
-                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline))  # noqa: B023
+                ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline,  # noqa: B023
+                                                              split))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue
             same = bool(torch.equal(o, ref))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "ms": ms,
+            rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "split_tail": split,
+                         "ms": ms,
                          "bit_equal": same, "rel": rel})
             print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
                   f"bit-equal {same} rel {rel:.1e}", flush=True)

@@ -47,14 +47,15 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
     _assert_no_spills_with_triton_36(kernel)
 
 
-@pytest.mark.parametrize("head_dim,stages,pipeline", [(128, 4, 0), (128, 5, 0), (64, 3, 0), (128, 3, 2),
-                                                      (128, 4, 2), (64, 3, 2), (128, 2, 3), (128, 3, 3),
-                                                      (128, 4, 3), (64, 4, 3)])
-def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline):
+@pytest.mark.parametrize("head_dim,stages,pipeline,splits", [(128, 4, 0, 1), (128, 5, 0, 1), (64, 3, 0, 1),
+                                                             (128, 3, 2, 1), (128, 4, 2, 1), (64, 3, 2, 1),
+                                                             (128, 2, 3, 1), (128, 3, 3, 1), (128, 4, 3, 1),
+                                                             (64, 4, 3, 1), (128, 4, 3, 3), (64, 4, 3, 2)])
+def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline, splits):
     pytest.importorskip("triton", reason="Triton is not installed")
     if WS.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    kernel = WS.compile_for_sm90(head_dim=head_dim, num_stages=stages, pipeline=pipeline)
+    kernel = WS.compile_for_sm90(head_dim=head_dim, num_stages=stages, pipeline=pipeline, splits=splits)
     ptx = kernel.asm["ptx"]
     assert ".reqntid 384" in ptx  # two consumer warpgroups and the producer warp padded to a warpgroup
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)  # the producer gives its registers back
@@ -78,7 +79,8 @@ def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
     ref = G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), None, 64, 128)
     for stages, pipeline in ((2, 0), (4, 0), (2, 2), (3, 2), (4, 2), (2, 3), (3, 3), (4, 3)):
-        out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline)
+        out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline,
+                                   split_tail=False)
         assert not out.isnan().any(), (stages, pipeline)
         assert torch.equal(out, ref), (stages, pipeline, float((out.float() - ref.float()).norm() / ref.float().norm()))
 
@@ -224,3 +226,50 @@ def test_dense_op_through_it_meets_the_accuracy_bar_with_batches(b, h, n, d, mon
     l1 = (out - ref).abs().sum() / ref.abs().sum()
     assert cos >= 0.999 and l1 <= 0.03, (float(cos), float(l1))
 
+
+
+def test_tail_splits_fill_the_last_wave_only_where_it_pays(monkeypatch):
+    """The last partial wave of row blocks is cut into key ranges: 1.3B@480p (3072 row blocks of 256 key tiles on
+    132 SMs) into 3 parts of its 36 blocks, 14B@720p (23 640 of 591) 4 parts of 12; nothing without a partial wave,
+    under one wave, with parts of under 8 tiles, or switched off."""
+    assert WS.tail_splits(3072, 256, 132) == (3, 3036)
+    assert WS.tail_splits(23640, 591, 132) == (4, 23628)
+    assert WS.tail_splits(264, 256, 132) == (1, 264)  # whole waves
+    assert WS.tail_splits(99, 256, 132) == (1, 99)  # under one wave
+    assert WS.tail_splits(200, 10, 132) == (1, 200)  # parts would have under 8 tiles
+    assert WS.tail_splits(3072, 16, 132) == (2, 3036)
+    monkeypatch.setattr(WS, "SPLIT_TAIL", False)
+    assert WS.tail_splits(3072, 256, 132) == (1, 3072)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lq,lk,h,d,sms", [(4097, 4097, 3, 128, 32), (1000, 3000, 4, 128, 10), (2000, 2000, 5, 64, 36)])
+def test_split_tail_rows_match_the_unsplit_kernel(lq, lk, h, d, sms, monkeypatch):
+    """With the SM count set small the last partial wave runs as key-range parts plus the merge: the whole-wave
+    rows keep their bits, the split rows agree with the unsplit kernel to the FP8 rounding of P (each part scales
+    P to its own running maximum), no NaN or unwritten element (NaN-poisoned output), and the accuracy bar holds."""
+    from turbocompile.kernels.sage_attention import attention_fp32_reference, sage_quantize_triton, structured_qkv
+
+    dev = torch.device("cuda")
+    q, _, _ = structured_qkv(1, h, lq, d, torch.bfloat16, dev, seed=lq)
+    _, k, v = structured_qkv(1, h, lk, d, torch.bfloat16, dev, seed=lk + 1)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    ref = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, 4, 3, split_tail=False)
+    monkeypatch.setattr(WS, "SMS", sms)
+    n_m = -(-lq // 128)
+    splits, full = WS.tail_splits(n_m * h, -(-lk // 128), sms)
+    assert splits > 1, "the case does not split"
+    out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, 4, 3)
+    assert not out.isnan().any()
+    whole = torch.zeros(h, n_m * 128, dtype=torch.bool, device=dev).view(-1)
+    whole[: full * 128] = True  # row blocks in launch order: head-major, 128 rows each
+    whole = whole.view(h, n_m * 128)[:, :lq]
+    assert torch.equal(out[0][whole], ref[0][whole])
+    split_rows = out[0][~whole].float()
+    assert split_rows.numel() > 0
+    rel = float((split_rows - ref[0][~whole].float()).norm() / ref[0][~whole].float().norm())
+    assert rel <= 3e-3, rel
+    exact = attention_fp32_reference(q, k, v)
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), exact.flatten(), dim=0)
+    assert cos >= 0.999
