@@ -3,11 +3,16 @@
 Across device calls the same kernel moves by 1-2% (a fresh machine each time), more than the changes it is meant to
 judge, so the states are timed here, alternating, as CUDA-graph replays, next to cuDNN SDPA / cuBLAS bf16.
 
-    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--linear] [--cross] [--out FILE.json]
+    python examples/ab_sage_sla.py [--shapes 1.3B@480p,14B@720p] [--rounds 5] [--state NAME:knob=value,...]
+        [--linear] [--cross] [--out FILE.json]
 
 States: "gluon" = the attention kernels of before 2026-11-27 17:00 UTC (``sage_attention_gluon`` for dense and
-block-sparse calls); "now" = today's defaults (dense calls through the FA3-layout ping-pong kernel,
-``sage_attention_ws.DENSE_OPS``; block-sparse calls stay on the Gluon kernel, ``SPARSE_OPS`` is off). (The 17:05 and
+block-sparse calls); "17:25" = the FA3-layout ping-pong of that time (``PIPELINE`` 2, 3 stages, no split last wave,
+the float row maximum, PyTorch's K/V moments); "now" = today's defaults (dense calls through the FA3-layout kernel,
+``sage_attention_ws.DENSE_OPS``; block-sparse calls stay on the Gluon kernel, ``SPARSE_OPS`` is off); ``--state
+NAME:knob=value,...`` adds states over "now" (the knobs are listed by ``--help``). (The 18:14-19:05 UTC runs of
+2026-11-27, docs/measurements/ab_*_h200_18*.json and ab_split_tail_h200_1905.json, compared the int32 row maximum,
+the peeled loop, the fused K/V moments, the exponentials on the FMA pipe and the split last wave. The 17:05 and
 17:10 UTC runs, docs/measurements/ab_sparse_ws_h200_17*.json, had ``SPARSE_OPS`` on in "now": the FA3-layout sparse
 kernel, 4-5% slower. The 17:00 UTC run compared the dense kernels only. The 14:56 and 15:03 UTC runs compared
 "one stream",

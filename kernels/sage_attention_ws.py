@@ -9,17 +9,20 @@ softmax, FP8 P·V into a fresh accumulator, fold) and a one-warp producer partit
 tile's scores and this tile's P·V together, so one consumer's softmax runs under the other's wgmmas;
 ``pipeline=3`` (the default) also peels the last trip, so the loop's softmax skips the mask check and takes the
 row maximum on the int32 scores (3-input ``VIMNMX3``, two chains per row: a shorter critical path). Per row the
-arithmetic and its order are the Gluon kernel's, so the outputs are the same bits (GPU tests).
+arithmetic and its order are the Gluon kernel's, so the outputs are the same bits (GPU tests), except the rows of
+a split last wave (below).
 
 * **Dense** (``sage_attention_ws``, one K/V ring both consumers read): measured 9-12% faster than the Gluon kernel
-  on an H200 (2026-11-27, 18:24 UTC; 1.50-1.55x cuDNN through the op), so dense Sage attention calls take it
-  (:func:`dense_ws`, :data:`DENSE_OPS`).
+  on an H200 (2026-11-27, 18:24-19:05 UTC; 1.46-1.51x cuDNN through the op at 1.3B@480p, 1.50-1.56x at
+  14B@720p), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`). The grid's last partial
+  wave of row blocks runs as key-range parts merged by ``_merge_splits_kernel`` (:func:`tail_splits`).
 * **Block-sparse** (``sage_sla_ws``, a ring per consumer since their LUT rows differ, SLA's linear branch from the
-  quantizer's φ(q)/den): bit-equal but 4-5% slower (one program per SM leaves each program's start and end
+  quantizer's φ(q)/den): bit-equal but 2-5% slower (one program per SM leaves each program's start and end
   exposed, where two Gluon programs per SM overlap them), so it is off (:data:`SPARSE_OPS`); a persistent version
   is the next step.
 
-``python -m turbocompile.kernels.sage_attention_ws [--sparse-only]`` times both against the Gluon kernel and cuDNN.
+``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]`` times
+them against the Gluon kernel and cuDNN (variants: pipeline:stages[:split_tail]).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 #: the int32 scores (measured fastest, the default: docs/kernels-attention.md, "The softmax's critical path"). 1, an
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
-SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 5% slower (docs)
+SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 2-5% slower (docs)
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
