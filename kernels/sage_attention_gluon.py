@@ -142,6 +142,20 @@ if gluon is not None:
         gl.store(ptrs, out, mask=gl.expand_dims(rows < Lq, 1))
 
     @gluon.jit
+    def _int_row_max(s_int, BLOCK_N: gl.constexpr, s_layout: gl.constexpr, SPLIT: gl.constexpr):
+        """Row maxima of int32 scores [BM, BLOCK_N] (ptxas chains them as 3-input VIMNMX3). SPLIT: a thread's
+        columns 64h + 8i + 2q + j reduced as one chain per half h over (i, j), then h, then the quad q, so the
+        dependent chain is half as long."""
+        if SPLIT:
+            BM: gl.constexpr = s_int.shape[0]
+            t = s_int.reshape([BM, 2, BLOCK_N // 16, 4, 2]).permute((0, 1, 3, 2, 4))
+            t = gl.max(t.reshape([BM, 2, 4, BLOCK_N // 8]), axis=3)
+            t = gl.max(gl.max(t, axis=1), axis=1)
+            return gl.convert_layout(t, gl.SliceLayout(1, s_layout), assert_trivial=True)
+        else:
+            return gl.max(s_int, axis=1)
+
+    @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ROW_SCALES: gl.constexpr = False, MAY_MASK: gl.constexpr = True, INT_MAX: gl.constexpr = False,
                       SPLIT_MAX: gl.constexpr = False):
@@ -153,30 +167,19 @@ if gluon is not None:
         floats (monotonic in s) and the bias is folded into the one FMA per score of the exp2 argument.
 
         MAY_MASK False: the caller knows every key of the tile is below Lk (no check, no branch). INT_MAX: the
-        row maximum of a tile without masked keys is taken on the int32 scores themselves (ptxas makes it a chain
-        of 3-input VIMNMX3, half as deep, and it need not wait for the conversion); the same value, as the
-        conversion is exact and monotonic."""
+        row maximum of a tile without masked keys is taken on the int32 scores themselves (:func:`_int_row_max`,
+        SPLIT_MAX its two-chain form), so its chain need not wait for the conversion; the same value, as the
+        conversion is exact and monotonic. A tile with masked keys takes it on the masked floats."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
         if INT_MAX:
-            if SPLIT_MAX:  # column 64h + 8i + 2q + j: a chain per half (h) over (i, j), then h, then the quad (q)
-                BM: gl.constexpr = s_int.shape[0]
-                t = s_int.reshape([BM, 2, BLOCK_N // 16, 4, 2]).permute((0, 1, 3, 2, 4))
-                t = gl.max(t.reshape([BM, 2, 4, BLOCK_N // 8]), axis=3)
-                t = gl.max(gl.max(t, axis=1), axis=1)
-                s_max = gl.convert_layout(t, gl.SliceLayout(1, s_layout), assert_trivial=True)
-            else:
-                s_max = gl.max(s_int, axis=1)
-            x_max = (s_max + 0x4B400000).to(gl.float32, bitcast=True)
-            if MAY_MASK:
-                if start + BLOCK_N > Lk:
-                    cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                    x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+            x_max = (_int_row_max(s_int, BLOCK_N, s_layout, SPLIT_MAX) + 0x4B400000).to(gl.float32, bitcast=True)
+        if MAY_MASK:
+            if start + BLOCK_N > Lk:
+                cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+                if INT_MAX:
                     x_max = gl.max(x, axis=1)
-        else:
-            if MAY_MASK:
-                if start + BLOCK_N > Lk:
-                    cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                    x = gl.where(gl.expand_dims(cols < Lk, 0), x, float("-inf"))
+        if not INT_MAX:
             x_max = gl.max(x, axis=1)
         m_new = gl.maximum(m_i, (x_max - MAGIC) * c)
         bias = MAGIC * c + m_new - LOG2_FP8_MAX
