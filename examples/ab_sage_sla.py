@@ -78,7 +78,6 @@ def main() -> None:
              "stages": (WS, "NUM_STAGES"), "split_tail": (WS, "SPLIT_TAIL"), "int_max": (G, "INT_MAX"),
              "fused_moments": (sa, "FUSED_MOMENTS")}
     now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
-    now_configs = dict(sa.QUANT_CONFIGS)
     states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False},
               "17:25": {**now, "pipeline": 2, "stages": 3, "split_tail": False, "int_max": False,
                         "fused_moments": False}, "now": now}
@@ -89,8 +88,6 @@ def main() -> None:
     def use(state):
         for name, (mod, attr) in knobs.items():
             setattr(mod, attr, state[name])
-        sa.QUANT_CONFIGS.clear()
-        sa.QUANT_CONFIGS.update(now_configs)
 
     def report(shape, times, base, rows):
         med = {key: statistics.median(v) for key, v in times.items()}

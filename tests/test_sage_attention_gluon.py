@@ -369,6 +369,24 @@ def test_preload_tiles_sizes_the_shared_memory_table_or_declines():
         assert rows >= n and rows & (rows - 1) == 0
 
 
+def _gluon_call(n: int, sparse: bool, blk_k: int, seed: int) -> tuple:
+    """(q, quantized q/k/v, LUT or None, keyword arguments) of a Gluon kernel call on 3 heads of n tokens
+    (head_dim 128): dense, or block-sparse at top-k 0.25 with SLA's linear branch from random proj_l weights."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton
+    from turbocompile.kernels.sla import linear_branch_stats
+
+    dev = torch.device("cuda")
+    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=seed)
+    g = torch.Generator().manual_seed(n)
+    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
+    lin, moments = linear_branch_stats(k, v, w, b)
+    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
+    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
+    return q, quant, lut, kw
+
+
 @pytest.mark.parametrize("n,sparse,blk_k", [(4096, True, 128), (3000, True, 128), (700, True, 64),
                                             (4096, False, 128), (1000, False, 128), (63, False, 128)])
 @pytest.mark.gpu
@@ -376,18 +394,7 @@ def test_preload_tiles_sizes_the_shared_memory_table_or_declines():
 def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse, blk_k):
     """The table changes where the loop reads each tile's first key and K scale, not the arithmetic: bit-equal
     outputs, tile counts at and off a power of two, 64- and 128-key blocks, dense and sparse + linear branch."""
-    from turbocompile.kernels.block_map import lut_from_pooled
-    from turbocompile.kernels.sage_attention import sage_quantize_triton
-    from turbocompile.kernels.sla import linear_branch_stats
-
-    dev = torch.device("cuda")
-    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + blk_k)
-    g = torch.Generator().manual_seed(n)
-    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
-    lin, moments = linear_branch_stats(k, v, w, b)
-    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
-    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
-    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
+    q, quant, lut, kw = _gluon_call(n, sparse, blk_k, seed=n + blk_k)
     outs = [G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, blk_k, preload=p, **kw)
             for p in (True, False)]
     assert not outs[0].isnan().any()
@@ -402,18 +409,7 @@ def test_preloaded_tile_table_gives_the_same_bits_as_loads_in_the_loop(n, sparse
 def test_row_maximum_on_int32_scores_gives_the_same_bits(n, sparse, blk_k, block_m, monkeypatch):
     """INT_MAX takes the softmax row maximum on the int32 scores (masked tiles keep the float path): the same
     value, so bit-equal outputs, with partial last tiles (L not a multiple of 128), L = 1, sparse + linear."""
-    from turbocompile.kernels.block_map import lut_from_pooled
-    from turbocompile.kernels.sage_attention import sage_quantize_triton
-    from turbocompile.kernels.sla import linear_branch_stats
-
-    dev = torch.device("cuda")
-    q, k, v = structured_qkv(1, 3, n, 128, torch.bfloat16, dev, seed=n + 7)
-    g = torch.Generator().manual_seed(n)
-    w, b = (torch.randn(128, 128, generator=g) * 0.05).to(dev), (torch.randn(128, generator=g) * 0.05).to(dev)
-    lin, moments = linear_branch_stats(k, v, w, b)
-    quant = sage_quantize_triton(q, k, v, 64, blk_k, **moments, v_order="wgmma", linear_z=lin[1])
-    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.25) if sparse else None
-    kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if sparse else {}
+    q, quant, lut, kw = _gluon_call(n, sparse, blk_k, seed=n + 7)
     outs = []
     for int_max in (True, False):
         monkeypatch.setattr(G, "INT_MAX", int_max)
