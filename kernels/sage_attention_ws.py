@@ -56,6 +56,7 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 2-5% slower (docs)
+SPARSE_PERSISTENT = True  # sage_sla_ws runs the persistent sparse kernel (one program per SM over all items)
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
@@ -442,6 +443,200 @@ if gluon is not None:
                                    lut1, n_tiles, bh * LKP, bh * HEAD_DIM, BLKK, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
+    @gluon.jit
+    def _fill_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, q_row, NUM_STAGES: gl.constexpr):
+        """SLA's linear-branch operands into the two ring entries after an item's key tiles: M's rows 0-63 and
+        64-127 (bf16 [64, D] each) into entry ``g``'s K and V slots, φ(q)/den's column halves (bf16 [64, 64] each)
+        into entry ``g + 1``'s K slot. Going through the ring, they wait for their stages like key tiles do."""
+        HALF: gl.constexpr = m_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = m_desc.block_type.shape[1]
+        BM: gl.constexpr = p_desc.block_type.shape[0]
+        s = g % NUM_STAGES
+        if g >= NUM_STAGES:
+            mbarrier.wait(empty.index(s), ((g // NUM_STAGES) - 1) & 1)
+        mbarrier.expect(ready.index(s), 2 * m_desc.block_type.nbytes)
+        tma_load(m_desc, [bh * HEAD_DIM, 0], ready.index(s),
+                 reinterpret(k_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
+        tma_load(m_desc, [bh * HEAD_DIM + HALF, 0], ready.index(s),
+                 reinterpret(v_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
+        s = (g + 1) % NUM_STAGES
+        if g + 1 >= NUM_STAGES:
+            mbarrier.wait(empty.index(s), (((g + 1) // NUM_STAGES) - 1) & 1)
+        mbarrier.expect(ready.index(s), 2 * p_desc.block_type.nbytes)
+        phi = reinterpret(k_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+        tma_load(p_desc, [q_row, 0], ready.index(s), phi.index(0))
+        tma_load(p_desc, [q_row, HALF], ready.index(s), phi.index(1))
+
+    @gluon.jit
+    def _ws_persistent_producer(k_desc, v_desc, m_desc, p_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1,
+                                empty1, LUT, N_M, N_ITEMS, MQ_LUT, T, LQP, LKP, BLKQ: gl.constexpr,
+                                BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr):
+        """Both rings, item after item: each item's key tiles for its two LUT rows, then (LINEAR) the two ring
+        entries of the linear-branch operands (:func:`_fill_aux`). Ring entry ``g`` counts over the program's
+        items, so the next item's first tiles load while this item's last ones are computed."""
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+        BM: gl.constexpr = 64
+        n_tiles = T * (BLKK // BN)
+        g0 = 0
+        for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
+            bh = item // N_M
+            row0 = (item % N_M) * 2 * BM
+            lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
+            lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T
+            for j in range(n_tiles):
+                start0 = _tile_start(lut0, j, n_tiles, True, BLKK, BN)
+                start1 = _tile_start(lut1, j, n_tiles, True, BLKK, BN)
+                _fill_stage(k_desc, v_desc, k_s0, v_s0, ready0, empty0, g0 + j, start0, bh * LKP, bh * HEAD_DIM,
+                            NUM_STAGES)
+                _fill_stage(k_desc, v_desc, k_s1, v_s1, ready1, empty1, g0 + j, start1, bh * LKP, bh * HEAD_DIM,
+                            NUM_STAGES)
+            g0 += n_tiles
+            if LINEAR:
+                _fill_aux(m_desc, p_desc, k_s0, v_s0, ready0, empty0, g0, bh, bh * LQP + row0, NUM_STAGES)
+                _fill_aux(m_desc, p_desc, k_s1, v_s1, ready1, empty1, g0, bh, bh * LQP + row0 + BM, NUM_STAGES)
+                g0 += 2
+
+    @gluon.jit
+    def _ws_persistent_consumer(q_desc, m_desc, p_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other,
+                                QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS,
+                                stride_ob, stride_oh, stride_ol, HALF_ROW: gl.constexpr, BLKQ: gl.constexpr,
+                                BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr,
+                                NW: gl.constexpr):
+        """One LUT row of each of the program's items (``HALF_ROW``: the first or second 64 rows of its 128): the
+        loop and arithmetic of :func:`_ws_sparse_consumer` (so the same bits), ring entries and turns counted over
+        the items. The next item's Q copy is issued as soon as this item's last scores are in; the linear branch's
+        operands arrive through the ring (:func:`_fill_aux`) and are released after their wgmmas."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_s.shape[1]
+        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
+        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        n_tiles = T * (BLKK // BN)
+        pid = gl.program_id(0)
+        G = gl.num_programs(0)
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        row0 = (pid % N_M) * 2 * BM + HALF_ROW * BM
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma_load(q_desc, [(pid // N_M) * LQP + row0, 0], q_bar, q_s)
+        g0 = 0
+        n_done = 0
+        for item in range(pid, N_ITEMS, G):
+            bh = item // N_M
+            row0 = (item % N_M) * 2 * BM + HALF_ROW * BM
+            lut_base = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
+            qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
+            acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+            m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+            ks_row = KS + bh * NKS
+            turn0 = n_done * n_tiles  # this consumer's turns before this item
+            start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
+            c = qs * gl.load(ks_row + start // BLKK)
+            mbarrier.wait(q_bar, n_done & 1)
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, g0, s_init,
+                                                                               NUM_STAGES)])
+            for j in range(n_tiles - 1):
+                s = (g0 + j) % NUM_STAGES
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
+                                                   SPLIT_MAX=True)
+                gn = g0 + j + 1
+                sn = gn % NUM_STAGES
+                start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)
+                c = qs * gl.load(ks_row + start // BLKK)
+                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                           (gn // NUM_STAGES) & 1, turn_me, (turn0 + j) & 1, turn_other,
+                                           empty.index(s), p_layout)
+                acc = _fold(acc, alpha, pv, row_o)
+            nxt = item + G
+            if nxt < N_ITEMS:  # every score wgmma of this item has completed: Q's buffer takes the next rows
+                nrow0 = (nxt % N_M) * 2 * BM + HALF_ROW * BM
+                mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+                tma_load(q_desc, [(nxt // N_M) * LQP + nrow0, 0], q_bar, q_s)
+            j = n_tiles - 1
+            s = (g0 + j) % NUM_STAGES
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+            acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, (turn0 + j) & 1,
+                                                        turn_other, p_layout), row_o)
+            mbarrier.arrive(empty.index(s))
+            g0 += n_tiles
+            o = _normalized(acc, l_i, VS, bh, o_layout)
+            if LINEAR:  # o += (φ(q)/den)·M + bias, K split in two halves (the same k16 steps in the same order)
+                HALF: gl.constexpr = HEAD_DIM // 2
+                sa = g0 % NUM_STAGES
+                sb = (g0 + 1) % NUM_STAGES
+                mbarrier.wait(ready.index(sa), (g0 // NUM_STAGES) & 1)
+                mbarrier.wait(ready.index(sb), ((g0 + 1) // NUM_STAGES) & 1)
+                m_lo = reinterpret(k_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
+                m_hi = reinterpret(v_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
+                phi = reinterpret(k_s.index(sb), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+                lin = warpgroup_mma(phi.index(0), m_lo, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout),
+                                    use_acc=False, is_async=True)
+                lin = warpgroup_mma(phi.index(1), m_hi, lin, is_async=True)
+                lin = warpgroup_mma_wait(num_outstanding=0, deps=[lin])
+                mbarrier.arrive(empty.index(sa))
+                mbarrier.arrive(empty.index(sb))
+                g0 += 2
+                offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+                o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+            _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
+            n_done += 1
+
+    @gluon.jit(do_not_specialize=["Lq", "Lk", "T", "N_ITEMS"])
+    def _sage_sla_ws_persistent_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
+                                       stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+                                       N_M, N_ITEMS, BLKQ: gl.constexpr, BLKK: gl.constexpr,
+                                       NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                       PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Block-sparse, persistent: one program per SM takes items ``program, program + programs, ...`` (an item:
+        two LUT rows of one (batch, head), ``N_M`` items per head), with the rings, consumers and producer of
+        :func:`_sage_sla_ws_kernel`; a program's start and end costs are paid once, not per item."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(BM == 64 and num_warps == 4 and BLKQ == BM, "a consumer is one warpgroup and one LUT row")
+        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
+        gl.static_assert(not LINEAR or (2 * m_desc.block_type.shape[0] == HEAD_DIM
+                                        and 2 * p_desc.block_type.shape[1] == HEAD_DIM
+                                        and BN * HEAD_DIM >= HEAD_DIM * HEAD_DIM),
+                         "M's row halves go to one ring entry's K and V slots, φ(q)/den's column halves to a K slot")
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+        k_s0 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s0 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        k_s1 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s1 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        ready1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # turns, Q
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready0.index(i), count=1)
+            mbarrier.init(empty0.index(i), count=1)
+            mbarrier.init(ready1.index(i), count=1)
+            mbarrier.init(empty1.index(i), count=1)
+        for i in gl.static_range(4):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
+        gl.warp_specialize([
+            (_ws_persistent_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), k_s0, v_s0, ready0,
+                                       empty0, bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, LUT, H, N_M,
+                                       N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 0,
+                                       BLKQ, BLKK, NUM_STAGES, LINEAR, num_warps)),
+            (_ws_persistent_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), k_s1, v_s1, ready1,
+                                       empty1, bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, LUT, H, N_M,
+                                       N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 1,
+                                       BLKQ, BLKK, NUM_STAGES, LINEAR, 4)),
+            (_ws_persistent_producer, (k_desc, v_desc, m_desc, p_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0,
+                                       ready1, empty1, LUT, N_M, N_ITEMS, MQ_LUT, T, LQP, LKP, BLKQ, BLKK,
+                                       NUM_STAGES, LINEAR)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
 
 def _unsupported(quant: dict, blk_q: int, blk_k: int, lut: torch.Tensor | None = None,
                  linear: tuple | None = None, lin_phi: torch.Tensor | None = None) -> str | None:
@@ -535,13 +730,16 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
 
 def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
                 linear: tuple | None = None, lin_phi: torch.Tensor | None = None,
-                num_stages: int = SPARSE_STAGES) -> torch.Tensor:
+                num_stages: int = SPARSE_STAGES, persistent: bool | None = None) -> torch.Tensor:
     """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
     and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
-    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``."""
+    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``. ``persistent`` (default
+    :data:`SPARSE_PERSISTENT`): one program per SM looping over the items instead of one program per item."""
     why = _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi)
     if why is not None:
         raise UnsupportedShapeError(why)
+    if SPARSE_PERSISTENT if persistent is None else persistent:
+        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi, num_stages)
     q_desc, k_desc, v_desc = _qkv_descs(quant)
     b, h, lqp, d = quant["q"].shape
     if linear is not None:
@@ -559,6 +757,38 @@ def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Ten
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages,
         LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
+    return out
+
+
+def _linear_descs(quant: dict, linear: tuple | None, lin_phi: torch.Tensor | None, q_desc) -> tuple:
+    """TMA descriptors of the persistent kernel's linear-branch operands: M [B·H·D, D] bf16 in row halves
+    [D/2, D], φ(q)/den [B·H·Lq_pad, D] bf16 in column halves [64, D/2] (``q_desc`` stands in without them)."""
+    if linear is None:
+        return q_desc, q_desc
+    b, h, lqp, d = quant["q"].shape
+    lay = gl.NVMMASharedLayout.get_default_for
+    m_desc = TensorDescriptor.from_tensor(linear[0].reshape(b * h * d, d), [d // 2, d], lay([d // 2, d], gl.bfloat16))
+    p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [BLOCK_M, d // 2],
+                                          lay([BLOCK_M, d // 2], gl.bfloat16))
+    return m_desc, p_desc
+
+
+def _sage_sla_ws_persistent(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int,
+                            blk_k: int, linear: tuple | None, lin_phi: torch.Tensor | None,
+                            num_stages: int) -> torch.Tensor:
+    """:func:`sage_sla_ws` by the persistent kernel: min(items, SMs) programs."""
+    q_desc, k_desc, v_desc = _qkv_descs(quant)
+    m_desc, p_desc = _linear_descs(quant, linear, lin_phi, q_desc)
+    b, h, lqp, d = quant["q"].shape
+    n_m = -(-lq // (2 * BLOCK_M))
+    items = n_m * b * h
+    lin_b = linear[2] if linear is not None else quant["v_scale"]  # unused without the linear branch
+    _sage_sla_ws_persistent_kernel[(min(items, _sm_count(out.device)),)](
+        q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
+        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
+        quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], n_m, items, BLKQ=blk_q, BLKK=blk_k,
+        NUM_STAGES=num_stages, LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4)
     return out
 
 
@@ -634,6 +864,23 @@ def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES
                              ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 
+def compile_sparse_persistent_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True,
+                                      producer_regs: int = PRODUCER_REGS):
+    """The persistent block-sparse kernel compiled for sm_90a without a GPU."""
+    lay = gl.NVMMASharedLayout.get_default_for
+    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
+    q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
+    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
+           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
+           "m_desc": f"tensordesc<bf16[{d // 2}, {d}],{lay([d // 2, d], gl.bfloat16)!r}>" if linear else q_desc,
+           "p_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>" if linear else q_desc,
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
+    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
+              "PRODUCER_REGS": producer_regs, "num_warps": 4}
+    return compile_for_sm90a(_sage_sla_ws_persistent_kernel, sig, consts,
+                             ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
+
+
 def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     """Kernel alone, dense, at the Wan shapes: this kernel (without and with the ping-pong) against the Gluon
     kernel and cuDNN,
@@ -702,14 +949,16 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
         ref = torch.full_like(q, float("nan"))
         t_ref = bench_ms_graph(lambda: sage_attention_gluon(  # noqa: B023
             qg, n, n, ref, lut, 64, 128, q_raw=q, linear=lin, lin_phi=qg["lin_phi"]))
-        o = torch.full_like(q, float("nan"))
-        ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, lut, 64, 128, lin, qg["lin_phi"]))  # noqa: B023
-        same = bool(torch.equal(o, ref))
-        rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-        rows.append({"shape": shape, "mode": "sparse0.1+linear", "gluon_ms": t_ref, "ws_ms": ms, "bit_equal": same,
-                     "rel": rel})
-        print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms  ws {ms:.3f} ms  x{t_ref / ms:.3f}  bit-equal {same}"
-              f" rel {rel:.1e}", flush=True)
+        for persistent in (False, True):
+            o = torch.full_like(q, float("nan"))
+            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, lut, 64, 128, lin, qg["lin_phi"],  # noqa: B023
+                                                    persistent=persistent))  # noqa: B023
+            same = bool(torch.equal(o, ref))
+            rel = float((o.float() - ref.float()).norm() / ref.float().norm())
+            rows.append({"shape": shape, "mode": "sparse0.1+linear", "persistent": persistent, "gluon_ms": t_ref,
+                         "ws_ms": ms, "bit_equal": same, "rel": rel})
+            print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms  ws{' persistent' if persistent else ''} "
+                  f"{ms:.3f} ms  x{t_ref / ms:.3f}  bit-equal {same} rel {rel:.1e}", flush=True)
         del q, k, v, qg, ref, o
         torch.cuda.empty_cache()
     return rows

@@ -47,6 +47,22 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
     _assert_no_spills_with_triton_36(kernel)
 
 
+@pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
+def test_persistent_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_dim, linear):
+    """The persistent kernel: three partitions, the producer at its register floor, the linear branch's wgmma split
+    in two K halves (one k16 step each after the other, as the one-wgmma form runs them), within 227 KiB."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if WS.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = WS.compile_sparse_persistent_for_sm90(head_dim=head_dim, linear=linear)
+    ptx = kernel.asm["ptx"]
+    assert ".reqntid 384" in ptx
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)
+    assert (f"m64n{head_dim}k16.f32.bf16.bf16" in ptx) == linear
+    assert kernel.metadata.shared <= 232448  # an H100/H200's 227 KiB per block
+    _assert_no_spills_with_triton_36(kernel)
+
+
 @pytest.mark.parametrize("head_dim,stages,pipeline,splits", [(128, 4, 0, 1), (128, 5, 0, 1), (64, 3, 0, 1),
                                                              (128, 3, 2, 1), (128, 4, 2, 1), (64, 3, 2, 1),
                                                              (128, 2, 3, 1), (128, 3, 3, 1), (128, 4, 3, 1),
@@ -111,11 +127,17 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("n,topk,linear", [(4096, 0.25, True), (3000, 0.1, True), (1000, 0.5, False), (70, 1.0, True),
-                                           (32760, 0.1, True)])
-def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear):
-    """Block-sparse with and without SLA's linear branch: the Gluon kernel's bits, an odd number of LUT rows (the
-    second consumer of the last program past Lq), a partial last key block, one key block."""
+@pytest.mark.parametrize("n,topk,linear,persistent,sms", [
+    (4096, 0.25, True, False, None), (3000, 0.1, True, False, None), (1000, 0.5, False, False, None),
+    (70, 1.0, True, False, None), (32760, 0.1, True, False, None),
+    (4096, 0.25, True, True, None), (3000, 0.1, True, True, 7), (1000, 0.5, False, True, 5), (70, 1.0, True, True, None),
+    (32760, 0.1, True, True, None), (300, 0.01, True, True, 2), (1000, 0.5, True, True, 1)])
+def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, persistent, sms, monkeypatch):
+    """Block-sparse with and without SLA's linear branch, one program per item or persistent (``sms`` programs
+    where given, so that programs take several items, items of other heads, one key tile per item): the Gluon
+    kernel's bits, an odd number of LUT rows (the second consumer of the last item past Lq), a partial last key
+    block, one key block."""
+    monkeypatch.setattr(WS, "SMS", sms)
     from turbocompile.kernels.block_map import lut_from_pooled
     from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
     from turbocompile.kernels.sla import linear_branch_stats
@@ -130,7 +152,7 @@ def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear):
     kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if linear else {}
     ref = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, **kw)
     out = WS.sage_sla_ws(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128,
-                         lin if linear else None, quant["lin_phi"] if linear else None)
+                         lin if linear else None, quant["lin_phi"] if linear else None, persistent=persistent)
     assert not out.isnan().any()
     assert torch.equal(out, ref), float((out.float() - ref.float()).norm() / ref.float().norm())
 
