@@ -484,9 +484,13 @@ if gluon is not None:
             row0 = (item % N_M) * 2 * BM
             lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
             lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T
+            next0 = _tile_start(lut0, 0, n_tiles, True, BLKK, BN)
+            next1 = _tile_start(lut1, 0, n_tiles, True, BLKK, BN)
             for j in range(n_tiles):
-                start0 = _tile_start(lut0, j, n_tiles, True, BLKK, BN)
-                start1 = _tile_start(lut1, j, n_tiles, True, BLKK, BN)
+                start0 = next0
+                start1 = next1
+                next0 = _tile_start(lut0, j + 1, n_tiles, True, BLKK, BN)  # read a tile ahead (masked at the end)
+                next1 = _tile_start(lut1, j + 1, n_tiles, True, BLKK, BN)
                 _fill_stage(k_desc, v_desc, k_s0, v_s0, ready0, empty0, g0 + j, start0, bh * LKP, bh * HEAD_DIM,
                             NUM_STAGES)
                 _fill_stage(k_desc, v_desc, k_s1, v_s1, ready1, empty1, g0 + j, start1, bh * LKP, bh * HEAD_DIM,
@@ -537,6 +541,7 @@ if gluon is not None:
             turn0 = n_done * n_tiles  # this consumer's turns before this item
             start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
             c = qs * gl.load(ks_row + start // BLKK)
+            start_n = _tile_start(lut_base, 1, n_tiles, True, BLKK, BN)
             mbarrier.wait(q_bar, n_done & 1)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, g0, s_init,
                                                                                NUM_STAGES)])
@@ -546,8 +551,11 @@ if gluon is not None:
                                                    SPLIT_MAX=True)
                 gn = g0 + j + 1
                 sn = gn % NUM_STAGES
-                start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)
+                # the next tile's K scale from the LUT entry read a trip ago, and the entry after it read now:
+                # one memory latency under each turn, not two dependent ones
+                start = start_n
                 c = qs * gl.load(ks_row + start // BLKK)
+                start_n = _tile_start(lut_base, j + 2, n_tiles, True, BLKK, BN)
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
                                            (gn // NUM_STAGES) & 1, turn_me, (turn0 + j) & 1, turn_other,
                                            empty.index(s), p_layout)
