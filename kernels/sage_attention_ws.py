@@ -56,7 +56,12 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 2-5% slower (docs)
-SPARSE_PERSISTENT = True  # sage_sla_ws runs the persistent sparse kernel (one program per SM over all items)
+#: Which block-sparse kernel sage_sla_ws runs: "shared" (persistent, one K/V ring for both consumers, a key block
+#: both LUT rows name at one position copied once: pair the LUT with lut_pairing.pair_lut_rows), "persistent" (one
+#: program per SM, a ring per consumer), "per_item" (a program per item, a ring per consumer). "shared" needs
+#: 128-key K blocks (one tile per LUT entry); other calls take "persistent".
+SPARSE_KERNEL = "shared"
+SHARED_STAGES = 6  # stages of the one-ring sparse kernel's ring (192 KiB at head_dim 128)
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
@@ -118,9 +123,10 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_turn(q_s, k_next, v_cur, p, s_init, o_init, ready_bar, ready_phase, turn_me, turn_phase, turn_other,
-                       empty_bar, p_layout: gl.constexpr):
+                       empty_bar, p_layout: gl.constexpr, twice=False, TWICE: gl.constexpr = False):
         """One turn on the tensor cores: wait for the next K tile and for this consumer's turn, issue the next
-        scores and this tile's P·V together, hand the turn over, wait for both and release this tile's stage.
+        scores and this tile's P·V together, hand the turn over, wait for both and release this tile's stage
+        (TWICE: a second arrival where ``twice``, for a stage of a two-consumer ring that only this consumer read).
         Returns the next scores and this tile's P·V (to fold into the output with :func:`_fold`)."""
         BM: gl.constexpr = s_init.shape[0]
         BN: gl.constexpr = s_init.shape[1]
@@ -132,6 +138,8 @@ if gluon is not None:
         mbarrier.arrive(turn_other)
         s_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
         mbarrier.arrive(empty_bar)
+        if TWICE:
+            mbarrier.arrive(empty_bar, pred=twice)
         return s_next, pv
 
     @gluon.jit
@@ -645,6 +653,216 @@ if gluon is not None:
                                        NUM_STAGES, LINEAR)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
+    @gluon.jit
+    def _fill_shared_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, q_row, NUM_STAGES: gl.constexpr):
+        """The linear-branch operands of an item into the two-consumer ring's two entries after its tiles: M's row
+        halves into entry ``g``'s K and V slots (both consumers read them), the two consumers' φ(q)/den (column
+        halves, rows ``q_row`` and ``q_row + 64``) into entry ``g + 1``'s K and V slots."""
+        HALF: gl.constexpr = m_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = m_desc.block_type.shape[1]
+        BM: gl.constexpr = p_desc.block_type.shape[0]
+        s = g % NUM_STAGES
+        if g >= NUM_STAGES:
+            mbarrier.wait(empty.index(s), ((g // NUM_STAGES) - 1) & 1)
+        mbarrier.expect(ready.index(s), 2 * m_desc.block_type.nbytes)
+        tma_load(m_desc, [bh * HEAD_DIM, 0], ready.index(s),
+                 reinterpret(k_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
+        tma_load(m_desc, [bh * HEAD_DIM + HALF, 0], ready.index(s),
+                 reinterpret(v_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
+        s = (g + 1) % NUM_STAGES
+        if g + 1 >= NUM_STAGES:
+            mbarrier.wait(empty.index(s), (((g + 1) // NUM_STAGES) - 1) & 1)
+        mbarrier.expect(ready.index(s), 4 * p_desc.block_type.nbytes)
+        phi0 = reinterpret(k_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+        phi1 = reinterpret(v_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+        tma_load(p_desc, [q_row, 0], ready.index(s), phi0.index(0))
+        tma_load(p_desc, [q_row, HALF], ready.index(s), phi0.index(1))
+        tma_load(p_desc, [q_row + BM, 0], ready.index(s), phi1.index(0))
+        tma_load(p_desc, [q_row + BM, HALF], ready.index(s), phi1.index(1))
+
+    @gluon.jit
+    def _ws_shared_producer(k_desc, v_desc, m_desc, p_desc, k_s, v_s, ready, empty, LUT, N_M, N_ITEMS, MQ_LUT, T,
+                            LQP, LKP, BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                            LINEAR: gl.constexpr):
+        """One ring for both consumers, item after item: for each j, the key block both LUT rows name at position
+        j once, or the two different ones one after the other (first consumer's first); then (LINEAR) the two
+        entries of the linear-branch operands (:func:`_fill_shared_aux`)."""
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+        BM: gl.constexpr = 64
+        g = 0
+        for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
+            bh = item // N_M
+            row0 = (item % N_M) * 2 * BM
+            lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
+            lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T
+            x_n = gl.load(lut0)
+            y_n = gl.load(lut1)
+            for j in range(T):
+                x = x_n
+                y = y_n
+                x_n = gl.load(lut0 + j + 1, mask=j + 1 < T, other=0)  # read a pair ahead
+                y_n = gl.load(lut1 + j + 1, mask=j + 1 < T, other=0)
+                _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, g, x * BLKK, bh * LKP, bh * HEAD_DIM, NUM_STAGES)
+                g += 1
+                if y != x:
+                    _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, g, y * BLKK, bh * LKP, bh * HEAD_DIM,
+                                NUM_STAGES)
+                    g += 1
+            if LINEAR:
+                _fill_shared_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, bh * LQP + row0, NUM_STAGES)
+                g += 2
+
+    @gluon.jit
+    def _ws_shared_consumer(q_desc, m_desc, p_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other,
+                            QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS,
+                            stride_ob, stride_oh, stride_ol, HALF_ROW: gl.constexpr, BLKQ: gl.constexpr,
+                            BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr):
+        """:func:`_ws_persistent_consumer` on the two-consumer ring: position j of the item's two LUT rows is one
+        ring entry when they name the same key block (both consumers read it and each arrives once to release it)
+        or two (each consumer reads its own and arrives twice); the arithmetic per tile is unchanged, so a tile
+        sequence gives the same bits as in the other kernels."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_s.shape[1]
+        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
+        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        pid = gl.program_id(0)
+        G = gl.num_programs(0)
+        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
+        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        row0 = (pid % N_M) * 2 * BM + HALF_ROW * BM
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma_load(q_desc, [(pid // N_M) * LQP + row0, 0], q_bar, q_s)
+        g0 = 0
+        n_done = 0
+        for item in range(pid, N_ITEMS, G):
+            bh = item // N_M
+            rows01 = (item % N_M) * 2 * BM
+            row0 = rows01 + HALF_ROW * BM
+            lut0 = LUT + (bh * MQ_LUT + gl.minimum(rows01 // BLKQ, MQ_LUT - 1)) * T
+            lut1 = LUT + (bh * MQ_LUT + gl.minimum((rows01 + BM) // BLKQ, MQ_LUT - 1)) * T
+            qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
+            acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+            m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+            ks_row = KS + bh * NKS
+            turn0 = n_done * T  # this consumer's turns before this item
+            x = gl.load(lut0)
+            y = gl.load(lut1)
+            split = (x != y).to(gl.int32)  # position 0 takes two ring entries
+            e = g0 + HALF_ROW * split  # this consumer's entry of position 0
+            base = g0 + 1 + split  # the first entry of position 1
+            start = (y if HALF_ROW else x) * BLKK
+            c = qs * gl.load(ks_row + start // BLKK)
+            x_n = gl.load(lut0 + 1, mask=1 < T, other=0)
+            y_n = gl.load(lut1 + 1, mask=1 < T, other=0)
+            mbarrier.wait(q_bar, n_done & 1)
+            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, e, s_init,
+                                                                               NUM_STAGES)])
+            for j in range(T - 1):
+                s = e % NUM_STAGES
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
+                                                   SPLIT_MAX=True)
+                split_n = (x_n != y_n).to(gl.int32)
+                e_n = base + HALF_ROW * split_n
+                base = base + 1 + split_n
+                start = (y_n if HALF_ROW else x_n) * BLKK
+                c = qs * gl.load(ks_row + start // BLKK)
+                x_n = gl.load(lut0 + j + 2, mask=j + 2 < T, other=0)  # the position after next, read now
+                y_n = gl.load(lut1 + j + 2, mask=j + 2 < T, other=0)
+                sn = e_n % NUM_STAGES
+                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                           (e_n // NUM_STAGES) & 1, turn_me, (turn0 + j) & 1, turn_other,
+                                           empty.index(s), p_layout, split != 0, True)
+                acc = _fold(acc, alpha, pv, row_o)
+                e = e_n
+                split = split_n
+            nxt = item + G
+            if nxt < N_ITEMS:  # every score wgmma of this item has completed: Q's buffer takes the next rows
+                nrow0 = (nxt % N_M) * 2 * BM + HALF_ROW * BM
+                mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+                tma_load(q_desc, [(nxt // N_M) * LQP + nrow0, 0], q_bar, q_s)
+            s = e % NUM_STAGES
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+            acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, (turn0 + T - 1) & 1,
+                                                        turn_other, p_layout), row_o)
+            mbarrier.arrive(empty.index(s))
+            mbarrier.arrive(empty.index(s), pred=split != 0)
+            g0 = base
+            o = _normalized(acc, l_i, VS, bh, o_layout)
+            if LINEAR:  # o += (φ(q)/den)·M + bias, K split in two halves (the same k16 steps in the same order)
+                HALF: gl.constexpr = HEAD_DIM // 2
+                sa = g0 % NUM_STAGES
+                sb = (g0 + 1) % NUM_STAGES
+                mbarrier.wait(ready.index(sa), (g0 // NUM_STAGES) & 1)
+                mbarrier.wait(ready.index(sb), ((g0 + 1) // NUM_STAGES) & 1)
+                m_lo = reinterpret(k_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
+                m_hi = reinterpret(v_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
+                if HALF_ROW:
+                    phi = reinterpret(v_s.index(sb), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+                else:
+                    phi = reinterpret(k_s.index(sb), p_desc.dtype, [2, BM, HALF], p_desc.layout)
+                lin = warpgroup_mma(phi.index(0), m_lo, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout),
+                                    use_acc=False, is_async=True)
+                lin = warpgroup_mma(phi.index(1), m_hi, lin, is_async=True)
+                lin = warpgroup_mma_wait(num_outstanding=0, deps=[lin])
+                mbarrier.arrive(empty.index(sa))
+                mbarrier.arrive(empty.index(sb))
+                g0 += 2
+                offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+                o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
+            _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
+            n_done += 1
+
+    @gluon.jit(do_not_specialize=["Lq", "Lk", "T", "N_ITEMS"])
+    def _sage_sla_ws_shared_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
+                                   stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
+                                   N_M, N_ITEMS, BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
+                                   LINEAR: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                   num_warps: gl.constexpr):
+        """Block-sparse, persistent, one K/V ring for both consumers: a key block that both LUT rows of an item
+        name at the same position is copied once (:func:`.lut_pairing.pair_lut_rows` puts the blocks two rows
+        share at the same positions). The copies from L2 are what bounds the two-ring kernels (each consumer's
+        own 32 KiB per key tile, ~5.6 TB/s of L2 reads at 1.3B@480p); adjacent query blocks share ~75% of their
+        blocks on the benchmark's inputs."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(BM == 64 and num_warps == 4 and BLKQ == BM, "a consumer is one warpgroup and one LUT row")
+        gl.static_assert(BLKK == BN, "one key tile per LUT entry")
+        gl.static_assert(not LINEAR or (2 * m_desc.block_type.shape[0] == HEAD_DIM
+                                        and 2 * p_desc.block_type.shape[1] == HEAD_DIM
+                                        and BN * HEAD_DIM >= HEAD_DIM * HEAD_DIM),
+                         "M's row halves go to one ring entry's K and V slots, φ(q)/den's column halves to a slot")
+        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
+        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # turns, Q
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # two arrivals free a stage: one per consumer, or two by one
+        for i in gl.static_range(4):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
+        gl.warp_specialize([
+            (_ws_shared_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), k_s, v_s, ready, empty,
+                                   bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS,
+                                   MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 0, BLKQ, BLKK,
+                                   NUM_STAGES, LINEAR, num_warps)),
+            (_ws_shared_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), k_s, v_s, ready, empty,
+                                   bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS,
+                                   MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 1, BLKQ, BLKK,
+                                   NUM_STAGES, LINEAR, 4)),
+            (_ws_shared_producer, (k_desc, v_desc, m_desc, p_desc, k_s, v_s, ready, empty, LUT, N_M, N_ITEMS, MQ_LUT,
+                                   T, LQP, LKP, BLKQ, BLKK, NUM_STAGES, LINEAR)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
 
 def _unsupported(quant: dict, blk_q: int, blk_k: int, lut: torch.Tensor | None = None,
                  linear: tuple | None = None, lin_phi: torch.Tensor | None = None) -> str | None:
@@ -738,16 +956,24 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
 
 def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
                 linear: tuple | None = None, lin_phi: torch.Tensor | None = None,
-                num_stages: int = SPARSE_STAGES, persistent: bool | None = None) -> torch.Tensor:
+                num_stages: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
     and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
-    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``. ``persistent`` (default
-    :data:`SPARSE_PERSISTENT`): one program per SM looping over the items instead of one program per item."""
+    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``, by ``kernel`` (default
+    :data:`SPARSE_KERNEL`; see there)."""
     why = _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi)
     if why is not None:
         raise UnsupportedShapeError(why)
-    if SPARSE_PERSISTENT if persistent is None else persistent:
-        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi, num_stages)
+    kernel = kernel or SPARSE_KERNEL
+    if kernel not in ("shared", "persistent", "per_item"):
+        raise ValueError(f"unknown sparse kernel {kernel!r}: use 'shared', 'persistent' or 'per_item'")
+    if kernel == "shared" and blk_k == BLOCK_N:
+        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi,
+                                       num_stages or SHARED_STAGES, shared=True)
+    if kernel != "per_item":
+        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi,
+                                       num_stages or SPARSE_STAGES)
+    num_stages = num_stages or SPARSE_STAGES
     q_desc, k_desc, v_desc = _qkv_descs(quant)
     b, h, lqp, d = quant["q"].shape
     if linear is not None:
@@ -783,15 +1009,16 @@ def _linear_descs(quant: dict, linear: tuple | None, lin_phi: torch.Tensor | Non
 
 def _sage_sla_ws_persistent(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int,
                             blk_k: int, linear: tuple | None, lin_phi: torch.Tensor | None,
-                            num_stages: int) -> torch.Tensor:
-    """:func:`sage_sla_ws` by the persistent kernel: min(items, SMs) programs."""
+                            num_stages: int, shared: bool = False) -> torch.Tensor:
+    """:func:`sage_sla_ws` by a persistent kernel (``shared``: the one-ring kernel): min(items, SMs) programs."""
     q_desc, k_desc, v_desc = _qkv_descs(quant)
     m_desc, p_desc = _linear_descs(quant, linear, lin_phi, q_desc)
     b, h, lqp, d = quant["q"].shape
     n_m = -(-lq // (2 * BLOCK_M))
     items = n_m * b * h
     lin_b = linear[2] if linear is not None else quant["v_scale"]  # unused without the linear branch
-    _sage_sla_ws_persistent_kernel[(min(items, _sm_count(out.device)),)](
+    kernel = _sage_sla_ws_shared_kernel if shared else _sage_sla_ws_persistent_kernel
+    kernel[(min(items, _sm_count(out.device)),)](
         q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], n_m, items, BLKQ=blk_q, BLKK=blk_k,
@@ -889,6 +1116,22 @@ def compile_sparse_persistent_for_sm90(head_dim: int = 128, num_stages: int = SP
                              ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
 
 
+def compile_sparse_shared_for_sm90(head_dim: int = 128, num_stages: int = SHARED_STAGES, linear: bool = True):
+    """The one-ring block-sparse kernel compiled for sm_90a without a GPU."""
+    lay = gl.NVMMASharedLayout.get_default_for
+    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
+    q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
+    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
+           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
+           "m_desc": f"tensordesc<bf16[{d // 2}, {d}],{lay([d // 2, d], gl.bfloat16)!r}>" if linear else q_desc,
+           "p_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>" if linear else q_desc,
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
+    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
+              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
+    return compile_for_sm90a(_sage_sla_ws_shared_kernel, sig, consts,
+                             ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
+
+
 def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     """Kernel alone, dense, at the Wan shapes: this kernel (without and with the ping-pong) against the Gluon
     kernel and cuDNN,
@@ -943,6 +1186,7 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
     """Block-sparse (top-k 0.1) with SLA's linear branch, as ``sage_sla`` runs it: this kernel against the Gluon
     kernel on the same quantized inputs, CUDA-graph replays, with the bit-equality of the outputs."""
     from .block_map import lut_from_pooled
+    from .lut_pairing import pair_lut_rows
     from .sage_attention import ATTENTION_BENCH_SHAPES, bench_ms_graph, sage_quantize_triton, structured_qkv
     from .sage_attention_gluon import sage_attention_gluon
     from .sla import linear_branch_stats
@@ -957,16 +1201,26 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
         ref = torch.full_like(q, float("nan"))
         t_ref = bench_ms_graph(lambda: sage_attention_gluon(  # noqa: B023
             qg, n, n, ref, lut, 64, 128, q_raw=q, linear=lin, lin_phi=qg["lin_phi"]))
-        for persistent in (False, True):
+        paired = pair_lut_rows(lut)
+        ref_p = torch.full_like(q, float("nan"))
+        t_ref_p = bench_ms_graph(lambda: sage_attention_gluon(  # noqa: B023
+            qg, n, n, ref_p, paired, 64, 128, q_raw=q, linear=lin, lin_phi=qg["lin_phi"]))
+        t_pair = bench_ms_graph(lambda: pair_lut_rows(lut))  # noqa: B023
+        print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms, on the paired LUT {t_ref_p:.3f} ms; pairing "
+              f"{t_pair * 1000:.1f} us", flush=True)
+        for kernel, table, want in (("per_item", lut, ref), ("persistent", lut, ref), ("shared", lut, ref),
+                                    ("shared", paired, ref_p)):
             o = torch.full_like(q, float("nan"))
-            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, lut, 64, 128, lin, qg["lin_phi"],  # noqa: B023
-                                                    persistent=persistent))  # noqa: B023
-            same = bool(torch.equal(o, ref))
+            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, table, 64, 128, lin, qg["lin_phi"],  # noqa: B023
+                                                    kernel=kernel))  # noqa: B023
+            same = bool(torch.equal(o, want))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-            rows.append({"shape": shape, "mode": "sparse0.1+linear", "persistent": persistent, "gluon_ms": t_ref,
-                         "ws_ms": ms, "bit_equal": same, "rel": rel})
-            print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms  ws{' persistent' if persistent else ''} "
-                  f"{ms:.3f} ms  x{t_ref / ms:.3f}  bit-equal {same} rel {rel:.1e}", flush=True)
+            name = kernel + (" paired" if table is paired else "")
+            rows.append({"shape": shape, "mode": "sparse0.1+linear", "kernel": name, "gluon_ms": t_ref,
+                         "gluon_paired_ms": t_ref_p, "pair_ms": t_pair, "ws_ms": ms, "bit_equal": same,
+                         "rel_vs_gluon_sorted": rel})
+            print(f"{shape} ws {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  bit-equal (same LUT) {same}  "
+                  f"rel vs gluon (sorted LUT) {rel:.1e}", flush=True)
         del q, k, v, qg, ref, o
         torch.cuda.empty_cache()
     return rows

@@ -47,14 +47,17 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
     _assert_no_spills_with_triton_36(kernel)
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
-def test_persistent_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_dim, linear):
-    """The persistent kernel: three partitions, the producer at its register floor, the linear branch's wgmma split
-    in two K halves (one k16 step each after the other, as the one-wgmma form runs them), within 227 KiB."""
+def test_persistent_sparse_kernels_compile_for_sm90a_without_spills_in_shared_memory(head_dim, linear, shared):
+    """The persistent kernels (a ring per consumer, or one shared): three partitions, the producer at its register
+    floor, the linear branch's wgmma split in two K halves (one k16 step each after the other, as the one-wgmma
+    form runs them), within 227 KiB."""
     pytest.importorskip("triton", reason="Triton is not installed")
     if WS.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    kernel = WS.compile_sparse_persistent_for_sm90(head_dim=head_dim, linear=linear)
+    kernel = (WS.compile_sparse_shared_for_sm90 if shared else WS.compile_sparse_persistent_for_sm90)(
+        head_dim=head_dim, linear=linear)
     ptx = kernel.asm["ptx"]
     assert ".reqntid 384" in ptx
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)
@@ -127,16 +130,18 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("n,topk,linear,persistent,sms", [
-    (4096, 0.25, True, False, None), (3000, 0.1, True, False, None), (1000, 0.5, False, False, None),
-    (70, 1.0, True, False, None), (32760, 0.1, True, False, None),
-    (4096, 0.25, True, True, None), (3000, 0.1, True, True, 7), (1000, 0.5, False, True, 5), (70, 1.0, True, True, None),
-    (32760, 0.1, True, True, None), (300, 0.01, True, True, 2), (1000, 0.5, True, True, 1)])
-def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, persistent, sms, monkeypatch):
-    """Block-sparse with and without SLA's linear branch, one program per item or persistent (``sms`` programs
-    where given, so that programs take several items, items of other heads, one key tile per item): the Gluon
-    kernel's bits, an odd number of LUT rows (the second consumer of the last item past Lq), a partial last key
-    block, one key block."""
+@pytest.mark.parametrize("kernel", ["per_item", "persistent", "shared", "shared paired"])
+@pytest.mark.parametrize("n,topk,linear,sms", [
+    (4096, 0.25, True, None), (3000, 0.1, True, 7), (1000, 0.5, False, 5), (70, 1.0, True, None),
+    (32760, 0.1, True, None), (300, 0.01, True, 2), (1000, 0.5, True, 1)])
+def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms, kernel, monkeypatch):
+    """Block-sparse with and without SLA's linear branch, each sparse kernel (``sms`` programs where given, so that
+    persistent programs take several items, items of other heads, one key tile per item; "paired": both kernels
+    on the LUT with each row pair's shared blocks aligned, where the one-ring kernel copies them once): the Gluon
+    kernel's bits on the same LUT, an odd number of LUT rows (the second consumer of the last item past Lq), a
+    partial last key block, one key block."""
+    from turbocompile.kernels.lut_pairing import pair_lut_rows
+
     monkeypatch.setattr(WS, "SMS", sms)
     from turbocompile.kernels.block_map import lut_from_pooled
     from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
@@ -149,10 +154,13 @@ def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, per
     lin, moments = linear_branch_stats(k, v, w, b)
     quant = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
     lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+    if kernel.endswith("paired"):
+        lut = pair_lut_rows(lut)
     kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if linear else {}
     ref = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, **kw)
     out = WS.sage_sla_ws(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128,
-                         lin if linear else None, quant["lin_phi"] if linear else None, persistent=persistent)
+                         lin if linear else None, quant["lin_phi"] if linear else None,
+                         kernel=kernel.split()[0])
     assert not out.isnan().any()
     assert torch.equal(out, ref), float((out.float() - ref.float()).norm() / ref.float().norm())
 
