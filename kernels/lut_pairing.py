@@ -73,16 +73,18 @@ if HAS_TRITON:
             tl.store(OUT + row0 + idx, tl.load(LUT + row0 + idx, mask=idx < T), mask=idx < T)
 
 
-def pair_lut_rows(lut: torch.Tensor) -> torch.Tensor:
-    """The pairing of ``lut`` [B, H, Mq, T] int32 (rows sorted ascending) as a new tensor: one Triton launch of
-    Mq/2 × B·H small programs on the GPU (or under the interpreter), :func:`pair_lut_rows_reference` elsewhere."""
+def pair_lut_rows(lut: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The pairing of ``lut`` [B, H, Mq, T] int32 (rows sorted ascending) into ``out`` (a new tensor if None): one
+    Triton launch of Mq/2 × B·H small programs on the GPU (or under the interpreter),
+    :func:`pair_lut_rows_reference` elsewhere."""
     if lut.dim() != 4 or lut.dtype != torch.int32:
         raise ValueError(f"expected an int32 LUT [B, H, Mq, T], got {lut.dtype} {tuple(lut.shape)}")
     if not HAS_TRITON or (lut.device.type != "cuda" and not _interpreting()):
-        return pair_lut_rows_reference(lut)
+        ref = pair_lut_rows_reference(lut)
+        return ref if out is None else out.copy_(ref)
     lut = lut.contiguous()
     b, h, mq, t = lut.shape
-    out = torch.empty_like(lut)
+    out = torch.empty_like(lut) if out is None else out
     t_pad = triton.next_power_of_2(t)
     _pair_lut_kernel[((mq + 1) // 2, b * h)](lut, out, mq, t, T_PAD=t_pad, CH=min(t_pad, 32),
                                                num_warps=1 if t_pad <= 64 else 4)

@@ -55,7 +55,7 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 #: the int32 scores (measured fastest, the default: docs/kernels-attention.md, "The softmax's critical path"). 1, an
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
-SPARSE_OPS = False  # block-sparse calls take the sparse kernel (sparse_ws): off, it measured 2-5% slower (docs)
+SPARSE_OPS = True  # block-sparse calls take the sparse kernel (sparse_ws, SPARSE_KERNEL) where it can
 #: Which block-sparse kernel sage_sla_ws runs: "shared" (persistent, one K/V ring for both consumers, a key block
 #: both LUT rows name at one position copied once: pair the LUT with lut_pairing.pair_lut_rows), "persistent" (one
 #: program per SM, a ring per consumer), "per_item" (a program per item, a ring per consumer). "shared" needs
@@ -1055,6 +1055,16 @@ def dense_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k
     taken = _guarded(DENSE_OPS, _unsupported(quant, blk_q, blk_k), sage_attention_ws, quant, lq, lk, out, blk_q,
                      blk_k)
     return out if taken else None
+
+
+def wants_paired_lut(q: torch.Tensor, blk_q: int, blk_k: int) -> bool:
+    """Whether block-sparse calls of this shape will run the one-ring kernel, which copies a key block two LUT rows
+    share once only where :func:`.lut_pairing.pair_lut_rows` has aligned them: the caller then pairs its LUT
+    (off the critical path where it can; any LUT is correct)."""
+    from .sage_attention_gluon import available
+
+    return (SPARSE_OPS and SPARSE_KERNEL == "shared" and GUARD.disabled is None and gluon is not None
+            and blk_q == BLOCK_M and blk_k == BLOCK_N and q.is_cuda and available())
 
 
 def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,

@@ -27,7 +27,9 @@ import os
 
 import torch
 
+from . import sage_attention_ws
 from .block_map import lut_buffers, lut_from_pooled, lut_into, sla_block_map
+from .lut_pairing import pair_lut_rows
 from .sage_attention import (
     ATTENTION_BENCH_SHAPES,
     attention_fp32_reference,
@@ -88,19 +90,26 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
     quant = sage_quantize_triton(q, k, v, blk_q, blk_k, **moments, v_order="wgmma" if gluon else "natural",
                                  linear_z=lin[1] if phi else None, v_later=True)
     bufs = lut_buffers(quant["q_pool"], quant["k_pool"], topk) if lut is None and LUT_BESIDE_V else None
+    paired = gluon and sage_attention_ws.wants_paired_lut(q, blk_q, blk_k)
     if bufs is not None:
         # the LUT's two small launches (~20 µs at 1.3B@480p, latency-bound, the scores grid far from filling the
-        # GPU) on a second stream beside V's quantizer (memory-bound): both need only what came before
+        # GPU) on a second stream beside V's quantizer (memory-bound): both need only what came before; so does
+        # the pairing of its rows for the one-ring sparse kernel (4 µs)
+        pair_out = torch.empty_like(bufs[-1]) if paired else None
         main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):  # buffers were allocated on the main stream, which joins before freeing
             lut = lut_into(quant["q_pool"], quant["k_pool"], *bufs)
+            if paired:
+                lut = pair_lut_rows(lut, pair_out)
         quantize_v_into(v, quant)
         main.wait_stream(side)
     else:
         quantize_v_into(v, quant)
         if lut is None:
             lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
+        if paired:
+            lut = pair_lut_rows(lut)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
 
