@@ -16,13 +16,18 @@ a split last wave (below).
   on an H200 (2026-11-27, 18:24-19:05 UTC; 1.46-1.51x cuDNN through the op at 1.3B@480p, 1.50-1.56x at
   14B@720p), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`). The grid's last partial
   wave of row blocks runs as key-range parts merged by ``_merge_splits_kernel`` (:func:`tail_splits`).
-* **Block-sparse** (``sage_sla_ws``, a ring per consumer since their LUT rows differ, SLA's linear branch from the
-  quantizer's φ(q)/den): bit-equal but 2-5% slower (one program per SM leaves each program's start and end
-  exposed, where two Gluon programs per SM overlap them), so it is off (:data:`SPARSE_OPS`); a persistent version
-  is the next step.
+* **Block-sparse** (``sage_sla_ws``, SLA's linear branch from the quantizer's φ(q)/den; an item is two adjacent
+  LUT rows, one per consumer; :data:`SPARSE_KERNEL`): "shared", the default, is persistent (one program per SM
+  over all items) with one K/V ring for both consumers, where a key block that both rows name at the same
+  position is copied once; :mod:`.lut_pairing` moves the blocks two rows share to the same positions (75% of
+  them on the benchmark's inputs). On an H200 (2026-11-27, 20:37-20:42 UTC) 0.877 ms against the Gluon kernel's
+  0.898 at 1.3B@480p top-k 0.1 (15.17 / 15.41 ms at 14B@720p); through ``sage_sla`` 1.145 against 1.167 ms.
+  "persistent" (a ring per consumer) and "per_item" (a program per item) were 1-3% slower than the Gluon kernel.
+  Each is bit-equal to the Gluon kernel on the same LUT.
 
 ``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]`` times
-them against the Gluon kernel and cuDNN (variants: pipeline:stages[:split_tail]).
+them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail]; sparse: the three kernels,
+and "shared" on the paired LUT).
 """
 from __future__ import annotations
 

@@ -167,21 +167,35 @@ def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms
 
 @pytest.mark.gpu
 @needs_hopper
-def test_sage_sla_takes_the_sparse_kernel_when_switched_on(monkeypatch):
-    """With ``SPARSE_OPS`` on (off by default: measured slower), the op ``sage_sla`` runs its block-sparse attention
-    through this kernel and gets the same output as with it off, i.e. through the Gluon kernel."""
+@pytest.mark.parametrize("lut_beside_v", [True, False])
+def test_sage_sla_takes_the_one_ring_kernel_on_a_paired_lut(lut_beside_v, monkeypatch):
+    """By default (``SPARSE_OPS``, ``SPARSE_KERNEL`` "shared") the op ``sage_sla`` pairs its LUT and runs its
+    block-sparse attention through the one-ring kernel: the Gluon kernel's result up to the order of the online
+    softmax over the same key blocks; with the two-ring persistent kernel (no pairing) the Gluon kernel's bits."""
+    import turbocompile.kernels.sage_sla as S
     from turbocompile.kernels.sage_attention import structured_qkv
     from turbocompile.kernels.sage_sla import sage_sla
 
     dev = torch.device("cuda")
     q, k, v = structured_qkv(1, 4, 5000, 128, torch.bfloat16, dev, seed=3)
     w, b = torch.randn(128, 128, device=dev) * 0.05, torch.randn(128, device=dev) * 0.05
+    monkeypatch.setattr(S, "LUT_BESIDE_V", lut_beside_v)
     monkeypatch.setattr(WS, "SPARSE_OPS", True)
+    monkeypatch.setattr(WS, "SPARSE_KERNEL", "shared")
     calls = _count_calls(monkeypatch, "sage_sla_ws")
+    pairs: list = []
+    real_pair = S.pair_lut_rows
+    monkeypatch.setattr(S, "pair_lut_rows", lambda *a, **kw: pairs.append(1) or real_pair(*a, **kw))
     out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
-    assert calls, "sage_sla did not take the FA3-layout sparse kernel"
+    assert calls and pairs, "sage_sla did not pair its LUT for the one-ring sparse kernel"
     monkeypatch.setattr(WS, "SPARSE_OPS", False)
-    assert torch.equal(out, sage_sla(q, k, v, w, b, 0.1, 64, 128))
+    gluon_out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
+    assert not out.isnan().any()
+    assert float((out.float() - gluon_out.float()).norm() / gluon_out.float().norm()) <= 5e-3
+    monkeypatch.setattr(WS, "SPARSE_OPS", True)
+    monkeypatch.setattr(WS, "SPARSE_KERNEL", "persistent")
+    pairs.clear()
+    assert torch.equal(sage_sla(q, k, v, w, b, 0.1, 64, 128), gluon_out) and not pairs
 
 
 def test_a_failed_first_launch_switches_the_kernel_off_and_the_caller_falls_back(monkeypatch):
