@@ -17,17 +17,18 @@ a split last wave (below).
   14B@720p), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`). The grid's last partial
   wave of row blocks runs as key-range parts merged by ``_merge_splits_kernel`` (:func:`tail_splits`).
 * **Block-sparse** (``sage_sla_ws``, SLA's linear branch from the quantizer's φ(q)/den; an item is two adjacent
-  LUT rows, one per consumer; :data:`SPARSE_KERNEL`): "shared", the default, is persistent (one program per SM
-  over all items) with one K/V ring for both consumers, where a key block that both rows name at the same
-  position is copied once; :mod:`.lut_pairing` moves the blocks two rows share to the same positions (75% of
-  them on the benchmark's inputs). On an H200 (2026-11-27, 20:37-20:42 UTC) 0.877 ms against the Gluon kernel's
-  0.898 at 1.3B@480p top-k 0.1 (15.17 / 15.41 ms at 14B@720p); through ``sage_sla`` 1.145 against 1.167 ms.
-  "persistent" (a ring per consumer) and "per_item" (a program per item) were 1-3% slower than the Gluon kernel.
-  Each is bit-equal to the Gluon kernel on the same LUT.
+  LUT rows, one per consumer): persistent (one program per SM over all items) with one K/V ring for both
+  consumers, where a key block that both rows name at the same position is copied once; :mod:`.lut_pairing`
+  moves the blocks two rows share to the same positions (75% of them on the benchmark's inputs). On an H200
+  (2026-11-27, 20:37-20:42 UTC) 0.877 ms against the Gluon kernel's 0.898 at 1.3B@480p top-k 0.1 (15.17 / 15.41
+  ms at 14B@720p); through ``sage_sla`` 1.145 against 1.167 ms, so block-sparse calls take it
+  (:func:`sparse_ws`, :data:`SPARSE_OPS`). Bit-equal to the Gluon kernel on the same LUT. Two earlier forms, a
+  ring per consumer with a program per item or persistent, were 1-3% slower than the Gluon kernel and were
+  removed (commit e61e9fb has them; docs/kernels-attention.md).
 
 ``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]`` times
-them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail]; sparse: the three kernels,
-and "shared" on the paired LUT).
+them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail]; sparse: on the LUT as the
+block map sorts it and paired).
 """
 from __future__ import annotations
 
@@ -55,18 +56,12 @@ BLOCK_M = 64  # query rows per consumer (two consumers: 128 rows per program)
 BLOCK_N = 128
 NUM_STAGES = 4  # K/V stages of the dense ring (32 KiB each at head_dim 128; one program per SM): 4 measured best
 #: with PIPELINE 3 (3 with PIPELINE 2)
-SPARSE_STAGES = 3  # stages of each of the sparse kernel's two rings (224 KiB of shared memory in all)
 PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last trip peeled and the row maximum on
 #: the int32 scores (measured fastest, the default: docs/kernels-attention.md, "The softmax's critical path"). 1, an
 #: intra-warpgroup overlap of the next scores with this softmax, measured no gain and was removed (commit cf40779)
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
-SPARSE_OPS = True  # block-sparse calls take the sparse kernel (sparse_ws, SPARSE_KERNEL) where it can
-#: Which block-sparse kernel sage_sla_ws runs: "shared" (persistent, one K/V ring for both consumers, a key block
-#: both LUT rows name at one position copied once: pair the LUT with lut_pairing.pair_lut_rows), "persistent" (one
-#: program per SM, a ring per consumer), "per_item" (a program per item, a ring per consumer). "shared" needs
-#: 128-key K blocks (one tile per LUT entry); other calls take "persistent".
-SPARSE_KERNEL = "shared"
-SHARED_STAGES = 6  # stages of the one-ring sparse kernel's ring (192 KiB at head_dim 128)
+SPARSE_OPS = True  # block-sparse calls take the one-ring sparse kernel where it can (sparse_ws), on a paired LUT
+SPARSE_STAGES = 6  # stages of the sparse kernel's ring (192 KiB at head_dim 128)
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
@@ -337,328 +332,6 @@ if gluon is not None:
         tl.store(ptrs, o.to(O.dtype.element_ty), mask=(qrow < Lq)[:, None])
 
     @gluon.jit
-    def _ws_sparse_producer(k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0, lut1,
-                            n_tiles, k_row0, v_row0, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """Fill both consumers' rings in turn: tile j of each consumer's LUT row into its stage j % NUM_STAGES."""
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        for j in range(n_tiles):
-            start0 = _tile_start(lut0, j, n_tiles, True, BLKK, BN)
-            start1 = _tile_start(lut1, j, n_tiles, True, BLKK, BN)
-            _fill_stage(k_desc, v_desc, k_s0, v_s0, ready0, empty0, j, start0, k_row0, v_row0, NUM_STAGES)
-            _fill_stage(k_desc, v_desc, k_s1, v_s1, ready1, empty1, j, start1, k_row0, v_row0, NUM_STAGES)
-
-    @gluon.jit
-    def _ws_sparse_consumer(q_desc, m_desc, p_desc, q_s, q_bar, aux, k_s, v_s, ready, empty, turn_me, turn_other,
-                            QS, KS, VS, LIN_B, O, lut_base, bh, H, q_row, row0, n_tiles, Lq, Lk, NQS, NKS,
-                            stride_ob, stride_oh, stride_ol, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                            NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr):
-        """64 query rows (one LUT row) against their LUT's key tiles, ping-pong with the other consumer; with
-        LINEAR, SLA's linear branch from the quantizer's φ(q)/den and M, both loaded into K's stages after the
-        loop. Per row the arithmetic is the Gluon kernel's (same order), so the output is the same bits."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_s.shape[1]
-        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
-        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        qs, s_init, o_init, acc, m_i, l_i = _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ,
-                                                            s_layout, o_layout)
-        ks_row = KS + bh * NKS
-        start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
-        c = qs * gl.load(ks_row + start // BLKK)
-        mbarrier.wait(q_bar, 0)
-        s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
-        for j in range(n_tiles - 1):
-            s = j % NUM_STAGES
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
-                                               SPLIT_MAX=True)
-            sn = (j + 1) % NUM_STAGES
-            start = _tile_start(lut_base, j + 1, n_tiles, True, BLKK, BN)  # the next trip's, read under the wgmmas
-            c = qs * gl.load(ks_row + start // BLKK)
-            s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                       ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
-                                       p_layout)
-            acc = _fold(acc, alpha, pv, row_o)
-        # the last trip: its scores are in, so K's stages are free for the linear branch's operands, which load
-        # under this trip's softmax and P·V
-        j = n_tiles - 1
-        s = j % NUM_STAGES
-        if LINEAR:
-            m_s = reinterpret(k_s, m_desc.dtype, [HEAD_DIM, HEAD_DIM], m_desc.layout)
-            phi_s = reinterpret(k_s.index(NUM_STAGES - 1), p_desc.dtype, [BM, HEAD_DIM], p_desc.layout)
-            fence_async_shared()
-            mbarrier.expect(aux, m_desc.block_type.nbytes + p_desc.block_type.nbytes)
-            tma_load(p_desc, [q_row, 0], aux, phi_s)
-            tma_load(m_desc, [bh * HEAD_DIM, 0], aux, m_s)
-        p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
-        acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, j & 1, turn_other, p_layout),
-                    row_o)
-        o = _normalized(acc, l_i, VS, bh, o_layout)
-        if LINEAR:  # o += (φ(q)/den)·M + bias
-            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-            mbarrier.wait(aux, 0)
-            lin = warpgroup_mma(phi_s, m_s, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout), use_acc=False)
-            o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
-        _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
-
-    @gluon.jit(do_not_specialize=["Lq", "Lk", "T"])
-    def _sage_sla_ws_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
-                            stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
-                            BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr,
-                            CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Block-sparse: one program, two LUT rows of one (batch, head); a consumer and a K/V ring per row, one
-        producer warp filling both rings, the consumers ping-ponging on the tensor cores."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        gl.static_assert(BM == 64 and num_warps == 4 and BLKQ == BM, "a consumer is one warpgroup and one LUT row")
-        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
-        gl.static_assert(not LINEAR or ((NUM_STAGES - 1) * BN >= 2 * HEAD_DIM and BN >= 2 * BM),
-                         "M goes to K's first stages, φ(q)/den to its last")
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
-        k_s0 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s0 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        k_s1 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s1 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        ready0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        ready1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())  # turns, Q, linear
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready0.index(i), count=1)
-            mbarrier.init(empty0.index(i), count=1)
-            mbarrier.init(ready1.index(i), count=1)
-            mbarrier.init(empty1.index(i), count=1)
-        for i in gl.static_range(6):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
-        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
-        n_tiles = T * (BLKK // BN)
-        row0 = pid_m * 2 * BM
-        q_row = bh * LQP + row0
-        lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
-        lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T  # past Lq: masked out
-        gl.warp_specialize([
-            (_ws_sparse_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), bars.index(4), k_s0, v_s0,
-                                   ready0, empty0, bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, lut0, bh, H,
-                                   q_row, row0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, BLKQ,
-                                   BLKK, NUM_STAGES, LINEAR, num_warps)),
-            (_ws_sparse_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), bars.index(5), k_s1, v_s1,
-                                   ready1, empty1, bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, lut1, bh, H,
-                                   q_row + BM, row0 + BM, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh,
-                                   stride_ol, BLKQ, BLKK, NUM_STAGES, LINEAR, 4)),
-            (_ws_sparse_producer, (k_desc, v_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1, empty1, lut0,
-                                   lut1, n_tiles, bh * LKP, bh * HEAD_DIM, BLKK, NUM_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-    @gluon.jit
-    def _fill_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, q_row, NUM_STAGES: gl.constexpr):
-        """SLA's linear-branch operands into the two ring entries after an item's key tiles: M's rows 0-63 and
-        64-127 (bf16 [64, D] each) into entry ``g``'s K and V slots, φ(q)/den's column halves (bf16 [64, 64] each)
-        into entry ``g + 1``'s K slot. Going through the ring, they wait for their stages like key tiles do."""
-        HALF: gl.constexpr = m_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = m_desc.block_type.shape[1]
-        BM: gl.constexpr = p_desc.block_type.shape[0]
-        s = g % NUM_STAGES
-        if g >= NUM_STAGES:
-            mbarrier.wait(empty.index(s), ((g // NUM_STAGES) - 1) & 1)
-        mbarrier.expect(ready.index(s), 2 * m_desc.block_type.nbytes)
-        tma_load(m_desc, [bh * HEAD_DIM, 0], ready.index(s),
-                 reinterpret(k_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
-        tma_load(m_desc, [bh * HEAD_DIM + HALF, 0], ready.index(s),
-                 reinterpret(v_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
-        s = (g + 1) % NUM_STAGES
-        if g + 1 >= NUM_STAGES:
-            mbarrier.wait(empty.index(s), (((g + 1) // NUM_STAGES) - 1) & 1)
-        mbarrier.expect(ready.index(s), 2 * p_desc.block_type.nbytes)
-        phi = reinterpret(k_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
-        tma_load(p_desc, [q_row, 0], ready.index(s), phi.index(0))
-        tma_load(p_desc, [q_row, HALF], ready.index(s), phi.index(1))
-
-    @gluon.jit
-    def _ws_persistent_producer(k_desc, v_desc, m_desc, p_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0, ready1,
-                                empty1, LUT, N_M, N_ITEMS, MQ_LUT, T, LQP, LKP, BLKQ: gl.constexpr,
-                                BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr):
-        """Both rings, item after item: each item's key tiles for its two LUT rows, then (LINEAR) the two ring
-        entries of the linear-branch operands (:func:`_fill_aux`). Ring entry ``g`` counts over the program's
-        items, so the next item's first tiles load while this item's last ones are computed."""
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-        BM: gl.constexpr = 64
-        n_tiles = T * (BLKK // BN)
-        g0 = 0
-        for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
-            bh = item // N_M
-            row0 = (item % N_M) * 2 * BM
-            lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
-            lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T
-            next0 = _tile_start(lut0, 0, n_tiles, True, BLKK, BN)
-            next1 = _tile_start(lut1, 0, n_tiles, True, BLKK, BN)
-            for j in range(n_tiles):
-                start0 = next0
-                start1 = next1
-                next0 = _tile_start(lut0, j + 1, n_tiles, True, BLKK, BN)  # read a tile ahead (masked at the end)
-                next1 = _tile_start(lut1, j + 1, n_tiles, True, BLKK, BN)
-                _fill_stage(k_desc, v_desc, k_s0, v_s0, ready0, empty0, g0 + j, start0, bh * LKP, bh * HEAD_DIM,
-                            NUM_STAGES)
-                _fill_stage(k_desc, v_desc, k_s1, v_s1, ready1, empty1, g0 + j, start1, bh * LKP, bh * HEAD_DIM,
-                            NUM_STAGES)
-            g0 += n_tiles
-            if LINEAR:
-                _fill_aux(m_desc, p_desc, k_s0, v_s0, ready0, empty0, g0, bh, bh * LQP + row0, NUM_STAGES)
-                _fill_aux(m_desc, p_desc, k_s1, v_s1, ready1, empty1, g0, bh, bh * LQP + row0 + BM, NUM_STAGES)
-                g0 += 2
-
-    @gluon.jit
-    def _ws_persistent_consumer(q_desc, m_desc, p_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other,
-                                QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS,
-                                stride_ob, stride_oh, stride_ol, HALF_ROW: gl.constexpr, BLKQ: gl.constexpr,
-                                BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr,
-                                NW: gl.constexpr):
-        """One LUT row of each of the program's items (``HALF_ROW``: the first or second 64 rows of its 128): the
-        loop and arithmetic of :func:`_ws_sparse_consumer` (so the same bits), ring entries and turns counted over
-        the items. The next item's Q copy is issued as soon as this item's last scores are in; the linear branch's
-        operands arrive through the ring (:func:`_fill_aux`) and are released after their wgmmas."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_s.shape[1]
-        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
-        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        lin_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 16)  # φ·M, bf16
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        n_tiles = T * (BLKK // BN)
-        pid = gl.program_id(0)
-        G = gl.num_programs(0)
-        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
-        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        row0 = (pid % N_M) * 2 * BM + HALF_ROW * BM
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [(pid // N_M) * LQP + row0, 0], q_bar, q_s)
-        g0 = 0
-        n_done = 0
-        for item in range(pid, N_ITEMS, G):
-            bh = item // N_M
-            row0 = (item % N_M) * 2 * BM + HALF_ROW * BM
-            lut_base = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
-            qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
-            acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-            m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-            ks_row = KS + bh * NKS
-            turn0 = n_done * n_tiles  # this consumer's turns before this item
-            start = _tile_start(lut_base, 0, n_tiles, True, BLKK, BN)
-            c = qs * gl.load(ks_row + start // BLKK)
-            start_n = _tile_start(lut_base, 1, n_tiles, True, BLKK, BN)
-            mbarrier.wait(q_bar, n_done & 1)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, g0, s_init,
-                                                                               NUM_STAGES)])
-            for j in range(n_tiles - 1):
-                s = (g0 + j) % NUM_STAGES
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
-                                                   SPLIT_MAX=True)
-                gn = g0 + j + 1
-                sn = gn % NUM_STAGES
-                # the next tile's K scale from the LUT entry read a trip ago, and the entry after it read now:
-                # one memory latency under each turn, not two dependent ones
-                start = start_n
-                c = qs * gl.load(ks_row + start // BLKK)
-                start_n = _tile_start(lut_base, j + 2, n_tiles, True, BLKK, BN)
-                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                           (gn // NUM_STAGES) & 1, turn_me, (turn0 + j) & 1, turn_other,
-                                           empty.index(s), p_layout)
-                acc = _fold(acc, alpha, pv, row_o)
-            nxt = item + G
-            if nxt < N_ITEMS:  # every score wgmma of this item has completed: Q's buffer takes the next rows
-                nrow0 = (nxt % N_M) * 2 * BM + HALF_ROW * BM
-                mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-                tma_load(q_desc, [(nxt // N_M) * LQP + nrow0, 0], q_bar, q_s)
-            j = n_tiles - 1
-            s = (g0 + j) % NUM_STAGES
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
-            acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, (turn0 + j) & 1,
-                                                        turn_other, p_layout), row_o)
-            mbarrier.arrive(empty.index(s))
-            g0 += n_tiles
-            o = _normalized(acc, l_i, VS, bh, o_layout)
-            if LINEAR:  # o += (φ(q)/den)·M + bias, K split in two halves (the same k16 steps in the same order)
-                HALF: gl.constexpr = HEAD_DIM // 2
-                sa = g0 % NUM_STAGES
-                sb = (g0 + 1) % NUM_STAGES
-                mbarrier.wait(ready.index(sa), (g0 // NUM_STAGES) & 1)
-                mbarrier.wait(ready.index(sb), ((g0 + 1) // NUM_STAGES) & 1)
-                m_lo = reinterpret(k_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
-                m_hi = reinterpret(v_s.index(sa), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout)
-                phi = reinterpret(k_s.index(sb), p_desc.dtype, [2, BM, HALF], p_desc.layout)
-                lin = warpgroup_mma(phi.index(0), m_lo, gl.zeros([BM, HEAD_DIM], gl.float32, lin_layout),
-                                    use_acc=False, is_async=True)
-                lin = warpgroup_mma(phi.index(1), m_hi, lin, is_async=True)
-                lin = warpgroup_mma_wait(num_outstanding=0, deps=[lin])
-                mbarrier.arrive(empty.index(sa))
-                mbarrier.arrive(empty.index(sb))
-                g0 += 2
-                offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-                o = o + gl.convert_layout(lin, o_layout) + gl.expand_dims(gl.load(LIN_B + offs_d), 0)
-            _store_rows(o, O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh, stride_ol, NW)
-            n_done += 1
-
-    @gluon.jit(do_not_specialize=["Lq", "Lk", "T", "N_ITEMS"])
-    def _sage_sla_ws_persistent_kernel(q_desc, k_desc, v_desc, m_desc, p_desc, QS, KS, VS, LUT, LIN_B, O,
-                                       stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
-                                       N_M, N_ITEMS, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                                       NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                       PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Block-sparse, persistent: one program per SM takes items ``program, program + programs, ...`` (an item:
-        two LUT rows of one (batch, head), ``N_M`` items per head), with the rings, consumers and producer of
-        :func:`_sage_sla_ws_kernel`; a program's start and end costs are paid once, not per item."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        gl.static_assert(BM == 64 and num_warps == 4 and BLKQ == BM, "a consumer is one warpgroup and one LUT row")
-        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
-        gl.static_assert(not LINEAR or (2 * m_desc.block_type.shape[0] == HEAD_DIM
-                                        and 2 * p_desc.block_type.shape[1] == HEAD_DIM
-                                        and BN * HEAD_DIM >= HEAD_DIM * HEAD_DIM),
-                         "M's row halves go to one ring entry's K and V slots, φ(q)/den's column halves to a K slot")
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
-        k_s0 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s0 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        k_s1 = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s1 = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        ready0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty0 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        ready1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty1 = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # turns, Q
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready0.index(i), count=1)
-            mbarrier.init(empty0.index(i), count=1)
-            mbarrier.init(ready1.index(i), count=1)
-            mbarrier.init(empty1.index(i), count=1)
-        for i in gl.static_range(4):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
-        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
-        gl.warp_specialize([
-            (_ws_persistent_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), k_s0, v_s0, ready0,
-                                       empty0, bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, LUT, H, N_M,
-                                       N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 0,
-                                       BLKQ, BLKK, NUM_STAGES, LINEAR, num_warps)),
-            (_ws_persistent_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), k_s1, v_s1, ready1,
-                                       empty1, bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, LUT, H, N_M,
-                                       N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 1,
-                                       BLKQ, BLKK, NUM_STAGES, LINEAR, 4)),
-            (_ws_persistent_producer, (k_desc, v_desc, m_desc, p_desc, k_s0, v_s0, k_s1, v_s1, ready0, empty0,
-                                       ready1, empty1, LUT, N_M, N_ITEMS, MQ_LUT, T, LQP, LKP, BLKQ, BLKK,
-                                       NUM_STAGES, LINEAR)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-    @gluon.jit
     def _fill_shared_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, q_row, NUM_STAGES: gl.constexpr):
         """The linear-branch operands of an item into the two-consumer ring's two entries after its tiles: M's row
         halves into entry ``g``'s K and V slots (both consumers read them), the two consumers' φ(q)/den (column
@@ -879,6 +552,8 @@ def _unsupported(quant: dict, blk_q: int, blk_k: int, lut: torch.Tensor | None =
         return f"K block {blk_k} must be a multiple of {BLOCK_N} keys"
     if lut is not None and blk_q != BLOCK_M:
         return f"Q block {blk_q}: a sparse consumer's {BLOCK_M} rows must be one LUT row"
+    if lut is not None and blk_k != BLOCK_N:
+        return f"K block {blk_k}: the sparse kernel copies one {BLOCK_N}-key tile per LUT entry"
     if blk_q % BLOCK_M:
         return f"Q block {blk_q}: a consumer's {BLOCK_M} rows must lie in one Q block"
     if quant["q"].shape[2] % (2 * BLOCK_M):
@@ -961,41 +636,27 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
 
 def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
                 linear: tuple | None = None, lin_phi: torch.Tensor | None = None,
-                num_stages: int | None = None, kernel: str | None = None) -> torch.Tensor:
+                num_stages: int = SPARSE_STAGES) -> torch.Tensor:
     """Block-sparse attention over ``lut`` [B, H, Mq, T] (plus SLA's linear branch when ``linear`` = (M, z, bias)
     and the quantizer's ``lin_phi`` are given) into ``out`` (B, H, Lq, D), like
-    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``, by ``kernel`` (default
-    :data:`SPARSE_KERNEL`; see there)."""
+    :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut`` and ``lin_phi``: the persistent one-ring
+    kernel, min(items, SMs) programs. Any LUT gives the right result; one paired by
+    :func:`.lut_pairing.pair_lut_rows` copies fewer key tiles."""
     why = _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi)
     if why is not None:
         raise UnsupportedShapeError(why)
-    kernel = kernel or SPARSE_KERNEL
-    if kernel not in ("shared", "persistent", "per_item"):
-        raise ValueError(f"unknown sparse kernel {kernel!r}: use 'shared', 'persistent' or 'per_item'")
-    if kernel == "shared" and blk_k == BLOCK_N:
-        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi,
-                                       num_stages or SHARED_STAGES, shared=True)
-    if kernel != "per_item":
-        return _sage_sla_ws_persistent(quant, lq, lk, out, lut, blk_q, blk_k, linear, lin_phi,
-                                       num_stages or SPARSE_STAGES)
-    num_stages = num_stages or SPARSE_STAGES
     q_desc, k_desc, v_desc = _qkv_descs(quant)
+    m_desc, p_desc = _linear_descs(quant, linear, lin_phi, q_desc)
     b, h, lqp, d = quant["q"].shape
-    if linear is not None:
-        lay = gl.NVMMASharedLayout.get_default_for
-        m_desc = TensorDescriptor.from_tensor(linear[0].reshape(b * h * d, d), [d, d], lay([d, d], gl.bfloat16))
-        p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [BLOCK_M, d],
-                                              lay([BLOCK_M, d], gl.bfloat16))
-        lin_b = linear[2]
-    else:
-        m_desc = p_desc = q_desc
-        lin_b = quant["v_scale"]  # unused
-    grid = (-(-lq // (2 * BLOCK_M)), b * h)
-    _sage_sla_ws_kernel[grid](
+    n_m = -(-lq // (2 * BLOCK_M))
+    items = n_m * b * h
+    lin_b = linear[2] if linear is not None else quant["v_scale"]  # unused without the linear branch
+    _sage_sla_ws_shared_kernel[(min(items, _sm_count(out.device)),)](
         q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
-        quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages,
-        LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
+        quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], n_m, items, BLKQ=blk_q, BLKK=blk_k,
+        NUM_STAGES=num_stages, LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4)
     return out
 
 
@@ -1010,26 +671,6 @@ def _linear_descs(quant: dict, linear: tuple | None, lin_phi: torch.Tensor | Non
     p_desc = TensorDescriptor.from_tensor(lin_phi.view(b * h * lqp, d), [BLOCK_M, d // 2],
                                           lay([BLOCK_M, d // 2], gl.bfloat16))
     return m_desc, p_desc
-
-
-def _sage_sla_ws_persistent(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int,
-                            blk_k: int, linear: tuple | None, lin_phi: torch.Tensor | None,
-                            num_stages: int, shared: bool = False) -> torch.Tensor:
-    """:func:`sage_sla_ws` by a persistent kernel (``shared``: the one-ring kernel): min(items, SMs) programs."""
-    q_desc, k_desc, v_desc = _qkv_descs(quant)
-    m_desc, p_desc = _linear_descs(quant, linear, lin_phi, q_desc)
-    b, h, lqp, d = quant["q"].shape
-    n_m = -(-lq // (2 * BLOCK_M))
-    items = n_m * b * h
-    lin_b = linear[2] if linear is not None else quant["v_scale"]  # unused without the linear branch
-    kernel = _sage_sla_ws_shared_kernel if shared else _sage_sla_ws_persistent_kernel
-    kernel[(min(items, _sm_count(out.device)),)](
-        q_desc, k_desc, v_desc, m_desc, p_desc, quant["q_scale"], quant["k_scale"], quant["v_scale"], lut, lin_b, out,
-        out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
-        quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], n_m, items, BLKQ=blk_q, BLKK=blk_k,
-        NUM_STAGES=num_stages, LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        num_warps=4)
-    return out
 
 
 #: Off for the rest of the process once a first launch fails (the calls then take the Gluon kernel).
@@ -1068,15 +709,15 @@ def wants_paired_lut(q: torch.Tensor, blk_q: int, blk_k: int) -> bool:
     (off the critical path where it can; any LUT is correct)."""
     from .sage_attention_gluon import available
 
-    return (SPARSE_OPS and SPARSE_KERNEL == "shared" and GUARD.disabled is None and gluon is not None
+    return (SPARSE_OPS and GUARD.disabled is None and gluon is not None
             and blk_q == BLOCK_M and blk_k == BLOCK_N and q.is_cuda and available())
 
 
 def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tensor, blk_q: int, blk_k: int,
               linear: tuple | None, lin_phi: torch.Tensor | None) -> torch.Tensor | None:
     """Block-sparse attention by this kernel when it takes the call (``out`` written and returned), else None: the
-    caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes 64-row LUT rows over K blocks of a
-    multiple of 128 keys, with the linear branch only when φ(q)/den came from the quantizer, unless switched off
+    caller runs :func:`.sage_attention_gluon.sage_attention_gluon`. It takes 64-row LUT rows over 128-key K blocks,
+    with the linear branch only when φ(q)/den came from the quantizer, unless switched off
     (:data:`SPARSE_OPS`, or a failed first launch)."""
     taken = _guarded(SPARSE_OPS, _unsupported(quant, blk_q, blk_k, lut, linear, lin_phi), sage_sla_ws, quant, lq,
                      lk, out, lut, blk_q, blk_k, linear, lin_phi)
@@ -1100,39 +741,6 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
 
 def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True):
     """The block-sparse kernel compiled for sm_90a without a GPU."""
-    lay = gl.NVMMASharedLayout.get_default_for
-    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
-    q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
-    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
-           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "m_desc": f"tensordesc<bf16[{d}, {d}],{lay([d, d], gl.bfloat16)!r}>" if linear else q_desc,
-           "p_desc": f"tensordesc<bf16[{bm}, {d}],{lay([bm, d], gl.bfloat16)!r}>" if linear else q_desc,
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
-    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
-              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
-    return compile_for_sm90a(_sage_sla_ws_kernel, sig, consts,
-                             ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
-
-
-def compile_sparse_persistent_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True,
-                                      producer_regs: int = PRODUCER_REGS):
-    """The persistent block-sparse kernel compiled for sm_90a without a GPU."""
-    lay = gl.NVMMASharedLayout.get_default_for
-    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
-    q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
-    sig = {"q_desc": q_desc, "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
-           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "m_desc": f"tensordesc<bf16[{d // 2}, {d}],{lay([d // 2, d], gl.bfloat16)!r}>" if linear else q_desc,
-           "p_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>" if linear else q_desc,
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
-    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
-              "PRODUCER_REGS": producer_regs, "num_warps": 4}
-    return compile_for_sm90a(_sage_sla_ws_persistent_kernel, sig, consts,
-                             ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
-
-
-def compile_sparse_shared_for_sm90(head_dim: int = 128, num_stages: int = SHARED_STAGES, linear: bool = True):
-    """The one-ring block-sparse kernel compiled for sm_90a without a GPU."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
     q_desc = f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>"
@@ -1223,18 +831,16 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
         t_pair = bench_ms_graph(lambda: pair_lut_rows(lut))  # noqa: B023
         print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms, on the paired LUT {t_ref_p:.3f} ms; pairing "
               f"{t_pair * 1000:.1f} us", flush=True)
-        for kernel, table, want in (("per_item", lut, ref), ("persistent", lut, ref), ("shared", lut, ref),
-                                    ("shared", paired, ref_p)):
+        for table, want in ((lut, ref), (paired, ref_p)):
             o = torch.full_like(q, float("nan"))
-            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, table, 64, 128, lin, qg["lin_phi"],  # noqa: B023
-                                                    kernel=kernel))  # noqa: B023
+            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, table, 64, 128, lin, qg["lin_phi"]))  # noqa: B023
             same = bool(torch.equal(o, want))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
-            name = kernel + (" paired" if table is paired else "")
-            rows.append({"shape": shape, "mode": "sparse0.1+linear", "kernel": name, "gluon_ms": t_ref,
+            name = "paired LUT" if table is paired else "sorted LUT"
+            rows.append({"shape": shape, "mode": "sparse0.1+linear", "lut": name, "gluon_ms": t_ref,
                          "gluon_paired_ms": t_ref_p, "pair_ms": t_pair, "ws_ms": ms, "bit_equal": same,
                          "rel_vs_gluon_sorted": rel})
-            print(f"{shape} ws {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  bit-equal (same LUT) {same}  "
+            print(f"{shape} ws, {name}: {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  bit-equal (same LUT) {same}  "
                   f"rel vs gluon (sorted LUT) {rel:.1e}", flush=True)
         del q, k, v, qg, ref, o
         torch.cuda.empty_cache()

@@ -38,26 +38,12 @@ def _count_calls(monkeypatch, name: str) -> list:
 
 @pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
 def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_dim, linear):
+    """The persistent one-ring kernel: three partitions, the producer at its register floor, the linear branch's
+    wgmma split in two K halves (one k16 step after the other, as the one-wgmma form runs them), within 227 KiB."""
     pytest.importorskip("triton", reason="Triton is not installed")
     if WS.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
     kernel = WS.compile_sparse_for_sm90(head_dim=head_dim, linear=linear)
-    assert ".reqntid 384" in kernel.asm["ptx"]
-    assert kernel.metadata.shared <= 232448  # an H100/H200's 227 KiB per block
-    _assert_no_spills_with_triton_36(kernel)
-
-
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("head_dim,linear", [(128, True), (128, False), (64, True)])
-def test_persistent_sparse_kernels_compile_for_sm90a_without_spills_in_shared_memory(head_dim, linear, shared):
-    """The persistent kernels (a ring per consumer, or one shared): three partitions, the producer at its register
-    floor, the linear branch's wgmma split in two K halves (one k16 step each after the other, as the one-wgmma
-    form runs them), within 227 KiB."""
-    pytest.importorskip("triton", reason="Triton is not installed")
-    if WS.gluon is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    kernel = (WS.compile_sparse_shared_for_sm90 if shared else WS.compile_sparse_persistent_for_sm90)(
-        head_dim=head_dim, linear=linear)
     ptx = kernel.asm["ptx"]
     assert ".reqntid 384" in ptx
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)
@@ -130,16 +116,16 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("kernel", ["per_item", "persistent", "shared", "shared paired"])
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("n,topk,linear,sms", [
     (4096, 0.25, True, None), (3000, 0.1, True, 7), (1000, 0.5, False, 5), (70, 1.0, True, None),
     (32760, 0.1, True, None), (300, 0.01, True, 2), (1000, 0.5, True, 1)])
-def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms, kernel, monkeypatch):
-    """Block-sparse with and without SLA's linear branch, each sparse kernel (``sms`` programs where given, so that
-    persistent programs take several items, items of other heads, one key tile per item; "paired": both kernels
-    on the LUT with each row pair's shared blocks aligned, where the one-ring kernel copies them once): the Gluon
-    kernel's bits on the same LUT, an odd number of LUT rows (the second consumer of the last item past Lq), a
-    partial last key block, one key block."""
+def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms, paired, monkeypatch):
+    """Block-sparse with and without SLA's linear branch (``sms`` programs where given, so that programs take
+    several items, items of other heads, one key tile per item; "paired": both kernels on the LUT with each row
+    pair's shared blocks aligned, where the one-ring kernel copies them once): the Gluon kernel's bits on the same
+    LUT, an odd number of LUT rows (the second consumer of the last item past Lq), a partial last key block, one
+    key block."""
     from turbocompile.kernels.lut_pairing import pair_lut_rows
 
     monkeypatch.setattr(WS, "SMS", sms)
@@ -154,13 +140,12 @@ def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms
     lin, moments = linear_branch_stats(k, v, w, b)
     quant = sage_quantize_triton(q, k, v, 64, 128, **moments, v_order="wgmma", linear_z=lin[1])
     lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
-    if kernel.endswith("paired"):
+    if paired:
         lut = pair_lut_rows(lut)
     kw = dict(q_raw=q, linear=lin, lin_phi=quant["lin_phi"]) if linear else {}
     ref = G.sage_attention_gluon(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128, **kw)
     out = WS.sage_sla_ws(quant, n, n, torch.full_like(q, float("nan")), lut, 64, 128,
-                         lin if linear else None, quant["lin_phi"] if linear else None,
-                         kernel=kernel.split()[0])
+                         lin if linear else None, quant["lin_phi"] if linear else None)
     assert not out.isnan().any()
     assert torch.equal(out, ref), float((out.float() - ref.float()).norm() / ref.float().norm())
 
@@ -169,9 +154,9 @@ def test_sparse_kernel_matches_the_gluon_kernel_bit_for_bit(n, topk, linear, sms
 @needs_hopper
 @pytest.mark.parametrize("lut_beside_v", [True, False])
 def test_sage_sla_takes_the_one_ring_kernel_on_a_paired_lut(lut_beside_v, monkeypatch):
-    """By default (``SPARSE_OPS``, ``SPARSE_KERNEL`` "shared") the op ``sage_sla`` pairs its LUT and runs its
-    block-sparse attention through the one-ring kernel: the Gluon kernel's result up to the order of the online
-    softmax over the same key blocks; with the two-ring persistent kernel (no pairing) the Gluon kernel's bits."""
+    """By default (``SPARSE_OPS``) the op ``sage_sla`` pairs its LUT and runs its block-sparse attention through
+    the one-ring kernel: the Gluon kernel's result on the paired LUT bit for bit, and on the sorted LUT up to the
+    order of the online softmax over the same key blocks."""
     import turbocompile.kernels.sage_sla as S
     from turbocompile.kernels.sage_attention import structured_qkv
     from turbocompile.kernels.sage_sla import sage_sla
@@ -181,21 +166,17 @@ def test_sage_sla_takes_the_one_ring_kernel_on_a_paired_lut(lut_beside_v, monkey
     w, b = torch.randn(128, 128, device=dev) * 0.05, torch.randn(128, device=dev) * 0.05
     monkeypatch.setattr(S, "LUT_BESIDE_V", lut_beside_v)
     monkeypatch.setattr(WS, "SPARSE_OPS", True)
-    monkeypatch.setattr(WS, "SPARSE_KERNEL", "shared")
     calls = _count_calls(monkeypatch, "sage_sla_ws")
-    pairs: list = []
+    luts: list = []
     real_pair = S.pair_lut_rows
-    monkeypatch.setattr(S, "pair_lut_rows", lambda *a, **kw: pairs.append(1) or real_pair(*a, **kw))
+    monkeypatch.setattr(S, "pair_lut_rows", lambda *a, **kw: luts.append(real_pair(*a, **kw)) or luts[-1])
     out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
-    assert calls and pairs, "sage_sla did not pair its LUT for the one-ring sparse kernel"
+    assert calls and luts, "sage_sla did not pair its LUT for the one-ring sparse kernel"
     monkeypatch.setattr(WS, "SPARSE_OPS", False)
+    assert torch.equal(out, S.sage_sla_triton(q, k, v, w, b, 0.1, 64, 128, lut=luts[0]))
     gluon_out = sage_sla(q, k, v, w, b, 0.1, 64, 128)
-    assert not out.isnan().any()
+    assert not out.isnan().any() and not torch.equal(out, gluon_out)
     assert float((out.float() - gluon_out.float()).norm() / gluon_out.float().norm()) <= 5e-3
-    monkeypatch.setattr(WS, "SPARSE_OPS", True)
-    monkeypatch.setattr(WS, "SPARSE_KERNEL", "persistent")
-    pairs.clear()
-    assert torch.equal(sage_sla(q, k, v, w, b, 0.1, 64, 128), gluon_out) and not pairs
 
 
 def test_a_failed_first_launch_switches_the_kernel_off_and_the_caller_falls_back(monkeypatch):
