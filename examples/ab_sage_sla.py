@@ -10,9 +10,7 @@ States: "gluon" = the attention kernels of before 2026-11-27 17:00 UTC (``sage_a
 block-sparse calls); "17:25" = the FA3-layout ping-pong of that time (``PIPELINE`` 2, 3 stages, no split last wave,
 the float row maximum, PyTorch's K/V moments); "now" = today's defaults (dense calls through the FA3-layout kernel,
 ``sage_attention_ws.DENSE_OPS``; block-sparse calls through its one-ring kernel on a paired LUT, ``SPARSE_OPS``,
-since the 2026-11-27 20:16 session, and dense calls in head chunks whose prologues run beside the attention,
-``DENSE_HEAD_CHUNKS``); "19:15" = "now" with block-sparse calls on the Gluon kernel and dense calls in one chunk;
-``--state
+since the 2026-11-27 20:16 session); "19:15" = "now" with block-sparse calls on the Gluon kernel; ``--state
 NAME:knob=value,...`` adds states over "now" (the knobs are listed by ``--help``). (The 20:42 UTC run of 2026-11-27, docs/measurements/ab_shared_ring_h200_2042.json, compared "19:15" and "now"
 with ``--only``. The 18:14-19:05 UTC runs of
 2026-11-27, docs/measurements/ab_*_h200_18*.json and ab_split_tail_h200_1905.json, compared the int32 row maximum,
@@ -69,8 +67,7 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--state", action="append", default=[],
                     help="an extra state NAME:knob=value,... over today's defaults (knobs: preload, topk, "
-                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments, "
-                         "head_chunks)")
+                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments)")
     ap.add_argument("--only", default="", help="comma-separated states to time (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,12 +79,12 @@ def main() -> None:
     knobs = {"preload": (G, "PRELOAD_SPARSE"), "topk": (bm, "TOPK_CONFIG"), "lut_beside_v": (sla_mod, "LUT_BESIDE_V"),
              "dense_ws": (WS, "DENSE_OPS"), "sparse_ws": (WS, "SPARSE_OPS"), "pipeline": (WS, "PIPELINE"),
              "stages": (WS, "NUM_STAGES"), "split_tail": (WS, "SPLIT_TAIL"), "int_max": (G, "INT_MAX"),
-             "fused_moments": (sa, "FUSED_MOMENTS"), "head_chunks": (WS, "DENSE_HEAD_CHUNKS")}
+             "fused_moments": (sa, "FUSED_MOMENTS")}
     now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
     states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False},
               "17:25": {**now, "pipeline": 2, "stages": 3, "split_tail": False, "int_max": False,
                         "fused_moments": False, "sparse_ws": False},
-              "19:15": {**now, "sparse_ws": False, "head_chunks": 1}, "now": now}
+              "19:15": {**now, "sparse_ws": False}, "now": now}
     for spec in args.state:  # NAME:knob=value,knob=value (values are Python literals)
         name, _, assigns = spec.partition(":")
         states[name] = {**now, **{k: ast.literal_eval(v) for k, v in (a.split("=") for a in assigns.split(","))}}

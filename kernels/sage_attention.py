@@ -727,13 +727,6 @@ def block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lu
             why = supported(q, blk_q, blk_k)
             if why is not None:
                 raise UnsupportedShapeError(f"the Gluon attention kernel cannot run this call: {why}")
-        if quant is None and kernel == "gluon" and lut is None and linear is None:
-            from .sage_attention_ws import dense_ws_in_head_chunks
-
-            o = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device) if out is None else out
-            if dense_ws_in_head_chunks(q, k, v, o, blk_q, blk_k) is not None:  # prologue beside the attention
-                return o
-            out = o
         if quant is None:
             quant = sage_quantize_triton(q, k, v, blk_q, blk_k, v_order="wgmma" if kernel == "gluon" else "natural")
         if quant["v_wgmma_order"] != (kernel == "gluon"):

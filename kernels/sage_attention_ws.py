@@ -32,7 +32,6 @@ block map sorts it and paired).
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -701,57 +700,6 @@ def dense_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k
     blocks (its tiles), Vᵀ in wgmma key order, unless switched off (:data:`DENSE_OPS`, or a failed first launch)."""
     taken = _guarded(DENSE_OPS, _unsupported(quant, blk_q, blk_k), sage_attention_ws, quant, lq, lk, out, blk_q,
                      blk_k)
-    return out if taken else None
-
-
-#: Dense calls from unquantized inputs run in this many head chunks (at most one per head): chunk i's quantization
-#: on a high-priority side stream while chunk i-1's attention runs, consecutive chunks' attention on two streams so
-#: that one's last wave overlaps the next one's first. 1: the whole prologue, then one attention launch.
-DENSE_HEAD_CHUNKS = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _chunk_streams(device: torch.device) -> tuple:
-    """(prologue stream at high priority, second attention stream) per device, for :func:`dense_ws_in_head_chunks`."""
-    return torch.cuda.Stream(device=device, priority=-1), torch.cuda.Stream(device=device)
-
-
-def dense_ws_in_head_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, blk_q: int,
-                            blk_k: int) -> torch.Tensor | None:
-    """Dense Sage attention of (B, H, L, D) inputs into ``out`` by this kernel, quantizing and attending in
-    :data:`DENSE_HEAD_CHUNKS` head chunks so that the memory-bound prologue of one chunk runs beside the
-    compute-bound attention of the one before (the whole prologue was 0.24 ms of 7.8 at 1.3B@480p). Quantization is
-    per head, so each row gets the bits it gets in one launch, except rows that a chunk's last partial wave splits
-    by keys (:func:`tail_splits`). None where this kernel would not take the call (the caller then quantizes once
-    and goes on as usual). A CUDA graph captures the streams as forks and joins."""
-    from .sage_attention import sage_quantize_triton
-    from .sage_attention_gluon import available
-
-    h = q.shape[1]
-    chunks = min(DENSE_HEAD_CHUNKS, h)
-    if (chunks < 2 or not DENSE_OPS or GUARD.disabled is not None or gluon is None or not q.is_cuda
-            or not available() or blk_k % BLOCK_N or blk_q % BLOCK_M):
-        return None
-    lq, lk = q.shape[2], k.shape[2]
-    main = torch.cuda.current_stream(q.device)
-    prologue, second = _chunk_streams(q.device)
-    prologue.wait_stream(main)
-    second.wait_stream(main)
-    quants = []  # alive until the streams have joined (each buffer is freed on the stream it was made on)
-    bounds = [i * h // chunks for i in range(chunks + 1)]
-    taken = True
-    for i in range(chunks):
-        heads = slice(bounds[i], bounds[i + 1])
-        with torch.cuda.stream(prologue):
-            quants.append(sage_quantize_triton(q[:, heads], k[:, heads], v[:, heads], blk_q, blk_k, v_order="wgmma"))
-        stream = (main, second)[i % 2]
-        stream.wait_stream(prologue)
-        with torch.cuda.stream(stream):
-            taken = dense_ws(quants[-1], lq, lk, out[:, heads], blk_q, blk_k) is not None
-        if not taken:  # only a failed first launch (GUARD) declines here: the caller runs the Gluon kernel
-            break
-    main.wait_stream(second)
-    main.wait_stream(prologue)
     return out if taken else None
 
 

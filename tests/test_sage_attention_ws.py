@@ -298,34 +298,3 @@ def test_split_tail_rows_match_the_unsplit_kernel(lq, lk, h, d, sms, monkeypatch
     exact = attention_fp32_reference(q, k, v)
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(), exact.flatten(), dim=0)
     assert cos >= 0.999
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("b,h,n", [(1, 12, 3000), (2, 5, 1000), (1, 3, 300)])
-def test_dense_op_in_head_chunks_gives_the_one_launch_bits(b, h, n, monkeypatch):
-    """Dense ``sage_attention`` quantizes and attends in head chunks on two more streams (``DENSE_HEAD_CHUNKS``):
-    without the split last wave, the bits of one quantization and one launch, eagerly and replayed from a CUDA
-    graph whose inputs change; uneven chunks, a batch of two."""
-    from turbocompile.kernels.sage_attention import sage_attention, structured_qkv
-
-    dev = torch.device("cuda")
-    monkeypatch.setattr(WS, "SPLIT_TAIL", False)
-    q, k, v = structured_qkv(b, h, n, 128, torch.bfloat16, dev, seed=n)
-    monkeypatch.setattr(WS, "DENSE_HEAD_CHUNKS", 4)
-    calls = _count_calls(monkeypatch, "dense_ws")
-    out = sage_attention(q, k, v, 64, 128)
-    assert len(calls) == min(4, h)
-    monkeypatch.setattr(WS, "DENSE_HEAD_CHUNKS", 1)
-    assert torch.equal(out, sage_attention(q, k, v, 64, 128))
-    monkeypatch.setattr(WS, "DENSE_HEAD_CHUNKS", 4)
-    qs, ks, vs = q.clone(), k.clone(), v.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_graph = sage_attention(qs, ks, vs, 64, 128)
-    q2, k2, v2 = structured_qkv(b, h, n, 128, torch.bfloat16, dev, seed=n + 1)
-    qs.copy_(q2), ks.copy_(k2), vs.copy_(v2)
-    graph.replay()
-    torch.cuda.synchronize()
-    monkeypatch.setattr(WS, "DENSE_HEAD_CHUNKS", 1)
-    assert torch.equal(o_graph, sage_attention(q2, k2, v2, 64, 128))
