@@ -27,7 +27,7 @@ from ..sampling import WAN_NEGATIVE_PROMPT, check_dense_steps, check_rcm_steps, 
 from .components import PipelineComponents, load_components
 from .conditioning import check_image_size, i2v_condition, load_image
 from .vae import decode_latents
-from .video import to_uint8_frames, write_mp4
+from .video import require_ffmpeg, to_uint8_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def generate(engine: Engine, prompt: str, *, image: Any = None, steps: int | Non
         raise InputError(f"the output must be an .mp4 file, got {out}")
     if not out.parent.exists():
         raise InputError(f"the output folder {out.parent} does not exist; create it or pass another --out")
+    require_ffmpeg()  # before any sampling, not after it
     pil_image = None
     if image is not None:
         pil_image = load_image(image)

@@ -27,6 +27,15 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
+def require_ffmpeg() -> None:
+    """Raise a one-line :class:`InputError` when imageio-ffmpeg (the H.264 encoder's binary) is missing; without
+    it imageio would hand the .mp4 to another plugin and fail with an unrelated error."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as exc:
+        raise InputError("writing an .mp4 needs the imageio-ffmpeg package: pip install imageio-ffmpeg") from exc
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int, quality: float = 8.0) -> Path:
     """Write ``[F, H, W, 3]`` uint8 frames to ``path`` at ``fps``; returns the final path."""
     import imageio.v2 as imageio
@@ -39,10 +48,11 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, quality: float = 8
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected [F, H, W, 3] uint8 frames, got {frames.shape} {frames.dtype}")
+    require_ffmpeg()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.mp4")
     try:
         # macro_block_size=1: keep the exact size (the zoo sizes are multiples of 16 anyway)
-        writer = imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=quality,
+        writer = imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality,
                                     pixelformat="yuv420p", macro_block_size=1,
                                     ffmpeg_log_level="error")
         try:
