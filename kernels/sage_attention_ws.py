@@ -395,10 +395,13 @@ if gluon is not None:
                             QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS,
                             stride_ob, stride_oh, stride_ol, HALF_ROW: gl.constexpr, BLKQ: gl.constexpr,
                             BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr):
-        """:func:`_ws_persistent_consumer` on the two-consumer ring: position j of the item's two LUT rows is one
-        ring entry when they name the same key block (both consumers read it and each arrives once to release it)
-        or two (each consumer reads its own and arrives twice); the arithmetic per tile is unchanged, so a tile
-        sequence gives the same bits as in the other kernels."""
+        """One LUT row of each of the program's items (``HALF_ROW``: the first or second 64 rows of its 128), the
+        arithmetic and order of :func:`_ws_consumer`'s ping-pong loop per tile (so the Gluon kernel's bits for the
+        same LUT). Ring entries and turns are counted over the items: position j of the item's two LUT rows is
+        one ring entry when they name the same key block (both consumers read it and each arrives once to release
+        it) or two (each consumer reads its own and arrives twice). The next item's Q copy is issued as soon as
+        this item's last scores are in; the linear branch's operands arrive through the ring
+        (:func:`_fill_shared_aux`) and are released after their wgmmas."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_s.shape[1]
@@ -503,9 +506,9 @@ if gluon is not None:
                                    num_warps: gl.constexpr):
         """Block-sparse, persistent, one K/V ring for both consumers: a key block that both LUT rows of an item
         name at the same position is copied once (:func:`.lut_pairing.pair_lut_rows` puts the blocks two rows
-        share at the same positions). The copies from L2 are what bounds the two-ring kernels (each consumer's
-        own 32 KiB per key tile, ~5.6 TB/s of L2 reads at 1.3B@480p); adjacent query blocks share ~75% of their
-        blocks on the benchmark's inputs."""
+        share at the same positions; adjacent query blocks share ~75% of their blocks on the benchmark's inputs).
+        Against a ring per consumer (each consumer's own 32 KiB per key tile, ~5.6 TB/s of L2 reads at 1.3B@480p)
+        that is 38% fewer copies and, measured, a 2-4% faster kernel (docs/kernels-attention.md)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
