@@ -108,7 +108,7 @@ def sage_sla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weig
         quantize_v_into(v, quant)
         if lut is None:
             lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], topk)
-        if paired:
+        if paired and lut.dtype == torch.int32 and lut.dim() == 4:
             lut = pair_lut_rows(lut)
     return block_attention_triton(q, k, v, lut, blk_q, blk_k, sage=True, linear=lin, quant=quant, config=config,
                                   out=out)
