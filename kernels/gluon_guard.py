@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 class GluonGuard:
     """State of one Gluon kernel in this process: ``disabled`` (why, or None) and ``launched``."""
 
-    def __init__(self, name: str, env_hint: str = ""):
+    def __init__(self, name: str, env_hint: str = "", fallback: str = "the Triton kernel"):
         self.name = name
         self.env_hint = env_hint
+        self.fallback = fallback  # what the callers run instead, for the warning
         self.disabled: str | None = None
         self.launched = False
 
@@ -30,8 +31,8 @@ class GluonGuard:
             return False
         text = str(exc).strip()
         self.disabled = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"[:300]
-        log.warning("the Gluon %s kernel failed to run on this Triton (%s); using the Triton kernel from now on%s",
-                    self.name, self.disabled, f" ({self.env_hint})" if self.env_hint else "")
+        log.warning("the Gluon %s kernel failed to run on this Triton (%s); using %s from now on%s",
+                    self.name, self.disabled, self.fallback, f" ({self.env_hint})" if self.env_hint else "")
         return True
 
     def succeeded(self) -> None:

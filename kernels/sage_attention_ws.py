@@ -677,7 +677,8 @@ def _linear_descs(quant: dict, linear: tuple | None, lin_phi: torch.Tensor | Non
 
 
 #: Off for the rest of the process once a first launch fails (the calls then take the Gluon kernel).
-GUARD = GluonGuard("FA3-layout attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the Gluon kernels")
+GUARD = GluonGuard("FA3-layout attention", "set TURBOCOMPILE_SAGE_KERNEL=triton to skip the Gluon kernels",
+                   fallback="the Gluon attention kernel")
 
 
 def _guarded(enabled: bool, why_not: str | None, launch, *args) -> bool:

@@ -158,6 +158,12 @@ def test_gluon_guard_switches_off_only_before_a_success(caplog):
         assert g.launch_failed(RuntimeError("PassManager::run failed\nloc: error: bad op"))
     assert g.disabled == "RuntimeError: loc: error: bad op"
     assert "Gluon demo kernel failed to run on this Triton" in caplog.text and "(set X=1)" in caplog.text
+    assert "using the Triton kernel from now on" in caplog.text
+    g3 = GluonGuard("demo3", fallback="the Gluon attention kernel")
+    with caplog.at_level("WARNING"):
+        assert g3.launch_failed(RuntimeError("bad op"))
+    assert "Gluon demo3 kernel failed to run on this Triton (RuntimeError: bad op); using the Gluon attention kernel" \
+        in caplog.text
     g2 = GluonGuard("demo")
     assert not g2.launch_failed(torch.cuda.OutOfMemoryError("out of memory")) and g2.disabled is None
     g2.succeeded()
