@@ -73,17 +73,23 @@ if gluon is not None:
     import triton.language as tl
 
     from .gluon_hopper import reinterpret
-    from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows, _tile_start,
+    from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows,
                                            wgmma_acc_layout)
 
     @gluon.jit
-    def _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, start, k_row0, v_row0, NUM_STAGES: gl.constexpr):
-        """Tile j (keys from ``start``) of K and Vᵀ into stage j % NUM_STAGES of a ring, once its consumers have
-        released the tile that stage held before."""
+    def _claim_stage(ready, empty, j, nbytes, NUM_STAGES: gl.constexpr):
+        """Stage j % NUM_STAGES of a ring for entry j, once its consumers have released the entry it held before,
+        its ``ready`` barrier set to expect ``nbytes`` of copies. Returns the stage."""
         s = j % NUM_STAGES
         if j >= NUM_STAGES:
             mbarrier.wait(empty.index(s), ((j // NUM_STAGES) - 1) & 1)
-        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        mbarrier.expect(ready.index(s), nbytes)
+        return s
+
+    @gluon.jit
+    def _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, j, start, k_row0, v_row0, NUM_STAGES: gl.constexpr):
+        """Tile j (keys from ``start``) of K and Vᵀ into stage j % NUM_STAGES of a ring (:func:`_claim_stage`)."""
+        s = _claim_stage(ready, empty, j, k_desc.block_type.nbytes + v_desc.block_type.nbytes, NUM_STAGES)
         tma_load(k_desc, [k_row0 + start, 0], ready.index(s), k_s.index(s))
         tma_load(v_desc, [v_row0, start], ready.index(s), v_s.index(s))
 
@@ -339,24 +345,28 @@ if gluon is not None:
         HALF: gl.constexpr = m_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = m_desc.block_type.shape[1]
         BM: gl.constexpr = p_desc.block_type.shape[0]
-        s = g % NUM_STAGES
-        if g >= NUM_STAGES:
-            mbarrier.wait(empty.index(s), ((g // NUM_STAGES) - 1) & 1)
-        mbarrier.expect(ready.index(s), 2 * m_desc.block_type.nbytes)
+        s = _claim_stage(ready, empty, g, 2 * m_desc.block_type.nbytes, NUM_STAGES)
         tma_load(m_desc, [bh * HEAD_DIM, 0], ready.index(s),
                  reinterpret(k_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
         tma_load(m_desc, [bh * HEAD_DIM + HALF, 0], ready.index(s),
                  reinterpret(v_s.index(s), m_desc.dtype, [HALF, HEAD_DIM], m_desc.layout))
-        s = (g + 1) % NUM_STAGES
-        if g + 1 >= NUM_STAGES:
-            mbarrier.wait(empty.index(s), (((g + 1) // NUM_STAGES) - 1) & 1)
-        mbarrier.expect(ready.index(s), 4 * p_desc.block_type.nbytes)
+        s = _claim_stage(ready, empty, g + 1, 4 * p_desc.block_type.nbytes, NUM_STAGES)
         phi0 = reinterpret(k_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
         phi1 = reinterpret(v_s.index(s), p_desc.dtype, [2, BM, HALF], p_desc.layout)
         tma_load(p_desc, [q_row, 0], ready.index(s), phi0.index(0))
         tma_load(p_desc, [q_row, HALF], ready.index(s), phi0.index(1))
         tma_load(p_desc, [q_row + BM, 0], ready.index(s), phi1.index(0))
         tma_load(p_desc, [q_row + BM, HALF], ready.index(s), phi1.index(1))
+
+    @gluon.jit
+    def _item_rows(LUT, item, N_M, MQ_LUT, T, BLKQ: gl.constexpr, BM: gl.constexpr):
+        """An item of the sparse kernel (``N_M`` per (batch, head), heads in order): its (batch·head, first of its
+        2·BM query rows) and its two LUT rows (the second clamped to the last row: past Lq, masked at the store)."""
+        bh = item // N_M
+        rows01 = (item % N_M) * 2 * BM
+        lut0 = LUT + (bh * MQ_LUT + gl.minimum(rows01 // BLKQ, MQ_LUT - 1)) * T
+        lut1 = LUT + (bh * MQ_LUT + gl.minimum((rows01 + BM) // BLKQ, MQ_LUT - 1)) * T
+        return bh, rows01, lut0, lut1
 
     @gluon.jit
     def _ws_shared_producer(k_desc, v_desc, m_desc, p_desc, k_s, v_s, ready, empty, LUT, N_M, N_ITEMS, MQ_LUT, T,
@@ -369,10 +379,7 @@ if gluon is not None:
         BM: gl.constexpr = 64
         g = 0
         for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
-            bh = item // N_M
-            row0 = (item % N_M) * 2 * BM
-            lut0 = LUT + (bh * MQ_LUT + gl.minimum(row0 // BLKQ, MQ_LUT - 1)) * T
-            lut1 = LUT + (bh * MQ_LUT + gl.minimum((row0 + BM) // BLKQ, MQ_LUT - 1)) * T
+            bh, row0, lut0, lut1 = _item_rows(LUT, item, N_M, MQ_LUT, T, BLKQ, BM)
             x_n = gl.load(lut0)
             y_n = gl.load(lut1)
             for j in range(T):
@@ -420,11 +427,8 @@ if gluon is not None:
         g0 = 0
         n_done = 0
         for item in range(pid, N_ITEMS, G):
-            bh = item // N_M
-            rows01 = (item % N_M) * 2 * BM
+            bh, rows01, lut0, lut1 = _item_rows(LUT, item, N_M, MQ_LUT, T, BLKQ, BM)
             row0 = rows01 + HALF_ROW * BM
-            lut0 = LUT + (bh * MQ_LUT + gl.minimum(rows01 // BLKQ, MQ_LUT - 1)) * T
-            lut1 = LUT + (bh * MQ_LUT + gl.minimum((rows01 + BM) // BLKQ, MQ_LUT - 1)) * T
             qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
             acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
             m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
