@@ -16,11 +16,6 @@ import torch
 
 from .sage_attention import HAS_TRITON, _interpreting
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-
 def _shared_first(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` (int64, sorted) with the blocks the same rows of ``b`` (sorted) also hold first."""
     at = torch.searchsorted(b.contiguous(), a.contiguous()).clamp(max=b.shape[-1] - 1)
@@ -40,6 +35,8 @@ def pair_lut_rows_reference(lut: torch.Tensor) -> torch.Tensor:
 
 
 if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _pair_rows_half(LUT, OUT, row_a, row_b, T, T_PAD: tl.constexpr, CH: tl.constexpr):
