@@ -67,8 +67,7 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--state", action="append", default=[],
                     help="an extra state NAME:knob=value,... over today's defaults (knobs: preload, topk, "
-                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments, "
-                         "rowsum)")
+                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments)")
     ap.add_argument("--only", default="", help="comma-separated states to time (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -80,13 +79,12 @@ def main() -> None:
     knobs = {"preload": (G, "PRELOAD_SPARSE"), "topk": (bm, "TOPK_CONFIG"), "lut_beside_v": (sla_mod, "LUT_BESIDE_V"),
              "dense_ws": (WS, "DENSE_OPS"), "sparse_ws": (WS, "SPARSE_OPS"), "pipeline": (WS, "PIPELINE"),
              "stages": (WS, "NUM_STAGES"), "split_tail": (WS, "SPLIT_TAIL"), "int_max": (G, "INT_MAX"),
-             "fused_moments": (sa, "FUSED_MOMENTS"), "rowsum": (WS, "ROWSUM_MMA")}
+             "fused_moments": (sa, "FUSED_MOMENTS")}
     now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
-    states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False,
-                        "rowsum": False},
+    states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False},
               "17:25": {**now, "pipeline": 2, "stages": 3, "split_tail": False, "int_max": False,
-                        "fused_moments": False, "sparse_ws": False, "rowsum": False},
-              "19:15": {**now, "sparse_ws": False, "rowsum": False}, "20:53": {**now, "rowsum": False}, "now": now}
+                        "fused_moments": False, "sparse_ws": False},
+              "19:15": {**now, "sparse_ws": False}, "now": now}
     for spec in args.state:  # NAME:knob=value,knob=value (values are Python literals)
         name, _, assigns = spec.partition(":")
         states[name] = {**now, **{k: ast.literal_eval(v) for k, v in (a.split("=") for a in assigns.split(","))}}

@@ -158,7 +158,7 @@ if gluon is not None:
     @gluon.jit
     def _softmax_tile(s_int, m_i, l_i, c, start, Lk, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                       ROW_SCALES: gl.constexpr = False, MAY_MASK: gl.constexpr = True, INT_MAX: gl.constexpr = False,
-                      SPLIT_MAX: gl.constexpr = False, ROW_SUM: gl.constexpr = True):
+                      SPLIT_MAX: gl.constexpr = False):
         """Online softmax of one tile of int32 scores; returns P·448 (fp32), the rescale factor and new m, l.
 
         ``c`` is the tile's dequantisation scale (q scale · k scale, log2 e / sqrt(D) folded in), one per row when
@@ -169,8 +169,7 @@ if gluon is not None:
         MAY_MASK False: the caller knows every key of the tile is below Lk (no check, no branch). INT_MAX: the
         row maximum of a tile without masked keys is taken on the int32 scores themselves (:func:`_int_row_max`,
         SPLIT_MAX its two-chain form), so its chain need not wait for the conversion; the same value, as the
-        conversion is exact and monotonic. A tile with masked keys takes it on the masked floats. ROW_SUM False:
-        ``l_i`` is returned as given (the caller sums P on the tensor cores, :func:`.sage_attention_ws._rowsum_turn`)."""
+        conversion is exact and monotonic. A tile with masked keys takes it on the masked floats."""
         x = (s_int + 0x4B400000).to(gl.float32, bitcast=True)
         if INT_MAX:
             x_max = (_int_row_max(s_int, BLOCK_N, s_layout, SPLIT_MAX) + 0x4B400000).to(gl.float32, bitcast=True)
@@ -189,8 +188,7 @@ if gluon is not None:
         else:
             p = gl.exp2(gl.fma(x, c, -gl.expand_dims(bias, 1)))
         alpha = gl.exp2(m_i - m_new)
-        if ROW_SUM:
-            l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
     @gluon.jit

@@ -27,7 +27,7 @@ a split last wave (below).
   removed (commit e61e9fb has them; docs/kernels-attention.md).
 
 ``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]`` times
-them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail[:rowsum]]; sparse: on the LUT as the
+them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail]; sparse: on the LUT as the
 block map sorts it and paired).
 """
 from __future__ import annotations
@@ -62,8 +62,6 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = True  # block-sparse calls take the one-ring sparse kernel where it can (sparse_ws), on a paired LUT
 SPARSE_STAGES = 6  # stages of the sparse kernel's ring (192 KiB at head_dim 128)
-ROWSUM_MMA = False  # PIPELINE 3: P's row sums by a third wgmma against an all-ones tile (_rowsum_mma) instead of
-#: 64 FADDs and a quad shuffle per tile in the softmax
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
@@ -131,67 +129,35 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_turn(q_s, k_next, v_cur, p, s_init, o_init, ready_bar, ready_phase, turn_me, turn_phase, turn_other,
-                       empty_bar, p_layout: gl.constexpr, twice=False, TWICE: gl.constexpr = False, ones_s=None,
-                       r_init=None, ROWSUM: gl.constexpr = False):
+                       empty_bar, p_layout: gl.constexpr, twice=False, TWICE: gl.constexpr = False):
         """One turn on the tensor cores: wait for the next K tile and for this consumer's turn, issue the next
         scores and this tile's P·V together, hand the turn over, wait for both and release this tile's stage
         (TWICE: a second arrival where ``twice``, for a stage of a two-consumer ring that only this consumer read).
-        Returns the next scores and this tile's P·V (to fold into the output with :func:`_fold`); with ROWSUM
-        also P's row sums from a third wgmma (:func:`_rowsum_mma`)."""
+        Returns the next scores and this tile's P·V (to fold into the output with :func:`_fold`)."""
         BM: gl.constexpr = s_init.shape[0]
         BN: gl.constexpr = s_init.shape[1]
         mbarrier.wait(ready_bar, ready_phase)
         mbarrier.wait(turn_me, turn_phase)
         tok = warpgroup_mma(q_s, k_next.permute((1, 0)), s_init, use_acc=False, is_async=True)
-        p_op = _as_pv_operand(p, BM, BN, p_layout)
-        tok_pv = warpgroup_mma(p_op, v_cur.permute((1, 0)), o_init, use_acc=False, max_num_imprecise_acc=BN,
-                               is_async=True)
-        if ROWSUM:
-            tok_rs = _rowsum_mma(p_op, ones_s, r_init)
-            mbarrier.arrive(turn_other)
-            s_next, pv, rs = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv, tok_rs])
-        else:
-            mbarrier.arrive(turn_other)
-            s_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
+        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_cur.permute((1, 0)), o_init, use_acc=False,
+                               max_num_imprecise_acc=BN, is_async=True)
+        mbarrier.arrive(turn_other)
+        s_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=[tok, tok_pv])
         mbarrier.arrive(empty_bar)
         if TWICE:
             mbarrier.arrive(empty_bar, pred=twice)
-        if ROWSUM:
-            return s_next, pv, rs
-        else:
-            return s_next, pv
+        return s_next, pv
 
     @gluon.jit
-    def _pingpong_last_turn(v_cur, p, o_init, turn_me, turn_phase, turn_other, p_layout: gl.constexpr, ones_s=None,
-                            r_init=None, ROWSUM: gl.constexpr = False):
-        """The last tile's turn: its P·V alone (there are no next scores to issue). Returns the P·V (and with
-        ROWSUM P's row sums)."""
+    def _pingpong_last_turn(v_cur, p, o_init, turn_me, turn_phase, turn_other, p_layout: gl.constexpr):
+        """The last tile's turn: its P·V alone (there are no next scores to issue). Returns the P·V."""
         BM: gl.constexpr = p.shape[0]
         BN: gl.constexpr = p.shape[1]
         mbarrier.wait(turn_me, turn_phase)
-        p_op = _as_pv_operand(p, BM, BN, p_layout)
-        tok_pv = warpgroup_mma(p_op, v_cur.permute((1, 0)), o_init, use_acc=False, max_num_imprecise_acc=BN,
-                               is_async=True)
-        if ROWSUM:
-            tok_rs = _rowsum_mma(p_op, ones_s, r_init)
-            mbarrier.arrive(turn_other)
-            pv, rs = warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv, tok_rs])
-            return pv, rs
-        else:
-            mbarrier.arrive(turn_other)
-            return warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
-
-    @gluon.jit
-    def _rowsum_mma(p_op, ones_s, r_init):
-        """P's row sums on the tensor cores: the FP8 P operand of the P·V wgmma times an all-ones [keys, 8] FP8
-        tile (m64n8), issued beside P·V, so the softmax does no per-score FADD for its row sum nor a quad shuffle
-        per tile; every one of the 8 columns holds the sum. It sums P as FP8, the values P·V weighs V with."""
-        BN: gl.constexpr = ones_s.shape[1]
-        r_layout: gl.constexpr = r_init.type.layout
-        a = gl.convert_layout(p_op, gl.DotOperandLayout(operand_index=0, parent=r_layout, k_width=4),
-                              assert_trivial=True)
-        return warpgroup_mma(a, ones_s.permute((1, 0)), r_init, use_acc=False, max_num_imprecise_acc=BN,
-                             is_async=True)
+        tok_pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_cur.permute((1, 0)), o_init, use_acc=False,
+                               max_num_imprecise_acc=BN, is_async=True)
+        mbarrier.arrive(turn_other)
+        return warpgroup_mma_wait(num_outstanding=0, deps=[tok_pv])
 
     @gluon.jit
     def _fold(acc, alpha, pv, row_o: gl.constexpr):
@@ -199,12 +165,11 @@ if gluon is not None:
         return gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
 
     @gluon.jit
-    def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ones_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H,
-                     q_row, row0, t0, n_tiles, Lq, Lk,
+    def _ws_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, bh, H, q_row,
+                     row0, t0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, PART, PART_ML, part_row0, n_part_rows,
                      BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, SPLITS: gl.constexpr,
-                     ROWSUM: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, SPLITS: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against the ring's key tiles t0 .. t0 + n_tiles - 1 (all of
         them unless the program is one of SPLITS parts of a row block, PIPELINE 3 only: it then writes its
         unnormalised output, running maximum and row sum to PART / PART_ML rows ``part_row0`` .. +64 for
@@ -241,40 +206,22 @@ if gluon is not None:
         elif PIPELINE == 3:
             # the ping-pong with the last trip peeled: the loop's tiles are all below Lk, so their softmax needs no
             # mask check and takes the row maximum on the int32 scores in two chains (INT_MAX, SPLIT_MAX); the
-            # next K scale is read under the wgmmas, and the last trip issues no scores to drop. ROWSUM: P's row
-            # sums come from a third wgmma (_rowsum_mma) into l2, each of its 8 columns the running sum
-            r_layout: gl.constexpr = wgmma_acc_layout(NW, 8, 32)
-            row_r: gl.constexpr = gl.SliceLayout(1, r_layout)
-            r_init = gl.zeros([BM, 8], gl.float32, r_layout)
-            l2 = gl.zeros([BM, 8], gl.float32, r_layout)
+            # next K scale is read under the wgmmas, and the last trip issues no scores to drop
             c = qs * gl.load(KS + bh * NKS + (t0 * BN) // BLKK)
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             for j in range(n_tiles - 1):
                 s = j % NUM_STAGES
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout,
-                                                   MAY_MASK=False, INT_MAX=True, SPLIT_MAX=True, ROW_SUM=not ROWSUM)
+                                                   MAY_MASK=False, INT_MAX=True, SPLIT_MAX=True)
                 c = qs * gl.load(KS + bh * NKS + ((t0 + j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
-                if ROWSUM:
-                    s_cur, pv, rs = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init,
-                                                   ready.index(sn), ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1,
-                                                   turn_other, empty.index(s), p_layout, ones_s=ones_s,
-                                                   r_init=r_init, ROWSUM=True)
-                    l2 = _fold(l2, alpha, rs, row_r)
-                else:
-                    s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                               ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other,
-                                               empty.index(s), p_layout)
+                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
+                                           ((j + 1) // NUM_STAGES) & 1, turn_me, j & 1, turn_other, empty.index(s),
+                                           p_layout)
                 acc = _fold(acc, alpha, pv, row_o)
             j = n_tiles - 1
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout, ROW_SUM=not ROWSUM)
-            if ROWSUM:
-                pv, rs = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other,
-                                             p_layout, ones_s=ones_s, r_init=r_init, ROWSUM=True)
-                l2 = _fold(l2, alpha, rs, row_r)
-                l_i = gl.convert_layout(gl.max(l2, axis=1), gl.SliceLayout(1, s_layout))
-            else:
-                pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout)
+            pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
             acc = _fold(acc, alpha, pv, row_o)
         else:
             for j in range(n_tiles):
@@ -305,7 +252,7 @@ if gluon is not None:
                              H, Lq, Lk, LQP, LKP, NQS, NKS, ITEM0, N_M,
                              BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
-                             num_warps: gl.constexpr, SPLITS: gl.constexpr = 1, ROWSUM: gl.constexpr = False):
+                             num_warps: gl.constexpr, SPLITS: gl.constexpr = 1):
         """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp.
 
         Row block ``ITEM0 + program`` (``N_M`` per head, heads in order) against all key tiles; with SPLITS > 1,
@@ -327,13 +274,6 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong (PIPELINE 2, 3)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        if ROWSUM:  # the all-ones FP8 [8, keys] tile _rowsum_mma sums P with (1 KiB; any swizzle of ones is ones)
-            ones_s = gl.allocate_shared_memory(v_desc.dtype, [8, BN], v_desc.layout,
-                                               gl.full([8, BN], 0x38, gl.int8,  # FP8 e4m3 1.0
-                                                       gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-                                                       ).to(v_desc.dtype, bitcast=True))
-        else:
-            ones_s = v_s  # unused
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
@@ -355,16 +295,16 @@ if gluon is not None:
         q_row = bh * LQP + row0
         n_part_rows = gl.num_programs(0) * 2 * BM
         gl.warp_specialize([
-            (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ones_s, ready, empty, turn.index(0),
+            (_ws_consumer, (q_desc, q_s.index(0), q_bar.index(0), k_s, v_s, ready, empty, turn.index(0),
                             turn.index(1), QS, KS, VS, O, bh, H,
                             q_row, row0, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, PART,
                             PART_ML, pid * 2 * BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, num_warps, PIPELINE,
-                            SPLITS, ROWSUM)),
-            (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ones_s, ready, empty, turn.index(1),
+                            SPLITS)),
+            (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, turn.index(1),
                             turn.index(0), QS, KS, VS, O, bh, H,
                             q_row + BM, row0 + BM, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol,
                             PART, PART_ML, pid * 2 * BM + BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, 4, PIPELINE,
-                            SPLITS, ROWSUM)),
+                            SPLITS)),
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, t0, n_tiles, bh * LKP, bh * HEAD_DIM,
                             NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -664,7 +604,7 @@ def _sm_count(device: torch.device) -> int:
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
                       num_stages: int | None = None, pipeline: int | None = None,
-                      split_tail: bool | None = None, rowsum: bool | None = None) -> torch.Tensor:
+                      split_tail: bool | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``.
 
@@ -686,8 +626,7 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     strides = (out.stride(0), out.stride(1), out.stride(2))
     sizes = (h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1], quant["k_scale"].shape[-1])
     consts = dict(BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
-                  PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4,
-                  ROWSUM=bool(ROWSUM_MMA if rowsum is None else rowsum) and pipeline == 3)
+                  PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
     if full:
         _sage_attn_ws_kernel[(full,)](*descs, *args, out, out, *strides, *sizes, 0, n_m, **consts)
     if splits > 1:
@@ -794,8 +733,7 @@ def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tenso
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, splits: int = 1,
-                     rowsum: bool | None = None):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, splits: int = 1):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
@@ -804,8 +742,7 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "PART": "*fp32", "PART_ML": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "SPLITS": splits,
-              "ROWSUM": bool(ROWSUM_MMA if rowsum is None else rowsum) and int(pipeline) == 3}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "SPLITS": splits}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "O", "PART", "PART_ML", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -838,7 +775,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(2, 3), (3, 4)]
-    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0,3:4:1:0 (pipeline:stages[:split_tail[:rowsum]])
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0 (pipeline:stages[:split_tail])
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
@@ -850,22 +787,20 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
             t_sdpa = bench_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))  # noqa: B023
         rows.append({"shape": shape, "kernel": "gluon", "ms": t_ref, "cudnn_ms": t_sdpa})
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
-        for pipeline, stages, *rest in variants:
+        for pipeline, stages, *split in variants:
             o = torch.full_like(q, float("nan"))
-            split = bool(rest[0]) if rest else None
-            rowsum = bool(rest[1]) if len(rest) > 1 else None
-            name = (f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
-                    + ("" if rowsum is None else f" rowsum_mma={rowsum}"))
+            split = bool(split[0]) if split else None
+            name = f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
             try:
                 ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline,  # noqa: B023
-                                                              split, rowsum))  # noqa: B023
+                                                              split))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue
             same = bool(torch.equal(o, ref))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
             rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "split_tail": split,
-                         "rowsum_mma": rowsum, "ms": ms,
+                         "ms": ms,
                          "bit_equal": same, "rel": rel})
             print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
                   f"bit-equal {same} rel {rel:.1e}", flush=True)

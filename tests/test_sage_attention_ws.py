@@ -52,27 +52,19 @@ def test_sparse_kernel_compiles_for_sm90a_without_spills_in_shared_memory(head_d
     _assert_no_spills_with_triton_36(kernel)
 
 
-@pytest.mark.parametrize("head_dim,stages,pipeline,splits,rowsum",
-                         [(128, 4, 0, 1, False), (128, 5, 0, 1, False), (64, 3, 0, 1, False),
-                          (128, 3, 2, 1, False), (128, 4, 2, 1, False), (64, 3, 2, 1, False),
-                          (128, 2, 3, 1, False), (128, 3, 3, 1, False), (128, 4, 3, 1, False),
-                          (64, 4, 3, 1, False), (128, 4, 3, 3, False), (64, 4, 3, 2, False),
-                          (128, 4, 3, 1, True), (64, 4, 3, 1, True), (128, 4, 3, 3, True)])
-def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline, splits, rowsum):
-    """Three partitions, the producer's registers given back, FP8 P·V from registers, no spills; with the row sums
-    on the tensor cores a third, m64n8 wgmma and no per-tile quad shuffle for them (2 of the 4 per trip are the
-    row maximum's)."""
+@pytest.mark.parametrize("head_dim,stages,pipeline,splits", [(128, 4, 0, 1), (128, 5, 0, 1), (64, 3, 0, 1),
+                                                             (128, 3, 2, 1), (128, 4, 2, 1), (64, 3, 2, 1),
+                                                             (128, 2, 3, 1), (128, 3, 3, 1), (128, 4, 3, 1),
+                                                             (64, 4, 3, 1), (128, 4, 3, 3), (64, 4, 3, 2)])
+def test_compiles_for_sm90a_with_three_partitions_and_no_spills(head_dim, stages, pipeline, splits):
     pytest.importorskip("triton", reason="Triton is not installed")
     if WS.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    kernel = WS.compile_for_sm90(head_dim=head_dim, num_stages=stages, pipeline=pipeline, splits=splits,
-                                 rowsum=rowsum)
+    kernel = WS.compile_for_sm90(head_dim=head_dim, num_stages=stages, pipeline=pipeline, splits=splits)
     ptx = kernel.asm["ptx"]
     assert ".reqntid 384" in ptx  # two consumer warpgroups and the producer warp padded to a warpgroup
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)  # the producer gives its registers back
     assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_dim}k32\.f32\.e4m3\.e4m3 \{{[^}}]*\}}, \{{", ptx)
-    rowsum_wgmma = re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n8k32\.f32\.e4m3\.e4m3 \{[^}]*\}, \{", ptx)
-    assert bool(rowsum_wgmma) == rowsum
     _assert_no_spills_with_triton_36(kernel, " (3.9 spills 200 bytes here)")
 
 
@@ -93,36 +85,9 @@ def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
     ref = G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), None, 64, 128)
     for stages, pipeline in ((2, 0), (4, 0), (2, 2), (3, 2), (4, 2), (2, 3), (3, 3), (4, 3)):
         out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, pipeline,
-                                   split_tail=False, rowsum=False)
+                                   split_tail=False)
         assert not out.isnan().any(), (stages, pipeline)
         assert torch.equal(out, ref), (stages, pipeline, float((out.float() - ref.float()).norm() / ref.float().norm()))
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("lq,lk,d", [(1, 1, 128), (64, 129, 128), (200, 333, 64), (1000, 70, 128),
-                                     (4097, 4097, 128), (32760, 32760, 128)])
-def test_row_sums_on_the_tensor_cores_match_the_gluon_kernel_to_fp8_rounding(lq, lk, d):
-    """``rowsum=True`` sums P as the FP8 values P·V weighs V with, where the Gluon kernel sums the
-    fp32 P: the outputs agree to that rounding (rel. L2 <= 1e-2; ~3e-3 expected), every element is written (NaN-
-    poisoned output), and the result is at least as close to exact attention as the Gluon kernel's."""
-    from turbocompile.kernels.sage_attention import attention_fp32_reference, sage_quantize_triton, structured_qkv
-
-    dev = torch.device("cuda")
-    q, _, _ = structured_qkv(1, 2, lq, d, torch.bfloat16, dev, seed=lq)
-    _, k, v = structured_qkv(1, 2, lk, d, torch.bfloat16, dev, seed=lk + 1)
-    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
-    ref = G.sage_attention_gluon(quant, lq, lk, torch.empty_like(q), None, 64, 128).float()
-    rows = torch.arange(0, lq, max(1, lq // 512), device=dev)
-    exact = attention_fp32_reference(q, k, v, rows)
-    for stages in (2, 4):
-        out = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, stages, 3,
-                                   split_tail=False, rowsum=True).float()
-        assert not out.isnan().any(), stages
-        rel = float((out - ref).norm() / ref.norm())
-        assert rel <= 1e-2, (stages, rel)
-        err, err_ref = (float((x[:, :, rows] - exact).norm() / exact.norm()) for x in (out, ref))
-        assert err <= err_ref * 1.1 + 1e-4, (stages, err, err_ref)
 
 
 @pytest.mark.gpu
@@ -138,7 +103,6 @@ def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, 
     _, k, v = structured_qkv(1, 3, lk, 128, torch.bfloat16, dev, seed=lk + 1)
     quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
     calls = _count_calls(monkeypatch, "sage_attention_ws")
-    monkeypatch.setattr(WS, "ROWSUM_MMA", False)  # the row sums in the Gluon kernel's order (the bits below)
     out = block_attention_triton(q, k, v, None, 64, 128, sage=True, quant=quant, kernel="gluon",
                                  out=torch.full_like(q, float("nan")))
     assert calls, "the dense call did not take the FA3-layout kernel"
