@@ -839,16 +839,21 @@ def _bench_sparse(dev) -> list[dict]:  # pragma: no cover - needs a Hopper GPU
         t_pair = bench_ms_graph(lambda: pair_lut_rows(lut))  # noqa: B023
         print(f"{shape} sparse 0.1 + linear: gluon {t_ref:.3f} ms, on the paired LUT {t_ref_p:.3f} ms; pairing "
               f"{t_pair * 1000:.1f} us", flush=True)
-        for table, want in ((lut, ref), (paired, ref_p)):
+        stages_list = [SPARSE_STAGES]
+        if "--sparse-stages" in sys.argv:  # e.g. --sparse-stages 4,5,6 (ring stages, on the paired LUT)
+            stages_list = [int(x) for x in sys.argv[sys.argv.index("--sparse-stages") + 1].split(",")]
+        for table, want, stages in [(lut, ref, SPARSE_STAGES)] + [(paired, ref_p, st) for st in stages_list]:
             o = torch.full_like(q, float("nan"))
-            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, table, 64, 128, lin, qg["lin_phi"]))  # noqa: B023
+            ms = bench_ms_graph(lambda: sage_sla_ws(qg, n, n, o, table, 64, 128, lin, qg["lin_phi"],  # noqa: B023
+                                                    stages))  # noqa: B023
             same = bool(torch.equal(o, want))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
             name = "paired LUT" if table is paired else "sorted LUT"
-            rows.append({"shape": shape, "mode": "sparse0.1+linear", "lut": name, "gluon_ms": t_ref,
+            rows.append({"shape": shape, "mode": "sparse0.1+linear", "lut": name, "stages": stages, "gluon_ms": t_ref,
                          "gluon_paired_ms": t_ref_p, "pair_ms": t_pair, "ws_ms": ms, "bit_equal": same,
                          "rel_vs_gluon_sorted": rel})
-            print(f"{shape} ws, {name}: {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  bit-equal (same LUT) {same}  "
+            print(f"{shape} ws, {name}, {stages} stages: {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  "
+                  f"bit-equal (same LUT) {same}  "
                   f"rel vs gluon (sorted LUT) {rel:.1e}", flush=True)
         del q, k, v, qg, ref, o
         torch.cuda.empty_cache()
