@@ -4,6 +4,7 @@
     cd /tmp && python /path/to/examples/dense_ws_overhead_fit.py   (an sm_90 GPU; prints the fit, writes $OUT json)
 
 A large start/end cost per program is what a persistent form of the kernel would hide (docs/kernels-attention.md).
+(The op's kernels one by one: examples/op_kernel_times.py.)
 """
 from __future__ import annotations
 
@@ -37,10 +38,8 @@ def main() -> None:
         c0, c1 = torch.linalg.lstsq(a[lo:], ys[lo:, None]).solution.flatten().tolist()
         print(f"fit from {int(xs[lo])} tiles: {c0:.2f} us start/end per program + {c1:.4f} us per key tile", flush=True)
     probe = persistent_probe(q, k, v)
-    kernels = op_kernels(q, k, v)
     with open(os.path.join(os.environ.get("OUT", "."), "dense_ws_overhead_fit.json"), "w") as f:
-        json.dump({"meta": bench_meta(), "rows": rows, "op_kernels_us": kernels, "persistent_probe": probe}, f,
-                  indent=1)
+        json.dump({"meta": bench_meta(), "rows": rows, "persistent_probe": probe}, f, indent=1)
 
 
 def persistent_probe(q, k, v) -> dict:
@@ -65,31 +64,6 @@ def persistent_probe(q, k, v) -> dict:
     res["persistent_rel_vs_dense"] = float((o_pers.float() - o_dense.float()).norm() / o_dense.float().norm())
     print("persistent probe:", res, flush=True)
     return res
-
-
-def op_kernels(q, k, v) -> list:
-    """Each GPU kernel of one ``sage_attention`` call (the prologue's and the attention's) by the PyTorch profiler,
-    median of 5 calls, in launch order."""
-    from turbocompile.kernels.sage_attention import sage_attention
-
-    for _ in range(3):
-        sage_attention(q, k, v, 64, 128)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            sage_attention(q, k, v, 64, 128)
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per_call = len(events) // 5
-    out = []
-    for i in range(per_call):
-        durs = sorted(events[c * per_call + i].device_time for c in range(5))
-        out.append((events[i].name[:60], durs[2]))
-        print(f"  {events[i].name[:60]:60s} {durs[2]:9.1f} us", flush=True)
-    first = events[0].time_range.start
-    last = events[per_call - 1].time_range.end
-    print(f"  first kernel start to last kernel end (call 1): {last - first:.1f} us", flush=True)
-    return out
 
 
 if __name__ == "__main__":
