@@ -26,9 +26,9 @@ a split last wave (below).
   ring per consumer with a program per item or persistent, were 1-3% slower than the Gluon kernel and were
   removed (commit e61e9fb has them; docs/kernels-attention.md).
 
-``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]`` times
-them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail]; sparse: on the LUT as the
-block map sorts it and paired).
+``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]
+[--sparse-stages 5,6]`` times them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail];
+sparse: on the LUT as the block map sorts it and paired, the paired one at each ring depth given).
 """
 from __future__ import annotations
 
