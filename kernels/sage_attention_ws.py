@@ -27,8 +27,7 @@ a split last wave (below).
   removed (commit e61e9fb has them; docs/kernels-attention.md).
 
 ``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]
-[--sparse-stages 5,6]`` times them against the Gluon kernel and cuDNN (dense variants:
-pipeline:stages[:split_tail[:persistent]];
+[--sparse-stages 5,6]`` times them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail];
 sparse: on the LUT as the block map sorts it and paired, the paired one at each ring depth given).
 """
 from __future__ import annotations
@@ -63,7 +62,6 @@ PIPELINE = 3  # 0: each consumer alone; 2: ping-pong; 3: ping-pong with the last
 DENSE_OPS = True  # dense Sage attention calls take this kernel where it can (dense_ws); False: the Gluon kernel
 SPARSE_OPS = True  # block-sparse calls take the one-ring sparse kernel where it can (sparse_ws), on a paired LUT
 SPARSE_STAGES = 6  # stages of the sparse kernel's ring (192 KiB at head_dim 128)
-PERSISTENT = False  # PIPELINE 3: the whole waves of row blocks by the persistent dense kernel (one program per SM)
 SPLIT_TAIL = True  # PIPELINE 3: the grid's last partial wave of row blocks as key-range parts (tail_splits)
 MAX_SPLITS = 4
 SMS = None  # the SM count tail_splits plans for (None: the device's; tests set it to force splits)
@@ -340,121 +338,6 @@ if gluon is not None:
         tl.store(ptrs, o.to(O.dtype.element_ty), mask=(qrow < Lq)[:, None])
 
     @gluon.jit
-    def _ws_persistent_producer(k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, N_ITEMS, N_M, LKP,
-                                NUM_STAGES: gl.constexpr):
-        """The persistent dense kernel's producer: every key tile of each of the program's row blocks, ring entries
-        counted over the row blocks, so the next block's first tiles are copied while this one ends."""
-        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        g = 0
-        for item in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
-            bh = item // N_M
-            for j in range(n_tiles):
-                _fill_stage(k_desc, v_desc, k_s, v_s, ready, empty, g, j * BN, bh * LKP, bh * HEAD_DIM, NUM_STAGES)
-                g += 1
-
-    @gluon.jit
-    def _ws_persistent_consumer(q_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other, QS, KS, VS, O, H,
-                                LQP, n_tiles, Lq, Lk, NQS, NKS, N_ITEMS, N_M, stride_ob, stride_oh, stride_ol,
-                                HALF_ROW: gl.constexpr, BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                                NUM_STAGES: gl.constexpr, NW: gl.constexpr):
-        """:func:`_ws_consumer`'s PIPELINE 3 loop over the program's row blocks (``HALF_ROW``: the first or second 64
-        rows of each 128), the same arithmetic per row (so the same bits). Ring entries and turns are counted over
-        the row blocks; the next block's Q copy is issued as soon as this block's last scores are in, and the last
-        tile's stage is released after its P·V."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_s.shape[1]
-        s_layout: gl.constexpr = wgmma_acc_layout(NW, BN, 32)
-        o_layout: gl.constexpr = wgmma_acc_layout(NW, HEAD_DIM, 32)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        pid = gl.program_id(0)
-        G = gl.num_programs(0)
-        s_init = gl.zeros([BM, BN], gl.int32, s_layout)
-        o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [(pid // N_M) * LQP + (pid % N_M) * 2 * BM + HALF_ROW * BM, 0], q_bar, q_s)
-        g0 = 0
-        n_done = 0
-        for item in range(pid, N_ITEMS, G):
-            bh = item // N_M
-            row0 = (item % N_M) * 2 * BM + HALF_ROW * BM
-            qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
-            acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-            m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-            turn0 = n_done * n_tiles  # this consumer's turns before this row block
-            c = qs * gl.load(KS + bh * NKS)
-            mbarrier.wait(q_bar, n_done & 1)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, g0, s_init,
-                                                                               NUM_STAGES)])
-            for j in range(n_tiles - 1):
-                e = g0 + j
-                s = e % NUM_STAGES
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, MAY_MASK=False,
-                                                   INT_MAX=True, SPLIT_MAX=True)
-                c = qs * gl.load(KS + bh * NKS + ((j + 1) * BN) // BLKK)
-                sn = (e + 1) % NUM_STAGES
-                s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
-                                           ((e + 1) // NUM_STAGES) & 1, turn_me, (turn0 + j) & 1, turn_other,
-                                           empty.index(s), p_layout)
-                acc = _fold(acc, alpha, pv, row_o)
-            nxt = item + G
-            if nxt < N_ITEMS:  # every score wgmma of this row block has completed: Q's buffer takes the next rows
-                mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-                tma_load(q_desc, [(nxt // N_M) * LQP + (nxt % N_M) * 2 * BM + HALF_ROW * BM, 0], q_bar, q_s)
-            j = n_tiles - 1
-            s = (g0 + j) % NUM_STAGES
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
-            acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, (turn0 + j) & 1,
-                                                        turn_other, p_layout), row_o)
-            mbarrier.arrive(empty.index(s))
-            g0 += n_tiles
-            _store_rows(_normalized(acc, l_i, VS, bh, o_layout), O, bh // H, bh % H, row0, Lq, stride_ob, stride_oh,
-                        stride_ol, NW)
-            n_done += 1
-
-    @gluon.jit(do_not_specialize=["Lq", "Lk", "N_ITEMS"])
-    def _sage_attn_ws_persistent_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, stride_ob, stride_oh, stride_ol,
-                                        H, Lq, Lk, LQP, LKP, NQS, NKS, N_M, N_ITEMS,
-                                        BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
-                                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                                        num_warps: gl.constexpr):
-        """Dense, persistent: one program per SM over row blocks 0 .. N_ITEMS - 1 (heads in order, ``N_M`` per
-        head), the dense kernel's PIPELINE 3 loop for each (:func:`_ws_persistent_consumer`), so a program's start
-        and end costs (measured 2.6-3.3 µs each time at 1.3B@480p) are paid once per SM, not per row block."""
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        gl.static_assert(BM == 64 and num_warps == 4, "a consumer is one warpgroup of 64 query rows")
-        gl.static_assert(BLKK % BN == 0, "key tiles must sit inside one K quantization block")
-        q_s = gl.allocate_shared_memory(q_desc.dtype, [2, BM, HEAD_DIM], q_desc.layout)
-        k_s = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_s = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, HEAD_DIM, BN], v_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # turns, Q
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
-        for i in gl.static_range(4):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
-        mbarrier.arrive(bars.index(0))  # the first consumer has the first turn
-        n_tiles = gl.cdiv(Lk, BN)
-        gl.warp_specialize([
-            (_ws_persistent_consumer, (q_desc, q_s.index(0), bars.index(2), k_s, v_s, ready, empty, bars.index(0),
-                                       bars.index(1), QS, KS, VS, O, H, LQP, n_tiles, Lq, Lk, NQS, NKS, N_ITEMS,
-                                       N_M, stride_ob, stride_oh, stride_ol, 0, BLKQ, BLKK, NUM_STAGES, num_warps)),
-            (_ws_persistent_consumer, (q_desc, q_s.index(1), bars.index(3), k_s, v_s, ready, empty, bars.index(1),
-                                       bars.index(0), QS, KS, VS, O, H, LQP, n_tiles, Lq, Lk, NQS, NKS, N_ITEMS,
-                                       N_M, stride_ob, stride_oh, stride_ol, 1, BLKQ, BLKK, NUM_STAGES, 4)),
-            (_ws_persistent_producer, (k_desc, v_desc, k_s, v_s, ready, empty, n_tiles, N_ITEMS, N_M, LKP,
-                                       NUM_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-    @gluon.jit
     def _fill_shared_aux(m_desc, p_desc, k_s, v_s, ready, empty, g, bh, q_row, NUM_STAGES: gl.constexpr):
         """The linear-branch operands of an item into the two-consumer ring's two entries after its tiles: M's row
         halves into entry ``g``'s K and V slots (both consumers read them), the two consumers' φ(q)/den (column
@@ -721,7 +604,7 @@ def _sm_count(device: torch.device) -> int:
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
                       num_stages: int | None = None, pipeline: int | None = None,
-                      split_tail: bool | None = None, persistent: bool | None = None) -> torch.Tensor:
+                      split_tail: bool | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``.
 
@@ -744,11 +627,7 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     sizes = (h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1], quant["k_scale"].shape[-1])
     consts = dict(BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
                   PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
-    if full and pipeline == 3 and (PERSISTENT if persistent is None else persistent):
-        _sage_attn_ws_persistent_kernel[(min(full, _sm_count(out.device)),)](
-            *descs, *args, *strides, *sizes, n_m, full, BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=consts["NUM_STAGES"],
-            CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
-    elif full:
+    if full:
         _sage_attn_ws_kernel[(full,)](*descs, *args, out, out, *strides, *sizes, 0, n_m, **consts)
     if splits > 1:
         n_split = (items - full) * splits
@@ -868,20 +747,6 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
                              ["QS", "KS", "VS", "O", "PART", "PART_ML", "stride_ob", "stride_oh", "stride_ol"])
 
 
-def compile_persistent_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES):
-    """The persistent dense kernel compiled for sm_90a without a GPU."""
-    lay = gl.NVMMASharedLayout.get_default_for
-    d, bn, bm = head_dim, BLOCK_N, BLOCK_M
-    sig = {"q_desc": f"tensordesc<i8[{bm}, {d}],{lay([bm, d], gl.int8)!r}>",
-           "k_desc": f"tensordesc<i8[{bn}, {d}],{lay([bn, d], gl.int8)!r}>",
-           "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16"}
-    consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": CONSUMER_REGS,
-              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
-    return compile_for_sm90a(_sage_attn_ws_persistent_kernel, sig, consts,
-                             ["QS", "KS", "VS", "O", "stride_ob", "stride_oh", "stride_ol"])
-
-
 def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES, linear: bool = True):
     """The block-sparse kernel compiled for sm_90a without a GPU."""
     lay = gl.NVMMASharedLayout.get_default_for
@@ -910,7 +775,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(2, 3), (3, 4)]
-    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0,3:4:1:1 (pipeline:stages[:split_tail[:persistent]])
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0 (pipeline:stages[:split_tail])
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
@@ -924,20 +789,18 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
         for pipeline, stages, *split in variants:
             o = torch.full_like(q, float("nan"))
-            pers = bool(split[1]) if len(split) > 1 else None
             split = bool(split[0]) if split else None
-            name = (f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
-                    + ("" if pers is None else f" persistent={pers}"))
+            name = f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
             try:
                 ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline,  # noqa: B023
-                                                              split, pers))  # noqa: B023
+                                                              split))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue
             same = bool(torch.equal(o, ref))
             rel = float((o.float() - ref.float()).norm() / ref.float().norm())
             rows.append({"shape": shape, "kernel": "ws", "stages": stages, "pipeline": pipeline, "split_tail": split,
-                         "persistent": pers, "ms": ms,
+                         "ms": ms,
                          "bit_equal": same, "rel": rel})
             print(f"{shape} {name} {ms:.3f} ms  x{t_ref / ms:.3f} vs gluon  x{t_sdpa / ms:.3f} vs cuDNN  "
                   f"bit-equal {same} rel {rel:.1e}", flush=True)
