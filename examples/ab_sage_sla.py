@@ -10,7 +10,8 @@ States: "gluon" = the attention kernels of before 2026-11-27 17:00 UTC (``sage_a
 block-sparse calls); "17:25" = the FA3-layout ping-pong of that time (``PIPELINE`` 2, 3 stages, no split last wave,
 the float row maximum, PyTorch's K/V moments); "now" = today's defaults (dense calls through the FA3-layout kernel,
 ``sage_attention_ws.DENSE_OPS``; block-sparse calls through its one-ring kernel on a paired LUT, ``SPARSE_OPS``,
-since the 2026-11-27 20:16 session); "19:15" = "now" with block-sparse calls on the Gluon kernel; ``--state
+since the 2026-11-27 20:16 session; per-thread partial row sums, ``sage_attention_gluon.L_PARTIAL``, since 23:00);
+"22:00" = "now" without the partial row sums; "19:15" = "22:00" with block-sparse calls on the Gluon kernel; ``--state
 NAME:knob=value,...`` adds states over "now" (the knobs are listed by ``--help``). (The 20:42 UTC run of 2026-11-27, docs/measurements/ab_shared_ring_h200_2042.json, compared "19:15" and "now"
 with ``--only``. The 18:14-19:05 UTC runs of
 2026-11-27, docs/measurements/ab_*_h200_18*.json and ab_split_tail_h200_1905.json, compared the int32 row maximum,
@@ -67,7 +68,8 @@ def main() -> None:
     ap.add_argument("--cross", action="store_true", help="also cross-attention (512 keys): sage_attention vs SDPA")
     ap.add_argument("--state", action="append", default=[],
                     help="an extra state NAME:knob=value,... over today's defaults (knobs: preload, topk, "
-                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments)")
+                         "lut_beside_v, dense_ws, sparse_ws, pipeline, stages, split_tail, int_max, fused_moments, "
+                         "l_partial)")
     ap.add_argument("--only", default="", help="comma-separated states to time (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -79,12 +81,14 @@ def main() -> None:
     knobs = {"preload": (G, "PRELOAD_SPARSE"), "topk": (bm, "TOPK_CONFIG"), "lut_beside_v": (sla_mod, "LUT_BESIDE_V"),
              "dense_ws": (WS, "DENSE_OPS"), "sparse_ws": (WS, "SPARSE_OPS"), "pipeline": (WS, "PIPELINE"),
              "stages": (WS, "NUM_STAGES"), "split_tail": (WS, "SPLIT_TAIL"), "int_max": (G, "INT_MAX"),
-             "fused_moments": (sa, "FUSED_MOMENTS")}
+             "fused_moments": (sa, "FUSED_MOMENTS"), "l_partial": (G, "L_PARTIAL")}
     now = {name: getattr(mod, attr) for name, (mod, attr) in knobs.items()}
-    states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False},
+    states = {"gluon": {**now, "dense_ws": False, "sparse_ws": False, "int_max": False, "fused_moments": False,
+                        "l_partial": False},
               "17:25": {**now, "pipeline": 2, "stages": 3, "split_tail": False, "int_max": False,
-                        "fused_moments": False, "sparse_ws": False},
-              "19:15": {**now, "sparse_ws": False}, "now": now}
+                        "fused_moments": False, "sparse_ws": False, "l_partial": False},
+              "19:15": {**now, "sparse_ws": False, "l_partial": False}, "22:00": {**now, "l_partial": False},
+              "now": now}
     for spec in args.state:  # NAME:knob=value,knob=value (values are Python literals)
         name, _, assigns = spec.partition(":")
         states[name] = {**now, **{k: ast.literal_eval(v) for k, v in (a.split("=") for a in assigns.split(","))}}

@@ -39,6 +39,7 @@ import torch
 
 from turbocompile.errors import UnsupportedShapeError
 
+from . import sage_attention_gluon as _G
 from .gluon_guard import GluonGuard
 from .gluon_hopper import (
     TensorDescriptor,
@@ -74,7 +75,7 @@ if gluon is not None:
 
     from .gluon_hopper import reinterpret
     from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows,
-                                           wgmma_acc_layout)
+                                           _thread_row_sums, wgmma_acc_layout)
 
     @gluon.jit
     def _claim_stage(ready, empty, j, nbytes, NUM_STAGES: gl.constexpr):
@@ -169,7 +170,8 @@ if gluon is not None:
                      row0, t0, n_tiles, Lq, Lk,
                      NQS, NKS, stride_ob, stride_oh, stride_ol, PART, PART_ML, part_row0, n_part_rows,
                      BLKQ: gl.constexpr, BLKK: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, SPLITS: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr, SPLITS: gl.constexpr,
+                     L_PARTIAL: gl.constexpr):
         """64 query rows from ``row0`` of head ``bh`` against the ring's key tiles t0 .. t0 + n_tiles - 1 (all of
         them unless the program is one of SPLITS parts of a row block, PIPELINE 3 only: it then writes its
         unnormalised output, running maximum and row sum to PART / PART_ML rows ``part_row0`` .. +64 for
@@ -191,12 +193,14 @@ if gluon is not None:
         qs, s_init, o_init, acc, m_i, l_i = _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ,
                                                             s_layout, o_layout)
         mbarrier.wait(q_bar, 0)
+        if L_PARTIAL:  # per-thread partial row sums, finished once after the loop (as the Gluon kernel does)
+            l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
         if PIPELINE == 2:
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             for j in range(n_tiles):
                 s = j % NUM_STAGES
                 c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, L_PARTIAL=L_PARTIAL)
                 jn = gl.minimum(j + 1, n_tiles - 1)  # the last trip's scores are recomputed and dropped
                 sn = jn % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
@@ -212,7 +216,7 @@ if gluon is not None:
             for j in range(n_tiles - 1):
                 s = j % NUM_STAGES
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout,
-                                                   MAY_MASK=False, INT_MAX=True, SPLIT_MAX=True)
+                                                   MAY_MASK=False, INT_MAX=True, SPLIT_MAX=True, L_PARTIAL=L_PARTIAL)
                 c = qs * gl.load(KS + bh * NKS + ((t0 + j + 1) * BN) // BLKK)
                 sn = (j + 1) % NUM_STAGES
                 s_cur, pv = _pingpong_turn(q_s, k_s.index(sn), v_s.index(s), p, s_init, o_init, ready.index(sn),
@@ -220,7 +224,8 @@ if gluon is not None:
                                            p_layout)
                 acc = _fold(acc, alpha, pv, row_o)
             j = n_tiles - 1
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, (t0 + j) * BN, Lk, BN, s_layout,
+                                               L_PARTIAL=L_PARTIAL)
             pv = _pingpong_last_turn(v_s.index(j % NUM_STAGES), p, o_init, turn_me, j & 1, turn_other, p_layout)
             acc = _fold(acc, alpha, pv, row_o)
         else:
@@ -230,11 +235,13 @@ if gluon is not None:
                 tok = warpgroup_mma(q_s, k_s.index(s).permute((1, 0)), s_init, use_acc=False, is_async=True)
                 c = qs * gl.load(KS + bh * NKS + (j * BN) // BLKK)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
-                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout)
+                p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, j * BN, Lk, BN, s_layout, L_PARTIAL=L_PARTIAL)
                 pv = warpgroup_mma(_as_pv_operand(p, BM, BN, p_layout), v_s.index(s).permute((1, 0)), o_init,
                                    use_acc=False, max_num_imprecise_acc=BN)
                 mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
+        if L_PARTIAL:
+            l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
         if SPLITS > 1:
             gl.static_assert(PIPELINE == 3, "split row blocks are PIPELINE 3's")
             rows = part_row0 + gl.arange(0, BM, layout=row_o)
@@ -252,7 +259,7 @@ if gluon is not None:
                              H, Lq, Lk, LQP, LKP, NQS, NKS, ITEM0, N_M,
                              BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PIPELINE: gl.constexpr,
-                             num_warps: gl.constexpr, SPLITS: gl.constexpr = 1):
+                             num_warps: gl.constexpr, SPLITS: gl.constexpr = 1, L_PARTIAL: gl.constexpr = False):
         """One program: 128 query rows of one (batch, head), two consumer partitions of 64, one producer warp.
 
         Row block ``ITEM0 + program`` (``N_M`` per head, heads in order) against all key tiles; with SPLITS > 1,
@@ -299,12 +306,12 @@ if gluon is not None:
                             turn.index(1), QS, KS, VS, O, bh, H,
                             q_row, row0, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol, PART,
                             PART_ML, pid * 2 * BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, num_warps, PIPELINE,
-                            SPLITS)),
+                            SPLITS, L_PARTIAL)),
             (_ws_consumer, (q_desc, q_s.index(1), q_bar.index(1), k_s, v_s, ready, empty, turn.index(1),
                             turn.index(0), QS, KS, VS, O, bh, H,
                             q_row + BM, row0 + BM, t0, n_tiles, Lq, Lk, NQS, NKS, stride_ob, stride_oh, stride_ol,
                             PART, PART_ML, pid * 2 * BM + BM, n_part_rows, BLKQ, BLKK, NUM_STAGES, 4, PIPELINE,
-                            SPLITS)),
+                            SPLITS, L_PARTIAL)),
             (_ws_producer, (k_desc, v_desc, k_s, v_s, ready, empty, t0, n_tiles, bh * LKP, bh * HEAD_DIM,
                             NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -401,7 +408,8 @@ if gluon is not None:
     def _ws_shared_consumer(q_desc, m_desc, p_desc, q_s, q_bar, k_s, v_s, ready, empty, turn_me, turn_other,
                             QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS, MQ_LUT, T, Lq, Lk, LQP, NQS, NKS,
                             stride_ob, stride_oh, stride_ol, HALF_ROW: gl.constexpr, BLKQ: gl.constexpr,
-                            BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr):
+                            BLKK: gl.constexpr, NUM_STAGES: gl.constexpr, LINEAR: gl.constexpr, NW: gl.constexpr,
+                            L_PARTIAL: gl.constexpr):
         """One LUT row of each of the program's items (``HALF_ROW``: the first or second 64 rows of its 128), the
         arithmetic and order of :func:`_ws_consumer`'s ping-pong loop per tile (so the Gluon kernel's bits for the
         same LUT). Ring entries and turns are counted over the items: position j of the item's two LUT rows is
@@ -433,6 +441,8 @@ if gluon is not None:
             acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
             m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+            if L_PARTIAL:  # per-thread partial row sums, finished once after the item's loop
+                l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
             ks_row = KS + bh * NKS
             turn0 = n_done * T  # this consumer's turns before this item
             x = gl.load(lut0)
@@ -450,7 +460,7 @@ if gluon is not None:
             for j in range(T - 1):
                 s = e % NUM_STAGES
                 p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, INT_MAX=True,
-                                                   SPLIT_MAX=True)
+                                                   SPLIT_MAX=True, L_PARTIAL=L_PARTIAL)
                 split_n = (x_n != y_n).to(gl.int32)
                 e_n = base + HALF_ROW * split_n
                 base = base + 1 + split_n
@@ -471,12 +481,14 @@ if gluon is not None:
                 mbarrier.expect(q_bar, q_desc.block_type.nbytes)
                 tma_load(q_desc, [(nxt // N_M) * LQP + nrow0, 0], q_bar, q_s)
             s = e % NUM_STAGES
-            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout)
+            p, alpha, m_i, l_i = _softmax_tile(s_cur, m_i, l_i, c, start, Lk, BN, s_layout, L_PARTIAL=L_PARTIAL)
             acc = _fold(acc, alpha, _pingpong_last_turn(v_s.index(s), p, o_init, turn_me, (turn0 + T - 1) & 1,
                                                         turn_other, p_layout), row_o)
             mbarrier.arrive(empty.index(s))
             mbarrier.arrive(empty.index(s), pred=split != 0)
             g0 = base
+            if L_PARTIAL:
+                l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
             o = _normalized(acc, l_i, VS, bh, o_layout)
             if LINEAR:  # o += (φ(q)/den)·M + bias, K split in two halves (the same k16 steps in the same order)
                 HALF: gl.constexpr = HEAD_DIM // 2
@@ -507,7 +519,7 @@ if gluon is not None:
                                    stride_ob, stride_oh, stride_ol, H, Lq, Lk, LQP, LKP, NQS, NKS, T, MQ_LUT,
                                    N_M, N_ITEMS, BLKQ: gl.constexpr, BLKK: gl.constexpr, NUM_STAGES: gl.constexpr,
                                    LINEAR: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                                   num_warps: gl.constexpr):
+                                   num_warps: gl.constexpr, L_PARTIAL: gl.constexpr = False):
         """Block-sparse, persistent, one K/V ring for both consumers: a key block that both LUT rows of an item
         name at the same position is copied once (:func:`.lut_pairing.pair_lut_rows` puts the blocks two rows
         share at the same positions; adjacent query blocks share ~75% of their blocks on the benchmark's inputs).
@@ -539,11 +551,11 @@ if gluon is not None:
             (_ws_shared_consumer, (q_desc, m_desc, p_desc, q_s.index(0), bars.index(2), k_s, v_s, ready, empty,
                                    bars.index(0), bars.index(1), QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS,
                                    MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 0, BLKQ, BLKK,
-                                   NUM_STAGES, LINEAR, num_warps)),
+                                   NUM_STAGES, LINEAR, num_warps, L_PARTIAL)),
             (_ws_shared_consumer, (q_desc, m_desc, p_desc, q_s.index(1), bars.index(3), k_s, v_s, ready, empty,
                                    bars.index(1), bars.index(0), QS, KS, VS, LIN_B, O, LUT, H, N_M, N_ITEMS,
                                    MQ_LUT, T, Lq, Lk, LQP, NQS, NKS, stride_ob, stride_oh, stride_ol, 1, BLKQ, BLKK,
-                                   NUM_STAGES, LINEAR, 4)),
+                                   NUM_STAGES, LINEAR, 4, L_PARTIAL)),
             (_ws_shared_producer, (k_desc, v_desc, m_desc, p_desc, k_s, v_s, ready, empty, LUT, N_M, N_ITEMS, MQ_LUT,
                                    T, LQP, LKP, BLKQ, BLKK, NUM_STAGES, LINEAR)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -604,7 +616,7 @@ def _sm_count(device: torch.device) -> int:
 
 def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: int, blk_k: int,
                       num_stages: int | None = None, pipeline: int | None = None,
-                      split_tail: bool | None = None) -> torch.Tensor:
+                      split_tail: bool | None = None, l_partial: bool | None = None) -> torch.Tensor:
     """Dense attention of a :func:`~.sage_attention.sage_quantize_triton` result (Vᵀ in wgmma key order) into
     ``out`` (B, H, Lq, D), like :func:`.sage_attention_gluon.sage_attention_gluon` with ``lut=None``.
 
@@ -626,7 +638,8 @@ def sage_attention_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, blk_q: i
     strides = (out.stride(0), out.stride(1), out.stride(2))
     sizes = (h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1], quant["k_scale"].shape[-1])
     consts = dict(BLKQ=blk_q, BLKK=blk_k, NUM_STAGES=num_stages or NUM_STAGES, CONSUMER_REGS=CONSUMER_REGS,
-                  PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4)
+                  PRODUCER_REGS=PRODUCER_REGS, PIPELINE=pipeline, num_warps=4,
+                  L_PARTIAL=bool(_G.L_PARTIAL if l_partial is None else l_partial))
     if full:
         _sage_attn_ws_kernel[(full,)](*descs, *args, out, out, *strides, *sizes, 0, n_m, **consts)
     if splits > 1:
@@ -663,7 +676,7 @@ def sage_sla_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Ten
         out.stride(0), out.stride(1), out.stride(2), h, lq, lk, lqp, quant["k"].shape[2], quant["q_scale"].shape[-1],
         quant["k_scale"].shape[-1], lut.shape[-1], lut.shape[2], n_m, items, BLKQ=blk_q, BLKK=blk_k,
         NUM_STAGES=num_stages, LINEAR=linear is not None, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        num_warps=4)
+        num_warps=4, L_PARTIAL=_G.L_PARTIAL)
     return out
 
 
@@ -733,7 +746,8 @@ def sparse_ws(quant: dict, lq: int, lk: int, out: torch.Tensor, lut: torch.Tenso
 
 
 def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer_regs: int = CONSUMER_REGS,
-                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, splits: int = 1):
+                     producer_regs: int = PRODUCER_REGS, pipeline: int = PIPELINE, splits: int = 1,
+                     l_partial: bool | None = None):
     """The kernel compiled for sm_90a without a GPU (:func:`.gluon_hopper.compile_for_sm90a`)."""
     lay = gl.NVMMASharedLayout.get_default_for
     d, bn, bm = head_dim, BLOCK_N, BLOCK_M
@@ -742,7 +756,8 @@ def compile_for_sm90(head_dim: int = 128, num_stages: int = NUM_STAGES, consumer
            "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{lay([d, bn], gl.float8e4nv)!r}>",
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "PART": "*fp32", "PART_ML": "*fp32"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "CONSUMER_REGS": consumer_regs,
-              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "SPLITS": splits}
+              "PRODUCER_REGS": producer_regs, "PIPELINE": int(pipeline), "num_warps": 4, "SPLITS": splits,
+              "L_PARTIAL": bool(_G.L_PARTIAL if l_partial is None else l_partial)}
     return compile_for_sm90a(_sage_attn_ws_kernel, sig, consts,
                              ["QS", "KS", "VS", "O", "PART", "PART_ML", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -758,7 +773,7 @@ def compile_sparse_for_sm90(head_dim: int = 128, num_stages: int = SPARSE_STAGES
            "p_desc": f"tensordesc<bf16[{bm}, {d // 2}],{lay([bm, d // 2], gl.bfloat16)!r}>" if linear else q_desc,
            "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "LUT": "*i32", "LIN_B": "*fp32", "O": "*bf16"}
     consts = {"BLKQ": 64, "BLKK": 128, "NUM_STAGES": num_stages, "LINEAR": linear, "CONSUMER_REGS": CONSUMER_REGS,
-              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4}
+              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": 4, "L_PARTIAL": _G.L_PARTIAL}
     return compile_for_sm90a(_sage_sla_ws_shared_kernel, sig, consts,
                              ["QS", "KS", "VS", "LUT", "LIN_B", "O", "stride_ob", "stride_oh", "stride_ol"])
 
@@ -789,11 +804,13 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
         print(f"{shape} gluon {t_ref:.3f} ms  cuDNN {t_sdpa:.3f} ms", flush=True)
         for pipeline, stages, *split in variants:
             o = torch.full_like(q, float("nan"))
+            lpart = bool(split[1]) if len(split) > 1 else None
             split = bool(split[0]) if split else None
-            name = f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
+            name = (f"ws stages={stages} pipeline={int(pipeline)}" + ("" if split is None else f" split_tail={split}")
+                    + ("" if lpart is None else f" l_partial={lpart}"))
             try:
                 ms = bench_ms_graph(lambda: sage_attention_ws(qg, n, n, o, 64, 128, stages, pipeline,  # noqa: B023
-                                                              split))  # noqa: B023
+                                                              split, lpart))  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a failing variant is reported
                 print(f"{shape} {name}: failed {exc}", flush=True)
                 continue

@@ -92,6 +92,34 @@ def test_matches_todays_gluon_kernel_bit_for_bit(lq, lk, d):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("lq,lk", [(1000, 70), (4097, 4097)])
+def test_partial_row_sums_keep_the_kernels_bit_equal_and_move_the_output_by_rounding_only(lq, lk, monkeypatch):
+    """``sage_attention_gluon.L_PARTIAL`` (each thread's partial row sums over the loop, the quad's shuffles once at
+    the end) switches the Gluon kernel and the FA3-layout dense and sparse kernels together: with it off or on they
+    give each other's bits, and on against off moves the output by fp32 summation order only (rel. L2 <= 1e-4)."""
+    from turbocompile.kernels.block_map import lut_from_pooled
+    from turbocompile.kernels.sage_attention import sage_quantize_triton, structured_qkv
+
+    dev = torch.device("cuda")
+    q, _, _ = structured_qkv(1, 2, lq, 128, torch.bfloat16, dev, seed=lq)
+    _, k, v = structured_qkv(1, 2, lk, 128, torch.bfloat16, dev, seed=lk + 1)
+    quant = sage_quantize_triton(q, k, v, 64, 128, v_order="wgmma")
+    lut = lut_from_pooled(quant["q_pool"], quant["k_pool"], 0.3)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(G, "L_PARTIAL", on)
+        dense = WS.sage_attention_ws(quant, lq, lk, torch.full_like(q, float("nan")), 64, 128, split_tail=False)
+        sparse = WS.sage_sla_ws(quant, lq, lk, torch.full_like(q, float("nan")), lut, 64, 128)
+        for name, out, ref_lut in (("dense", dense, None), ("sparse", sparse, lut)):
+            ref = G.sage_attention_gluon(quant, lq, lk, torch.full_like(q, float("nan")), ref_lut, 64, 128)
+            assert not out.isnan().any() and torch.equal(out, ref), (name, on)
+        outs[on] = (dense.float(), sparse.float())
+    for off, on in zip(outs[False], outs[True]):
+        assert float((on - off).norm() / off.norm()) <= 1e-4
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("lq,lk", [(300, 700), (4097, 1000)])
 def test_dense_sage_attention_calls_take_it_with_the_gluon_kernels_bits(lq, lk, monkeypatch):
     """The dense op path (``block_attention_triton``, what ``sage_attention`` runs) takes this kernel where it can
