@@ -57,7 +57,9 @@ M_IN_STAGES = True  # the linear branch's M reuses K's shared-memory stages afte
 INT_MAX = True  # the softmax row maximum on the int32 scores for unmasked tiles (_softmax_tile): sage_sla 0.9%
 #: Row sums kept as each thread's partial sums over the loop, the quad's shuffles done once after it
 #: (_softmax_tile's L_PARTIAL), in this kernel and the FA3-layout ones alike (so their outputs stay bit-equal):
-#: 482 -> 474 instructions per trip of the dense FA3-layout loop, 1.3-4.1% faster (H200, 2026-11-27 22:58 UTC).
+#: 482 -> 474 instructions per trip of the dense FA3-layout loop, 1.3-4.1% faster (H200, 2026-11-27 22:50 UTC).
+#: This kernel with it ran the sparse benchmark in 0.909 / 15.73 ms against 0.886-0.898 / 15.17-15.41 without on
+#: other machines (not A/B'd in one run; it is the fallback, the FA3-layout kernels take the ops' calls).
 L_PARTIAL = True
 #: faster at 1.3B@480p (H200, 2026-11-27 18:14 UTC); False: on the converted floats, as before
 PRELOAD_SPARSE = True  # sparse programs read their tile table from shared memory (preload_tiles); dense ones don't

@@ -13,8 +13,9 @@ arithmetic and its order are the Gluon kernel's, so the outputs are the same bit
 a split last wave (below).
 
 * **Dense** (``sage_attention_ws``, one K/V ring both consumers read): measured 9-12% faster than the Gluon kernel
-  on an H200 (2026-11-27, 18:24-19:05 UTC; 1.46-1.51x cuDNN through the op at 1.3B@480p, 1.50-1.56x at
-  14B@720p), so dense Sage attention calls take it (:func:`dense_ws`, :data:`DENSE_OPS`). The grid's last partial
+  on an H200 (2026-11-27, 18:24-19:05 UTC), so dense Sage attention calls take it (:func:`dense_ws`,
+  :data:`DENSE_OPS`); with the per-thread partial row sums (``sage_attention_gluon.L_PARTIAL``) 1.534x cuDNN through
+  the op at 1.3B@480p and 1.555-1.558x at 14B@720p (22:58-22:59 UTC). The grid's last partial
   wave of row blocks runs as key-range parts merged by ``_merge_splits_kernel`` (:func:`tail_splits`).
 * **Block-sparse** (``sage_sla_ws``, SLA's linear branch from the quantizer's φ(q)/den; an item is two adjacent
   LUT rows, one per consumer): persistent (one program per SM over all items) with one K/V ring for both
