@@ -11,9 +11,11 @@ block-sparse calls); "17:25" = the FA3-layout ping-pong of that time (``PIPELINE
 the float row maximum, PyTorch's K/V moments); "now" = today's defaults (dense calls through the FA3-layout kernel,
 ``sage_attention_ws.DENSE_OPS``; block-sparse calls through its one-ring kernel on a paired LUT, ``SPARSE_OPS``,
 since the 2026-11-27 20:16 session; per-thread partial row sums, ``sage_attention_gluon.L_PARTIAL``, since 23:00);
-"22:00" = "now" without the partial row sums; "19:15" = "22:00" with block-sparse calls on the Gluon kernel; ``--state
-NAME:knob=value,...`` adds states over "now" (the knobs are listed by ``--help``). (The 20:42 UTC run of 2026-11-27, docs/measurements/ab_shared_ring_h200_2042.json, compared "19:15" and "now"
-with ``--only``. The 18:14-19:05 UTC runs of
+"22:00" = "now" without the partial row sums; "19:15" = "22:00" with block-sparse calls on the Gluon kernel;
+``--state NAME:knob=value,...`` adds states over "now" (the knobs are listed by ``--help``). (The 22:58 and 22:59
+UTC runs of 2026-11-27, docs/measurements/ab_partial_rowsums_h200_225*.json, compared "22:00" and "now". The 20:42
+UTC run, docs/measurements/ab_shared_ring_h200_2042.json, compared "19:15" and "now" with ``--only``. The
+18:14-19:05 UTC runs of
 2026-11-27, docs/measurements/ab_*_h200_18*.json and ab_split_tail_h200_1905.json, compared the int32 row maximum,
 the peeled loop, the fused K/V moments, the exponentials on the FMA pipe and the split last wave. The 17:05 and
 17:10 UTC runs, docs/measurements/ab_sparse_ws_h200_17*.json, had ``SPARSE_OPS`` on in "now": the FA3-layout sparse
