@@ -202,6 +202,24 @@ if gluon is not None:
         return p, alpha, m_new, l_i
 
     @gluon.jit
+    def _row_sums_start(BM: gl.constexpr, BN: gl.constexpr, s_layout: gl.constexpr, L_PARTIAL: gl.constexpr):
+        """The online softmax's zero row sums: [BM] in the score rows' layout, or with L_PARTIAL each thread's
+        partial sums [BM, 4] (:func:`_thread_row_sums`), which :func:`_row_sums_end` finishes after the loop."""
+        if L_PARTIAL:
+            l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
+        else:
+            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        return l_i
+
+    @gluon.jit
+    def _row_sums_end(l_i, s_layout: gl.constexpr, L_PARTIAL: gl.constexpr):
+        """The row sums [BM] in the score rows' layout; with L_PARTIAL the quad's partials summed (its two
+        shuffles, once per row block)."""
+        if L_PARTIAL:
+            l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
+        return l_i
+
+    @gluon.jit
     def _thread_row_sums(p):
         """Each thread's sums of its own entries of each row of a wgmma-accumulator-layout tile [BM, BN], as [BM, 4]
         (axis 1 is the thread's place in its quad, the column pair 2·t + {0, 1} of every 8-column group): the row
@@ -332,7 +350,7 @@ if gluon is not None:
         o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = _row_sums_start(BM, BN, s_layout, L_PARTIAL)
 
         # Scalars carried one iteration ahead: start/scale of the current and next tile, start of the next copy.
         cur_start = _start_at(st_s, lut_base, 0, n_tiles, SPARSE, BLKK, BN, TILES, one)
@@ -340,8 +358,6 @@ if gluon is not None:
         nxt_start = _start_at(st_s, lut_base, 1, n_tiles, SPARSE, BLKK, BN, TILES, one)
         fill_start = _start_at(st_s, lut_base, NUM_STAGES - 1, n_tiles, SPARSE, BLKK, BN, TILES, one)
 
-        if L_PARTIAL:  # per-thread partial row sums, finished once after the loop
-            l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
         mbarrier.wait(aux.index(0), 0)
         s_tok = _issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
@@ -368,8 +384,7 @@ if gluon is not None:
                 cur_start = nxt_start
                 nxt_start = _start_at(st_s, lut_base, j + 2, n_tiles, SPARSE, BLKK, BN, TILES, one)
                 s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        if L_PARTIAL:
-            l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
+        l_i = _row_sums_end(l_i, s_layout, L_PARTIAL)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
         if LINEAR and M_IN_STAGES and not PHI_PRE:  # every wgmma that read K is done (waited above)

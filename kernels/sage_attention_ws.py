@@ -75,8 +75,8 @@ if gluon is not None:
     import triton.language as tl
 
     from .gluon_hopper import reinterpret
-    from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _softmax_tile, _store_rows,
-                                           _thread_row_sums, wgmma_acc_layout)
+    from .sage_attention_gluon import (_as_pv_operand, _issue_scores, _row_sums_end, _row_sums_start,
+                                           _softmax_tile, _store_rows, wgmma_acc_layout)
 
     @gluon.jit
     def _claim_stage(ready, empty, j, nbytes, NUM_STAGES: gl.constexpr):
@@ -104,7 +104,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ: gl.constexpr, s_layout: gl.constexpr,
-                        o_layout: gl.constexpr):
+                        o_layout: gl.constexpr, L_PARTIAL: gl.constexpr):
         """A consumer's start: the TMA copy of its 64 query rows from ``row0`` issued (``q_bar``), their Q block
         scale (rows past Lq take the last block's: their output is masked out), the zero wgmma accumulators and
         the online-softmax state."""
@@ -118,7 +118,7 @@ if gluon is not None:
         o_init = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = _row_sums_start(BM, BN, s_layout, L_PARTIAL)
         return qs, s_init, o_init, acc, m_i, l_i
 
     @gluon.jit
@@ -192,10 +192,8 @@ if gluon is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         qs, s_init, o_init, acc, m_i, l_i = _consumer_start(q_desc, q_s, q_bar, q_row, QS, bh, NQS, row0, BLKQ,
-                                                            s_layout, o_layout)
+                                                            s_layout, o_layout, L_PARTIAL)
         mbarrier.wait(q_bar, 0)
-        if L_PARTIAL:  # per-thread partial row sums, finished once after the loop (as the Gluon kernel does)
-            l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
         if PIPELINE == 2:
             s_cur = warpgroup_mma_wait(num_outstanding=0, deps=[_issue_scores(q_s, k_s, ready, 0, s_init, NUM_STAGES)])
             for j in range(n_tiles):
@@ -241,8 +239,7 @@ if gluon is not None:
                                    use_acc=False, max_num_imprecise_acc=BN)
                 mbarrier.arrive(empty.index(s))  # K and V of this stage are read (both wgmmas waited)
                 acc = gl.fma(acc, gl.expand_dims(gl.convert_layout(alpha, row_o), 1), pv)
-        if L_PARTIAL:
-            l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
+        l_i = _row_sums_end(l_i, s_layout, L_PARTIAL)
         if SPLITS > 1:
             gl.static_assert(PIPELINE == 3, "split row blocks are PIPELINE 3's")
             rows = part_row0 + gl.arange(0, BM, layout=row_o)
@@ -441,9 +438,7 @@ if gluon is not None:
             qs = gl.load(QS + bh * NQS + gl.minimum(row0 // BLKQ, NQS - 1))
             acc = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
             m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-            if L_PARTIAL:  # per-thread partial row sums, finished once after the item's loop
-                l_i = _thread_row_sums(gl.zeros([BM, BN], gl.float32, s_layout))
+            l_i = _row_sums_start(BM, BN, s_layout, L_PARTIAL)
             ks_row = KS + bh * NKS
             turn0 = n_done * T  # this consumer's turns before this item
             x = gl.load(lut0)
@@ -488,9 +483,7 @@ if gluon is not None:
             mbarrier.arrive(empty.index(s))
             mbarrier.arrive(empty.index(s), pred=split != 0)
             g0 = base
-            if L_PARTIAL:
-                l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
-            o = _normalized(acc, l_i, VS, bh, o_layout)
+            o = _normalized(acc, _row_sums_end(l_i, s_layout, L_PARTIAL), VS, bh, o_layout)
             if LINEAR:  # o += (φ(q)/den)·M + bias, K split in two halves (the same k16 steps in the same order)
                 HALF: gl.constexpr = HEAD_DIM // 2
                 sa = g0 % NUM_STAGES
