@@ -16,6 +16,7 @@ import torch
 
 from .sage_attention import HAS_TRITON, _interpreting
 
+
 def _shared_first(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` (int64, sorted) with the blocks the same rows of ``b`` (sorted) also hold first."""
     at = torch.searchsorted(b.contiguous(), a.contiguous()).clamp(max=b.shape[-1] - 1)

@@ -28,8 +28,9 @@ a split last wave (below).
   removed (commit e61e9fb has them; docs/kernels-attention.md).
 
 ``python -m turbocompile.kernels.sage_attention_ws [--sparse-only | --dense-only] [--variants 3:4,3:4:0]
-[--sparse-stages 5,6]`` times them against the Gluon kernel and cuDNN (dense variants: pipeline:stages[:split_tail];
-sparse: on the LUT as the block map sorts it and paired, the paired one at each ring depth given).
+[--sparse-stages 5,6]`` times them against the Gluon kernel and cuDNN (dense variants:
+pipeline:stages[:split_tail[:l_partial]]; sparse: on the LUT as the block map sorts it and paired, the paired one
+at each ring depth given).
 """
 from __future__ import annotations
 
@@ -784,7 +785,7 @@ def bench_main() -> None:  # pragma: no cover - needs a Hopper GPU
     dev = torch.device("cuda")
     print(bench_meta(), flush=True)
     variants = [(2, 3), (3, 4)]
-    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0 (pipeline:stages[:split_tail])
+    if "--variants" in sys.argv:  # e.g. --variants 2:3,3:4,3:4:0,3:4:1:0 (pipeline:stages[:split_tail[:l_partial]])
         variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[sys.argv.index("--variants") + 1].split(",")]
     rows = []
     for shape, (b, h, n, d) in ATTENTION_BENCH_SHAPES.items() if "--sparse-only" not in sys.argv else ():
